@@ -1,0 +1,109 @@
+//! Harness for the integration tests: every test gets its own schema in a
+//! shared test database, so tests run in parallel and never see each other's rows.
+//!
+//! Services come from `scripts/dev-services` (or `docker compose up -d`). The
+//! database URL is `OUTBOX_TEST_DATABASE_URL`, defaulting to the local server.
+
+use std::time::Duration;
+
+use outbox_core::SchemaName;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection, PgPool};
+
+/// Database every test schema is created in.
+pub const TEST_DATABASE: &str = "outbox_test";
+
+/// Base URL of the PostgreSQL server under test (any database on it).
+pub fn server_url() -> String {
+    std::env::var("OUTBOX_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+fn options(database: &str) -> PgConnectOptions {
+    let options: PgConnectOptions = server_url()
+        .parse()
+        .expect("OUTBOX_TEST_DATABASE_URL must be a postgres:// URL");
+    options.database(database).disable_statement_logging()
+}
+
+/// Create the shared test database once; concurrent test binaries may race to do it.
+async fn ensure_test_database() {
+    let mut admin = sqlx::PgConnection::connect_with(&options("postgres"))
+        .await
+        .expect("PostgreSQL must be running: start it with scripts/dev-services");
+    let exists: bool =
+        sqlx::query_scalar("select exists (select from pg_database where datname = $1)")
+            .bind(TEST_DATABASE)
+            .fetch_one(&mut admin)
+            .await
+            .expect("query pg_database");
+    if !exists {
+        let created = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "create database {TEST_DATABASE}"
+        )))
+        .execute(&mut admin)
+        .await;
+        if let Err(error) = created {
+            // 42P04 duplicate_database, 23505 unique_violation: another test binary won the race.
+            let code = error
+                .as_database_error()
+                .and_then(|e| e.code())
+                .map(|c| c.into_owned());
+            assert!(
+                matches!(code.as_deref(), Some("42P04") | Some("23505")),
+                "creating {TEST_DATABASE}: {error}"
+            );
+        }
+    }
+    let _ = admin.close().await;
+}
+
+/// A fresh, migrated schema of its own for one test.
+pub struct TestSchema {
+    /// Pool on the test database.
+    pub pool: PgPool,
+    /// The schema this test owns.
+    pub schema: SchemaName,
+}
+
+impl TestSchema {
+    /// A new schema `t_<random>`, migrated.
+    pub async fn new() -> Self {
+        let schema = Self::unmigrated().await;
+        outbox_core::migrate(&schema.pool, &schema.schema)
+            .await
+            .expect("migrations apply");
+        schema
+    }
+
+    /// A new schema name (not yet created) and a pool, for tests of the migrations themselves.
+    pub async fn unmigrated() -> Self {
+        let pool = Self::pool(10).await;
+        TestSchema {
+            pool,
+            schema: unique_schema(),
+        }
+    }
+
+    /// Another pool on the test database, e.g. to act as a second service instance.
+    pub async fn pool(max_connections: u32) -> PgPool {
+        ensure_test_database().await;
+        PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with(options(TEST_DATABASE))
+            .await
+            .expect("connect to the test database")
+    }
+
+    /// `"schema"."table"` for SQL text.
+    pub fn table(&self, table: &str) -> String {
+        self.schema.qualify(table)
+    }
+}
+
+/// A schema name no other test uses.
+pub fn unique_schema() -> SchemaName {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    SchemaName::new(format!("t_{}", &id[..16])).expect("generated schema names are valid")
+}
