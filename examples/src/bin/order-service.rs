@@ -103,6 +103,9 @@ async fn main() -> anyhow::Result<()> {
             cancelled += 1;
         }
     }
-    println!("order-service: placed {placed} orders, cancelled {cancelled}; {} events enqueued", placed + cancelled);
+    println!(
+        "order-service: placed {placed} orders, cancelled {cancelled}; {} events enqueued",
+        placed + cancelled
+    );
     Ok(())
 }

@@ -40,7 +40,9 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("connecting to PostgreSQL (set DATABASE_URL)")?;
     let schema = SchemaName::new("outbox_bench")?;
-    sqlx::raw_sql("drop schema if exists outbox_bench cascade").execute(&pool).await?;
+    sqlx::raw_sql("drop schema if exists outbox_bench cascade")
+        .execute(&pool)
+        .await?;
     outbox_core::migrate(&pool, &schema).await?;
 
     println!(
@@ -89,7 +91,8 @@ async fn main() -> anyhow::Result<()> {
         }
         let elapsed = started.elapsed();
         latencies.sort();
-        let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
+        let pct =
+            |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
         let events = args.writers * args.transactions * args.events_per_tx;
         println!(
             "{mode:?}: {:.0} events/s, {:.0} tx/s; tx latency p50 {:.2} ms, p99 {:.2} ms",
@@ -99,6 +102,8 @@ async fn main() -> anyhow::Result<()> {
             pct(0.99).as_secs_f64() * 1e3,
         );
     }
-    sqlx::raw_sql("drop schema if exists outbox_bench cascade").execute(&pool).await?;
+    sqlx::raw_sql("drop schema if exists outbox_bench cascade")
+        .execute(&pool)
+        .await?;
     Ok(())
 }
