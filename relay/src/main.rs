@@ -15,8 +15,20 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Publish outbox events until SIGTERM/SIGINT, then drain in-flight work and exit.
+    Run(RunArgs),
     /// Create the outbox schema and apply pending migrations (idempotent).
     Migrate(DatabaseArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// TOML configuration file; OUTBOX_RELAY__SECTION__KEY environment variables override it.
+    #[arg(long, short, env = "OUTBOX_RELAY_CONFIG")]
+    config: Option<std::path::PathBuf>,
+    /// Validate the configuration, print it (without secrets) and exit.
+    #[arg(long)]
+    check_config: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -64,6 +76,27 @@ async fn main() -> std::process::ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Run(args) => {
+            let config = outbox_relay::RawConfig::load(args.config.as_deref())?.validate()?;
+            if args.check_config {
+                println!(
+                    "configuration is valid: schema {}, batch {}, partitions {}, lease {} ms, in-flight {}, max attempts {}",
+                    config.database.schema,
+                    config.polling.batch_size,
+                    config.polling.partitions,
+                    config.polling.lease.as_millis(),
+                    config.pipeline.max_in_flight,
+                    config.pipeline.max_attempts
+                );
+                return Ok(());
+            }
+            let summary = outbox_relay::run(config, shutdown_signal()).await?;
+            println!(
+                "relay stopped: {} published, {} dead-lettered",
+                summary.published, summary.dead_lettered
+            );
+            Ok(())
+        }
         Command::Migrate(args) => {
             let (pool, schema) = args.connect().await?;
             outbox_relay::admin::migrate(&pool, &schema).await?;
@@ -75,5 +108,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+    }
+}
+
+/// Completes on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
     }
 }

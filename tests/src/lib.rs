@@ -6,6 +6,9 @@
 
 use std::time::Duration;
 
+pub mod amqp;
+pub mod relay;
+
 use outbox_core::SchemaName;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgPool};
@@ -17,6 +20,20 @@ pub const TEST_DATABASE: &str = "outbox_test";
 pub fn server_url() -> String {
     std::env::var("OUTBOX_TEST_DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+/// URL of the shared test database (the server URL with its database replaced).
+pub fn test_database_url() -> String {
+    let url = server_url();
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base.to_owned(), format!("?{query}")),
+        None => (url.clone(), String::new()),
+    };
+    let host_start = base.find("://").map_or(0, |i| i + 3);
+    let path_start = base[host_start..]
+        .find('/')
+        .map_or(base.len(), |i| i + host_start);
+    format!("{}/{TEST_DATABASE}{query}", &base[..path_start])
 }
 
 fn options(database: &str) -> PgConnectOptions {

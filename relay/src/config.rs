@@ -1,0 +1,702 @@
+//! Configuration: a TOML file, overridden by `OUTBOX_RELAY__SECTION__KEY`
+//! environment variables, validated into a [`RelayConfig`] by a pure function
+//! that names the bad field and the fix.
+//!
+//! ```toml
+//! sink = "rabbitmq"
+//!
+//! [database]
+//! url = "postgres://relay@db/app"      # or OUTBOX_RELAY__DATABASE__URL
+//! schema = "outbox"
+//!
+//! [polling]
+//! batch_size = 500
+//! poll_interval_ms = 1000
+//!
+//! [rabbitmq]
+//! url = "amqp://guest:guest@127.0.0.1:5672/%2f"
+//! exchange = "{aggregate_type}"
+//! routing_key = "{event_type}"
+//! ```
+
+use std::path::Path;
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use outbox_core::SchemaName;
+use serde::Deserialize;
+
+use crate::route::{Router, Template};
+
+/// Prefix of environment overrides; `__` separates sections: `OUTBOX_RELAY__DATABASE__URL`.
+pub const ENV_PREFIX: &str = "OUTBOX_RELAY__";
+
+/// Default rows claimed per batch.
+pub const DEFAULT_BATCH_SIZE: usize = 500;
+/// Default fallback poll interval when no NOTIFY arrives, in milliseconds.
+pub const DEFAULT_POLL_INTERVAL_MS: u64 = 1_000;
+/// Default number of work partitions the relays of one schema share.
+pub const DEFAULT_PARTITIONS: u32 = 64;
+/// Default partition lease, in milliseconds: a dead relay's work moves within about this long.
+pub const DEFAULT_LEASE_MS: u64 = 30_000;
+/// Default number of keys publishing at once.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 256;
+/// Default attempts of an event the broker rejects before it is dead-lettered.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 5;
+/// Default first retry delay, in milliseconds.
+pub const DEFAULT_RETRY_BACKOFF_INITIAL_MS: u64 = 500;
+/// Default longest retry delay, in milliseconds.
+pub const DEFAULT_RETRY_BACKOFF_MAX_MS: u64 = 30_000;
+/// Default time to finish in-flight work after a shutdown signal, in milliseconds.
+pub const DEFAULT_SHUTDOWN_GRACE_MS: u64 = 20_000;
+/// Default timeout of one broker publish (until its confirm), in milliseconds.
+pub const DEFAULT_PUBLISH_TIMEOUT_MS: u64 = 10_000;
+/// Default timeout of connecting to a broker or PostgreSQL, in milliseconds.
+pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 10_000;
+/// Default PostgreSQL statement timeout, in milliseconds.
+pub const DEFAULT_STATEMENT_TIMEOUT_MS: u64 = 30_000;
+/// Default retention of published rows when `settle = "mark"`, in milliseconds (one day).
+pub const DEFAULT_PUBLISHED_RETENTION_MS: u64 = 86_400_000;
+
+/// An invalid setting: which one, what is wrong, and how to fix it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid configuration: {field}: {problem}; {fix}")]
+pub struct ConfigError {
+    /// Dotted path of the setting, e.g. `polling.batch_size`.
+    pub field: String,
+    /// What is wrong with it.
+    pub problem: String,
+    /// How to fix it.
+    pub fix: String,
+}
+
+fn invalid(field: &str, problem: impl Into<String>, fix: impl Into<String>) -> ConfigError {
+    ConfigError {
+        field: field.to_owned(),
+        problem: problem.into(),
+        fix: fix.into(),
+    }
+}
+
+/// The configuration as written, before validation. Units are in the names.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// `rabbitmq` (or `kafka` when built with that sink).
+    pub sink: Option<String>,
+    /// `polling` (default).
+    pub source: Option<String>,
+    /// PostgreSQL settings.
+    #[serde(default)]
+    pub database: RawDatabase,
+    /// Polling source settings.
+    #[serde(default)]
+    pub polling: RawPolling,
+    /// Pipeline settings.
+    #[serde(default)]
+    pub pipeline: RawPipeline,
+    /// RabbitMQ sink settings.
+    pub rabbitmq: Option<RawRabbitMq>,
+    /// This instance.
+    #[serde(default)]
+    pub instance: RawInstance,
+}
+
+/// `[database]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDatabase {
+    /// PostgreSQL URL.
+    pub url: Option<String>,
+    /// Schema of the outbox tables.
+    pub schema: Option<String>,
+    /// Connections for settling and dead-lettering (claiming has its own).
+    pub pool_size: Option<u32>,
+    /// Connect timeout.
+    pub connect_timeout_ms: Option<u64>,
+    /// Statement timeout set on every connection.
+    pub statement_timeout_ms: Option<u64>,
+}
+
+/// `[polling]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPolling {
+    /// Rows claimed per batch.
+    pub batch_size: Option<usize>,
+    /// Fallback poll interval.
+    pub poll_interval_ms: Option<u64>,
+    /// Work partitions shared by all relays of the schema.
+    pub partitions: Option<u32>,
+    /// Partition lease duration.
+    pub lease_ms: Option<u64>,
+    /// `delete` (default) or `mark`.
+    pub settle: Option<String>,
+    /// With `mark`: how long published rows are kept.
+    pub published_retention_ms: Option<u64>,
+}
+
+/// `[pipeline]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPipeline {
+    /// Keys publishing at once.
+    pub max_in_flight: Option<usize>,
+    /// Attempts before dead-lettering an event the broker rejects.
+    pub max_attempts: Option<u32>,
+    /// First retry delay.
+    pub retry_backoff_initial_ms: Option<u64>,
+    /// Longest retry delay.
+    pub retry_backoff_max_ms: Option<u64>,
+    /// Time to finish in-flight work after a shutdown signal.
+    pub shutdown_grace_ms: Option<u64>,
+}
+
+/// `[rabbitmq]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRabbitMq {
+    /// AMQP URL.
+    pub url: Option<String>,
+    /// Exchange template.
+    pub exchange: Option<String>,
+    /// Routing-key template.
+    pub routing_key: Option<String>,
+    /// `app_id` property.
+    pub app_id: Option<String>,
+    /// Connect timeout.
+    pub connect_timeout_ms: Option<u64>,
+    /// Publish-until-confirm timeout.
+    pub publish_timeout_ms: Option<u64>,
+    /// Exchanges to declare at start.
+    #[serde(default)]
+    pub declare_exchanges: Vec<RawExchange>,
+}
+
+/// `[[rabbitmq.declare_exchanges]]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawExchange {
+    /// Exchange name.
+    pub name: String,
+    /// `topic` (default), `direct`, `fanout` or `headers`.
+    pub kind: Option<String>,
+    /// Survives a broker restart (default true).
+    pub durable: Option<bool>,
+}
+
+/// `[instance]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawInstance {
+    /// Name of this relay instance in leases and logs (default: host-pid-random).
+    pub id: Option<String>,
+}
+
+/// How published rows are settled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SettleMode {
+    /// Delete the row once the broker confirmed it.
+    Delete,
+    /// Set `published_at` and delete it after the retention period.
+    Mark {
+        /// How long published rows are kept.
+        retention: Duration,
+    },
+}
+
+/// Validated PostgreSQL settings.
+#[derive(Clone, Debug)]
+pub struct DatabaseConfig {
+    /// PostgreSQL URL.
+    pub url: String,
+    /// Schema of the outbox tables.
+    pub schema: SchemaName,
+    /// Connections for settling and dead-lettering.
+    pub pool_size: u32,
+    /// Connect timeout.
+    pub connect_timeout: Duration,
+    /// Statement timeout.
+    pub statement_timeout: Duration,
+}
+
+/// Validated polling-source settings.
+#[derive(Clone, Debug)]
+pub struct PollingConfig {
+    /// Rows claimed per batch.
+    pub batch_size: usize,
+    /// Fallback poll interval.
+    pub poll_interval: Duration,
+    /// Work partitions.
+    pub partitions: u32,
+    /// Partition lease duration.
+    pub lease: Duration,
+    /// How published rows are settled.
+    pub settle: SettleMode,
+}
+
+/// Validated pipeline settings.
+#[derive(Clone, Debug)]
+pub struct PipelineConfig {
+    /// Keys publishing at once.
+    pub max_in_flight: usize,
+    /// Attempts before dead-lettering.
+    pub max_attempts: u32,
+    /// First retry delay.
+    pub retry_backoff_initial: Duration,
+    /// Longest retry delay.
+    pub retry_backoff_max: Duration,
+    /// Time to finish in-flight work after a shutdown signal.
+    pub shutdown_grace: Duration,
+}
+
+/// Which sink to publish to, with its settings.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub enum SinkConfig {
+    /// RabbitMQ.
+    #[cfg(feature = "rabbitmq")]
+    RabbitMq(crate::sink::rabbitmq::RabbitMqConfig),
+}
+
+/// The validated configuration of one relay instance.
+#[derive(Clone, Debug)]
+pub struct RelayConfig {
+    /// PostgreSQL.
+    pub database: DatabaseConfig,
+    /// Polling source.
+    pub polling: PollingConfig,
+    /// Pipeline.
+    pub pipeline: PipelineConfig,
+    /// Sink.
+    pub sink: SinkConfig,
+    /// Event → destination and key.
+    pub router: Router,
+    /// Name of this instance.
+    pub instance_id: String,
+}
+
+impl RawConfig {
+    /// Read a TOML file (if given) and apply `OUTBOX_RELAY__…` environment overrides.
+    pub fn load(path: Option<&Path>) -> Result<RawConfig, ConfigError> {
+        let mut figment = Figment::new();
+        if let Some(path) = path {
+            if !path.exists() {
+                return Err(invalid(
+                    "--config",
+                    format!("file {} does not exist", path.display()),
+                    "pass the path of a relay.toml (see relay.example.toml)",
+                ));
+            }
+            figment = figment.merge(Toml::file(path));
+        }
+        figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__"));
+        figment.extract().map_err(|e| {
+            let field = e.path.join(".");
+            invalid(
+                if field.is_empty() { "config" } else { &field },
+                e.to_string(),
+                "check the spelling and type against relay.example.toml",
+            )
+        })
+    }
+
+    /// Check every setting and resolve defaults.
+    pub fn validate(self) -> Result<RelayConfig, ConfigError> {
+        let database = validate_database(self.database)?;
+        let polling = validate_polling(self.polling)?;
+        let pipeline = validate_pipeline(self.pipeline)?;
+        if let Some(source) = self.source.as_deref()
+            && source != "polling"
+        {
+            return Err(invalid(
+                "source",
+                format!("unknown source {source:?}"),
+                "use \"polling\"",
+            ));
+        }
+        let sink_name = self.sink.as_deref().unwrap_or("rabbitmq");
+        let (sink, router) = match sink_name {
+            #[cfg(feature = "rabbitmq")]
+            "rabbitmq" => validate_rabbitmq(self.rabbitmq.unwrap_or_default())?,
+            other => {
+                return Err(invalid(
+                    "sink",
+                    format!("unknown or not compiled-in sink {other:?}"),
+                    "use \"rabbitmq\"",
+                ));
+            }
+        };
+        let instance_id = match self.instance.id {
+            Some(id) => {
+                if id.is_empty() || id.len() > 200 {
+                    return Err(invalid(
+                        "instance.id",
+                        "must be 1 to 200 characters",
+                        "choose a shorter name or leave it unset",
+                    ));
+                }
+                id
+            }
+            None => default_instance_id(),
+        };
+        Ok(RelayConfig {
+            database,
+            polling,
+            pipeline,
+            sink,
+            router,
+            instance_id,
+        })
+    }
+}
+
+fn ms(
+    field: &str,
+    value: Option<u64>,
+    default: u64,
+    min: u64,
+    max: u64,
+) -> Result<Duration, ConfigError> {
+    let value = value.unwrap_or(default);
+    if !(min..=max).contains(&value) {
+        return Err(invalid(
+            field,
+            format!("{value} ms is out of range"),
+            format!("use {min} to {max} ms (default {default})"),
+        ));
+    }
+    Ok(Duration::from_millis(value))
+}
+
+fn validate_database(raw: RawDatabase) -> Result<DatabaseConfig, ConfigError> {
+    let url = raw.url.ok_or_else(|| {
+        invalid(
+            "database.url",
+            "is not set",
+            "set it in the file or as OUTBOX_RELAY__DATABASE__URL=postgres://user@host/db",
+        )
+    })?;
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Err(invalid(
+            "database.url",
+            "is not a postgres:// URL",
+            "use postgres://user:password@host:5432/database",
+        ));
+    }
+    let schema = SchemaName::new(
+        raw.schema
+            .unwrap_or_else(|| outbox_core::schema::DEFAULT_SCHEMA.to_owned()),
+    )
+    .map_err(|e| {
+        invalid(
+            "database.schema",
+            e.to_string(),
+            "use the schema the writers use (default outbox)",
+        )
+    })?;
+    let pool_size = raw.pool_size.unwrap_or(4);
+    if !(1..=64).contains(&pool_size) {
+        return Err(invalid(
+            "database.pool_size",
+            format!("{pool_size} is out of range"),
+            "use 1 to 64 (default 4)",
+        ));
+    }
+    Ok(DatabaseConfig {
+        url,
+        schema,
+        pool_size,
+        connect_timeout: ms(
+            "database.connect_timeout_ms",
+            raw.connect_timeout_ms,
+            DEFAULT_CONNECT_TIMEOUT_MS,
+            100,
+            300_000,
+        )?,
+        statement_timeout: ms(
+            "database.statement_timeout_ms",
+            raw.statement_timeout_ms,
+            DEFAULT_STATEMENT_TIMEOUT_MS,
+            100,
+            3_600_000,
+        )?,
+    })
+}
+
+fn validate_polling(raw: RawPolling) -> Result<PollingConfig, ConfigError> {
+    let batch_size = raw.batch_size.unwrap_or(DEFAULT_BATCH_SIZE);
+    if !(1..=10_000).contains(&batch_size) {
+        return Err(invalid(
+            "polling.batch_size",
+            format!("{batch_size} is out of range"),
+            "use 1 to 10000 (default 500)",
+        ));
+    }
+    let partitions = raw.partitions.unwrap_or(DEFAULT_PARTITIONS);
+    if !(1..=4096).contains(&partitions) {
+        return Err(invalid(
+            "polling.partitions",
+            format!("{partitions} is out of range"),
+            "use 1 to 4096 (default 64), the same on every relay of the schema",
+        ));
+    }
+    let lease = ms(
+        "polling.lease_ms",
+        raw.lease_ms,
+        DEFAULT_LEASE_MS,
+        1_000,
+        3_600_000,
+    )?;
+    let settle = match raw.settle.as_deref().unwrap_or("delete") {
+        "delete" => {
+            if raw.published_retention_ms.is_some() {
+                return Err(invalid(
+                    "polling.published_retention_ms",
+                    "only applies to settle = \"mark\"",
+                    "remove it, or set settle = \"mark\"",
+                ));
+            }
+            SettleMode::Delete
+        }
+        "mark" => SettleMode::Mark {
+            retention: ms(
+                "polling.published_retention_ms",
+                raw.published_retention_ms,
+                DEFAULT_PUBLISHED_RETENTION_MS,
+                1_000,
+                365 * 86_400_000,
+            )?,
+        },
+        other => {
+            return Err(invalid(
+                "polling.settle",
+                format!("unknown mode {other:?}"),
+                "use \"delete\" or \"mark\"",
+            ));
+        }
+    };
+    Ok(PollingConfig {
+        batch_size,
+        poll_interval: ms(
+            "polling.poll_interval_ms",
+            raw.poll_interval_ms,
+            DEFAULT_POLL_INTERVAL_MS,
+            10,
+            600_000,
+        )?,
+        partitions,
+        lease,
+        settle,
+    })
+}
+
+fn validate_pipeline(raw: RawPipeline) -> Result<PipelineConfig, ConfigError> {
+    let max_in_flight = raw.max_in_flight.unwrap_or(DEFAULT_MAX_IN_FLIGHT);
+    if !(1..=10_000).contains(&max_in_flight) {
+        return Err(invalid(
+            "pipeline.max_in_flight",
+            format!("{max_in_flight} is out of range"),
+            "use 1 to 10000 (default 256)",
+        ));
+    }
+    let max_attempts = raw.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS);
+    if !(1..=1000).contains(&max_attempts) {
+        return Err(invalid(
+            "pipeline.max_attempts",
+            format!("{max_attempts} is out of range"),
+            "use 1 to 1000 (default 5)",
+        ));
+    }
+    let initial = ms(
+        "pipeline.retry_backoff_initial_ms",
+        raw.retry_backoff_initial_ms,
+        DEFAULT_RETRY_BACKOFF_INITIAL_MS,
+        1,
+        3_600_000,
+    )?;
+    let max = ms(
+        "pipeline.retry_backoff_max_ms",
+        raw.retry_backoff_max_ms,
+        DEFAULT_RETRY_BACKOFF_MAX_MS,
+        1,
+        86_400_000,
+    )?;
+    if max < initial {
+        return Err(invalid(
+            "pipeline.retry_backoff_max_ms",
+            "is smaller than retry_backoff_initial_ms",
+            "make the maximum at least the initial delay",
+        ));
+    }
+    Ok(PipelineConfig {
+        max_in_flight,
+        max_attempts,
+        retry_backoff_initial: initial,
+        retry_backoff_max: max,
+        shutdown_grace: ms(
+            "pipeline.shutdown_grace_ms",
+            raw.shutdown_grace_ms,
+            DEFAULT_SHUTDOWN_GRACE_MS,
+            0,
+            3_600_000,
+        )?,
+    })
+}
+
+#[cfg(feature = "rabbitmq")]
+fn validate_rabbitmq(raw: RawRabbitMq) -> Result<(SinkConfig, Router), ConfigError> {
+    use crate::sink::rabbitmq::{ExchangeDeclaration, ExchangeKind, RabbitMqConfig};
+    let url = raw
+        .url
+        .unwrap_or_else(|| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned());
+    if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
+        return Err(invalid(
+            "rabbitmq.url",
+            "is not an amqp:// or amqps:// URL",
+            "use amqp://user:password@host:5672/vhost",
+        ));
+    }
+    let exchange = raw
+        .exchange
+        .unwrap_or_else(|| "{aggregate_type}".to_owned());
+    let routing_key = raw.routing_key.unwrap_or_else(|| "{event_type}".to_owned());
+    let exchange_template = Template::parse(&exchange)
+        .map_err(|e| invalid("rabbitmq.exchange", e.to_string(), "fix the template"))?;
+    let key_template = Template::parse(&routing_key)
+        .map_err(|e| invalid("rabbitmq.routing_key", e.to_string(), "fix the template"))?;
+    let mut declare_exchanges = Vec::new();
+    for (i, exchange) in raw.declare_exchanges.into_iter().enumerate() {
+        let field = format!("rabbitmq.declare_exchanges[{i}]");
+        if exchange.name.is_empty()
+            || exchange.name.len() > 255
+            || exchange.name.starts_with("amq.")
+        {
+            return Err(invalid(
+                &format!("{field}.name"),
+                format!("{:?} cannot be declared", exchange.name),
+                "use 1 to 255 characters, not starting with the reserved amq. prefix",
+            ));
+        }
+        let kind = match exchange.kind.as_deref().unwrap_or("topic") {
+            "topic" => ExchangeKind::Topic,
+            "direct" => ExchangeKind::Direct,
+            "fanout" => ExchangeKind::Fanout,
+            "headers" => ExchangeKind::Headers,
+            other => {
+                return Err(invalid(
+                    &format!("{field}.kind"),
+                    format!("unknown kind {other:?}"),
+                    "use topic, direct, fanout or headers",
+                ));
+            }
+        };
+        declare_exchanges.push(ExchangeDeclaration {
+            name: exchange.name,
+            kind,
+            durable: exchange.durable.unwrap_or(true),
+        });
+    }
+    let config = RabbitMqConfig {
+        url,
+        app_id: raw.app_id.unwrap_or_else(|| "outbox-relay".to_owned()),
+        connect_timeout: ms(
+            "rabbitmq.connect_timeout_ms",
+            raw.connect_timeout_ms,
+            DEFAULT_CONNECT_TIMEOUT_MS,
+            100,
+            300_000,
+        )?,
+        publish_timeout: ms(
+            "rabbitmq.publish_timeout_ms",
+            raw.publish_timeout_ms,
+            DEFAULT_PUBLISH_TIMEOUT_MS,
+            100,
+            300_000,
+        )?,
+        declare_exchanges,
+    };
+    Ok((
+        SinkConfig::RabbitMq(config),
+        Router::new(exchange_template, key_template),
+    ))
+}
+
+fn default_instance_id() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "relay".to_owned());
+    let random = uuid::Uuid::new_v4().simple().to_string();
+    format!("{host}-{}-{}", std::process::id(), &random[..8])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw() -> RawConfig {
+        RawConfig {
+            database: RawDatabase {
+                url: Some("postgres://postgres@127.0.0.1/app".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn defaults_validate() {
+        let config = raw().validate().unwrap();
+        assert_eq!(config.polling.batch_size, DEFAULT_BATCH_SIZE);
+        assert_eq!(config.database.schema.as_str(), "outbox");
+        assert_eq!(config.polling.settle, SettleMode::Delete);
+    }
+
+    #[test]
+    fn errors_name_the_field_and_the_fix() {
+        let mut c = raw();
+        c.database.url = None;
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.field, "database.url");
+        assert!(e.to_string().contains("OUTBOX_RELAY__DATABASE__URL"), "{e}");
+
+        let mut c = raw();
+        c.polling.batch_size = Some(0);
+        assert_eq!(c.validate().unwrap_err().field, "polling.batch_size");
+
+        let mut c = raw();
+        c.rabbitmq = Some(RawRabbitMq {
+            exchange: Some("{nope}".into()),
+            ..Default::default()
+        });
+        assert_eq!(c.validate().unwrap_err().field, "rabbitmq.exchange");
+
+        let mut c = raw();
+        c.pipeline.retry_backoff_initial_ms = Some(10_000);
+        c.pipeline.retry_backoff_max_ms = Some(100);
+        assert_eq!(
+            c.validate().unwrap_err().field,
+            "pipeline.retry_backoff_max_ms"
+        );
+
+        let mut c = raw();
+        c.sink = Some("carrier-pigeon".into());
+        assert_eq!(c.validate().unwrap_err().field, "sink");
+    }
+
+    #[test]
+    fn unknown_keys_in_the_file_are_refused() {
+        let dir = std::env::temp_dir().join(format!("relay-config-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("relay.toml");
+        std::fs::write(&path, "[polling]\nbatch_sise = 10\n").unwrap();
+        let e = RawConfig::load(Some(&path)).unwrap_err();
+        assert!(e.to_string().contains("batch_sise"), "{e}");
+        let missing = RawConfig::load(Some(&dir.join("nope.toml"))).unwrap_err();
+        assert_eq!(missing.field, "--config");
+    }
+}

@@ -1,0 +1,4 @@
+//! Where events come from: the polling source reads the outbox table.
+
+pub mod lease;
+pub mod polling;

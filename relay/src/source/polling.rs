@@ -1,0 +1,366 @@
+//! The polling source: reads committed outbox rows of the partitions this
+//! instance leases, in sequence order, and settles them after the broker confirmed.
+//!
+//! No transaction or row lock is held while events are at the broker: claiming
+//! is one read, settling one write. Exclusivity comes from the partition leases
+//! (see [`super::lease`]), and every write is fenced by the lease tokens the
+//! batch was claimed under.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use outbox_core::{EventId, Headers, SchemaName};
+use sqlx::postgres::PgListener;
+use sqlx::{AssertSqlSafe, PgPool};
+
+use crate::config::SettleMode;
+use crate::error::{RelayError, Result};
+use crate::event::OutboxEvent;
+use crate::source::lease::Owned;
+
+/// An event with the partition it was claimed from.
+#[derive(Clone, Debug)]
+pub struct ClaimedEvent {
+    /// The event.
+    pub event: OutboxEvent,
+    /// Its work partition.
+    pub partition: u32,
+}
+
+/// Events claimed together, with the lease tokens they were claimed under.
+#[derive(Debug, Default)]
+pub struct Batch {
+    /// Events in sequence order.
+    pub events: Vec<ClaimedEvent>,
+    /// The leases held when the batch was claimed.
+    pub fences: Owned,
+}
+
+/// What became of an event the broker rejected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectionVerdict {
+    /// It will be retried after a backoff; its key waits.
+    WillRetry {
+        /// Failed attempts so far.
+        attempts: i32,
+    },
+    /// It used up its attempts and moved to the dead-letter table; its key continues.
+    DeadLettered,
+    /// This instance no longer holds the partition; the new owner decides.
+    NotOwned,
+}
+
+/// Reads and settles outbox rows.
+#[derive(Debug)]
+pub struct PollingSource {
+    claim_pool: PgPool,
+    settle_pool: PgPool,
+    listener: Option<PgListener>,
+    channel: String,
+    instance_id: String,
+    partitions: u32,
+    batch_size: usize,
+    poll_interval: Duration,
+    sql: SourceSql,
+}
+
+#[derive(Debug)]
+struct SourceSql {
+    claim: String,
+    settle: String,
+    reject: String,
+    dead_letter: String,
+    purge_published: Option<String>,
+}
+
+/// Partition of a row, as SQL over `o.key_hash` with `$n` the partition count.
+fn partition_expr(n: &str) -> String {
+    format!("mod(o.key_hash::bigint + 2147483648, {n})")
+}
+
+impl PollingSource {
+    /// A source on `schema`, claiming with `claim_pool` and writing with `settle_pool`.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn new(
+        claim_pool: PgPool,
+        settle_pool: PgPool,
+        schema: SchemaName,
+        instance_id: String,
+        partitions: u32,
+        batch_size: usize,
+        poll_interval: Duration,
+        settle: SettleMode,
+    ) -> Result<Self> {
+        let outbox = schema.qualify("outbox");
+        let leases = schema.qualify("relay_lease");
+        let dead = schema.qualify("outbox_dead_letter");
+        // $2 partitions, $3 tokens, $4 owner: only partitions still held with the same token.
+        let fence = format!(
+            "fence as (select f.p from unnest($2::int8[], $3::int8[]) as f(p, token) \
+                       join {leases} l on l.name = 'partition:' || f.p and l.fencing_token = f.token and l.owner = $4 \
+                       for share of l)"
+        );
+        let part = partition_expr("$5");
+        let settle_sql = match settle {
+            SettleMode::Delete => format!(
+                "with {fence} delete from {outbox} o \
+                 where o.sequence = any($1::int8[]) and {part} in (select p from fence) returning o.sequence"
+            ),
+            SettleMode::Mark { .. } => format!(
+                "with {fence} update {outbox} o set published_at = now() \
+                 where o.sequence = any($1::int8[]) and {part} in (select p from fence) returning o.sequence"
+            ),
+        };
+        let purge_published = match settle {
+            SettleMode::Delete => None,
+            SettleMode::Mark { .. } => Some(format!(
+                "delete from {outbox} where sequence in (select sequence from {outbox} \
+                 where published_at < now() - make_interval(secs => $1) limit 10000)"
+            )),
+        };
+        let claim_part = partition_expr("$1");
+        let sql = SourceSql {
+            claim: format!(
+                "select o.sequence, o.event_id, o.aggregate_type, o.aggregate_id, o.event_type, o.partition_key, \
+                        o.destination, o.payload::text as payload, o.headers, o.created_at, o.attempts, \
+                        {claim_part}::int8 as partition \
+                 from {outbox} o \
+                 where o.published_at is null and o.available_at <= now() \
+                   and {claim_part} = any($2::int8[]) \
+                   and not exists (select 1 from {outbox} e \
+                                   where e.partition_key = o.partition_key and e.published_at is null \
+                                     and e.attempts > 0 and e.sequence < o.sequence and e.available_at > now()) \
+                 order by o.sequence \
+                 limit $3"
+            ),
+            settle: settle_sql,
+            reject: format!(
+                "with {fence} update {outbox} o set attempts = o.attempts + 1, last_error = $6, \
+                        first_failed_at = coalesce(o.first_failed_at, now()), last_failed_at = now(), \
+                        available_at = now() + make_interval(secs => $7) \
+                 where o.sequence = $1 and {part} in (select p from fence) returning o.attempts"
+            ),
+            dead_letter: format!(
+                "with {fence}, moved as (delete from {outbox} o where o.sequence = $1 and {part} in (select p from fence) returning o.*) \
+                 insert into {dead} (sequence, event_id, aggregate_type, aggregate_id, event_type, partition_key, destination, \
+                                     payload, headers, created_at, attempts, last_error, first_failed_at, last_failed_at) \
+                 select sequence, event_id, aggregate_type, aggregate_id, event_type, partition_key, destination, \
+                        payload, headers, created_at, attempts + 1, $6, coalesce(first_failed_at, now()), now() from moved \
+                 on conflict (event_id) do update set sequence = excluded.sequence, attempts = excluded.attempts, \
+                        last_error = excluded.last_error, last_failed_at = excluded.last_failed_at, dead_lettered_at = now() \
+                 returning sequence"
+            ),
+            purge_published,
+        };
+        let channel = schema.notify_channel();
+        let listener = match PgListener::connect_with(&claim_pool).await {
+            Ok(mut listener) => match listener.listen(&channel).await {
+                Ok(()) => Some(listener),
+                Err(error) => {
+                    tracing::warn!(%error, "LISTEN failed; falling back to interval polling");
+                    None
+                }
+            },
+            Err(error) => {
+                tracing::warn!(%error, "cannot open a LISTEN connection; falling back to interval polling");
+                None
+            }
+        };
+        Ok(PollingSource {
+            claim_pool,
+            settle_pool,
+            listener,
+            channel,
+            instance_id,
+            partitions,
+            batch_size,
+            poll_interval,
+            sql,
+        })
+    }
+
+    /// Wait until new rows may be there: a NOTIFY, or the poll interval as the safety net.
+    pub async fn wait_for_work(&mut self) {
+        let interval = self.poll_interval;
+        let Some(listener) = self.listener.as_mut() else {
+            tokio::time::sleep(interval).await;
+            return;
+        };
+        match tokio::time::timeout(interval, listener.try_recv()).await {
+            Ok(Ok(Some(_))) => {
+                // Notifications that piled up while we worked all mean the same: there is work.
+                while let Ok(Ok(Some(_))) =
+                    tokio::time::timeout(Duration::ZERO, listener.try_recv()).await
+                {
+                }
+            }
+            Ok(Ok(None)) => {
+                tracing::warn!(channel = %self.channel, "LISTEN connection lost; it reconnects on the next wait");
+                tokio::time::sleep(interval).await;
+            }
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "LISTEN failed; polling on the interval until it recovers");
+                tokio::time::sleep(interval).await;
+            }
+            Err(_elapsed) => {}
+        }
+    }
+
+    /// Read the next batch: unpublished, available rows of held partitions, in sequence
+    /// order, skipping every key whose earlier event waits for a retry.
+    pub async fn claim(&self, owned: &Owned) -> Result<Batch> {
+        if owned.is_empty() {
+            return Ok(Batch::default());
+        }
+        let partitions: Vec<i64> = owned.keys().map(|&p| i64::from(p)).collect();
+        let rows: Vec<ClaimRow> = sqlx::query_as(AssertSqlSafe(self.sql.claim.as_str()))
+            .bind(i64::from(self.partitions))
+            .bind(&partitions)
+            .bind(self.batch_size as i64)
+            .fetch_all(&self.claim_pool)
+            .await
+            .map_err(RelayError::database("claiming outbox rows"))?;
+        let events = rows
+            .into_iter()
+            .map(ClaimRow::into_claimed)
+            .collect::<Result<_>>()?;
+        Ok(Batch {
+            events,
+            fences: owned.clone(),
+        })
+    }
+
+    fn fence_arrays(fences: &Owned) -> (Vec<i64>, Vec<i64>) {
+        (
+            fences.keys().map(|&p| i64::from(p)).collect(),
+            fences.values().copied().collect(),
+        )
+    }
+
+    /// Settle events the broker confirmed; returns the sequences actually settled
+    /// (fewer when a lease was lost: the new owner republishes those).
+    pub async fn settle(&self, fences: &Owned, sequences: &[i64]) -> Result<Vec<i64>> {
+        if sequences.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (partitions, tokens) = Self::fence_arrays(fences);
+        sqlx::query_scalar(AssertSqlSafe(self.sql.settle.as_str()))
+            .bind(sequences)
+            .bind(&partitions)
+            .bind(&tokens)
+            .bind(&self.instance_id)
+            .bind(i64::from(self.partitions))
+            .fetch_all(&self.settle_pool)
+            .await
+            .map_err(RelayError::database("settling published rows"))
+    }
+
+    /// Record that the broker rejected `event`; dead-letter it once it used up `max_attempts`.
+    pub async fn reject(
+        &self,
+        fences: &Owned,
+        event: &OutboxEvent,
+        error: &str,
+        max_attempts: u32,
+        backoff: Duration,
+    ) -> Result<RejectionVerdict> {
+        let (partitions, tokens) = Self::fence_arrays(fences);
+        let final_attempt = i64::from(event.attempts) + 1 >= i64::from(max_attempts);
+        if final_attempt {
+            let moved: Option<i64> =
+                sqlx::query_scalar(AssertSqlSafe(self.sql.dead_letter.as_str()))
+                    .bind(event.sequence)
+                    .bind(&partitions)
+                    .bind(&tokens)
+                    .bind(&self.instance_id)
+                    .bind(i64::from(self.partitions))
+                    .bind(error)
+                    .fetch_optional(&self.settle_pool)
+                    .await
+                    .map_err(RelayError::database(
+                        "moving an event to the dead-letter table",
+                    ))?;
+            return Ok(match moved {
+                Some(_) => RejectionVerdict::DeadLettered,
+                None => RejectionVerdict::NotOwned,
+            });
+        }
+        let attempts: Option<i32> = sqlx::query_scalar(AssertSqlSafe(self.sql.reject.as_str()))
+            .bind(event.sequence)
+            .bind(&partitions)
+            .bind(&tokens)
+            .bind(&self.instance_id)
+            .bind(i64::from(self.partitions))
+            .bind(error)
+            .bind(backoff.as_secs_f64())
+            .fetch_optional(&self.settle_pool)
+            .await
+            .map_err(RelayError::database("recording a failed attempt"))?;
+        Ok(match attempts {
+            Some(attempts) => RejectionVerdict::WillRetry { attempts },
+            None => RejectionVerdict::NotOwned,
+        })
+    }
+
+    /// With `settle = "mark"`: delete published rows older than `retention` (bounded per call).
+    pub async fn purge_published(&self, retention: Duration) -> Result<u64> {
+        let Some(sql) = &self.sql.purge_published else {
+            return Ok(0);
+        };
+        Ok(sqlx::query(AssertSqlSafe(sql.as_str()))
+            .bind(retention.as_secs_f64())
+            .execute(&self.settle_pool)
+            .await
+            .map_err(RelayError::database("purging published rows"))?
+            .rows_affected())
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct ClaimRow {
+    sequence: i64,
+    event_id: uuid::Uuid,
+    aggregate_type: String,
+    aggregate_id: String,
+    event_type: String,
+    partition_key: String,
+    destination: Option<String>,
+    payload: String,
+    headers: serde_json::Value,
+    created_at: DateTime<Utc>,
+    attempts: i32,
+    partition: i64,
+}
+
+impl ClaimRow {
+    fn into_claimed(self) -> Result<ClaimedEvent> {
+        // Rows written by other writers (SQL, other languages) may carry non-string header
+        // values; carry them as their JSON text rather than dropping or failing the event.
+        let headers: Headers = match self.headers {
+            serde_json::Value::Object(map) => map
+                .into_iter()
+                .map(|(k, v)| match v {
+                    serde_json::Value::String(s) => (k, s),
+                    other => (k, other.to_string()),
+                })
+                .collect(),
+            _ => Headers::new(),
+        };
+        Ok(ClaimedEvent {
+            partition: u32::try_from(self.partition).unwrap_or_default(),
+            event: OutboxEvent {
+                sequence: self.sequence,
+                event_id: EventId::from_uuid(self.event_id),
+                aggregate_type: self.aggregate_type,
+                aggregate_id: self.aggregate_id,
+                event_type: self.event_type,
+                partition_key: self.partition_key,
+                destination: self.destination,
+                payload: self.payload.into_bytes(),
+                headers,
+                created_at: self.created_at,
+                attempts: self.attempts,
+            },
+        })
+    }
+}

@@ -1,0 +1,409 @@
+//! The polling relay publishing to RabbitMQ: G1 (atomic), G2 (nothing lost),
+//! G3 (per-key order) and poison handling, checked by an AMQP consumer.
+
+#![allow(clippy::unwrap_used)] // a test should fail loudly at the broken step
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use outbox_core::{Event, Outbox, OutboxConfig};
+use outbox_tests::TestSchema;
+use outbox_tests::amqp::{RabbitFixture, first_delivery_order_violations};
+use outbox_tests::relay::{RunningRelay, outbox_rows, raw_config, wait_for_empty_outbox};
+
+fn outbox_for(test: &TestSchema) -> Outbox {
+    Outbox::new(OutboxConfig {
+        schema: test.schema.clone(),
+        ..OutboxConfig::default()
+    })
+}
+
+/// Enqueue `count` events over `keys` keys in one transaction each of `per_tx` events.
+async fn enqueue_backlog(test: &TestSchema, count: usize, keys: usize) {
+    let outbox = outbox_for(test);
+    let mut n_by_key = vec![0_i64; keys];
+    for chunk_start in (0..count).step_by(1_000) {
+        let events: Vec<Event> = (chunk_start..(chunk_start + 1_000).min(count))
+            .map(|i| {
+                let key = i % keys;
+                n_by_key[key] += 1;
+                Event::builder("item", format!("k{key}"), "item.changed")
+                    .payload(&serde_json::json!({ "n": n_by_key[key] }))
+                    .build()
+                    .unwrap()
+            })
+            .collect();
+        let mut tx = test.pool.begin().await.unwrap();
+        outbox.enqueue_all(&mut tx, &events).await.unwrap();
+        tx.commit().await.unwrap();
+    }
+}
+
+fn n_of(message: &outbox_tests::amqp::Received) -> i64 {
+    message.json()["n"].as_i64().unwrap()
+}
+
+#[tokio::test]
+async fn rolled_back_events_are_never_published_and_committed_ones_arrive_with_their_properties() {
+    let test = TestSchema::new().await;
+    let rabbit = RabbitFixture::new().await;
+    let outbox = outbox_for(&test);
+    let relay = RunningRelay::start(raw_config(&test, &rabbit.exchange).validate().unwrap());
+
+    let rolled_back = Event::builder("order", "1", "order.placed")
+        .build()
+        .unwrap();
+    let mut tx = test.pool.begin().await.unwrap();
+    outbox.enqueue(&mut tx, &rolled_back).await.unwrap();
+    tx.rollback().await.unwrap();
+
+    let committed = Event::builder("order", "2", "order.placed")
+        .payload(&serde_json::json!({ "order_id": 2, "total_cents": 1999 }))
+        .header("schema-version", "3")
+        .header(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        )
+        .header("correlation-id", "req-77")
+        .build()
+        .unwrap();
+    let mut tx = test.pool.begin().await.unwrap();
+    let enqueued = outbox.enqueue(&mut tx, &committed).await.unwrap();
+    tx.commit().await.unwrap();
+    // A marker committed after both: once it is in, anything the rollback could have produced would be too.
+    let marker = Event::builder("order", "3", "order.marker")
+        .build()
+        .unwrap();
+    outbox
+        .enqueue(&mut test.pool.acquire().await.unwrap(), &marker)
+        .await
+        .unwrap();
+
+    rabbit.wait_for_distinct(2, Duration::from_secs(30)).await;
+    wait_for_empty_outbox(&test, Duration::from_secs(30)).await;
+    relay.stop().await;
+
+    let received = rabbit.received();
+    let ids: HashSet<&str> = received.iter().map(|m| m.message_id.as_str()).collect();
+    assert!(
+        !ids.contains(rolled_back.id().to_string().as_str()),
+        "rolled-back event was published"
+    );
+    assert_eq!(ids.len(), 2);
+
+    let message = received
+        .iter()
+        .find(|m| m.message_id == committed.id().to_string())
+        .unwrap();
+    let p = &message.properties;
+    assert_eq!(message.routing_key, "order.placed");
+    assert_eq!(message.kind.as_deref(), Some("order.placed"));
+    assert_eq!(
+        p.content_type().as_ref().map(|s| s.as_str()),
+        Some("application/json")
+    );
+    assert_eq!(*p.delivery_mode(), Some(2), "persistent");
+    assert_eq!(message.app_id.as_deref(), Some("outbox-relay"));
+    assert!(p.timestamp().is_some(), "publish timestamp set");
+    assert_eq!(
+        p.correlation_id().as_ref().map(|s| s.as_str()),
+        Some("req-77")
+    );
+    assert_eq!(
+        message.json(),
+        serde_json::json!({ "order_id": 2, "total_cents": 1999 })
+    );
+    assert_eq!(message.header("schema-version"), Some("3"));
+    assert_eq!(
+        message.header("traceparent"),
+        Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+    );
+    assert_eq!(
+        message.header("outbox-event-id"),
+        Some(committed.id().to_string().as_str())
+    );
+    assert_eq!(message.header("outbox-event-type"), Some("order.placed"));
+    assert_eq!(message.header("outbox-aggregate-type"), Some("order"));
+    assert_eq!(message.header("outbox-aggregate-id"), Some("2"));
+    assert_eq!(message.header("outbox-partition-key"), Some("order:2"));
+    assert_eq!(
+        message.header("outbox-sequence"),
+        Some(enqueued.sequence.to_string().as_str())
+    );
+    let created_at =
+        chrono::DateTime::parse_from_rfc3339(message.header("outbox-created-at").unwrap()).unwrap();
+    assert_eq!(created_at, committed.created_at());
+}
+
+/// 8 writers, 20,000 events over 200 keys; each transaction bumps its key's counter row
+/// (the aggregate lock), sleeps a random few ms, enqueues and commits. Per key, first
+/// deliveries must follow the counter (commit order).
+#[tokio::test]
+async fn concurrent_writers_events_arrive_complete_and_in_commit_order_per_key() {
+    const WRITERS: usize = 8;
+    const EVENTS: usize = 20_000;
+    const KEYS: usize = 200;
+    let test = TestSchema::new().await;
+    let rabbit = RabbitFixture::new().await;
+    let counters = test.table("counters");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "create table {counters} (key int primary key, n bigint not null default 0); \
+         insert into {counters} (key) select generate_series(0, {KEYS} - 1);"
+    )))
+    .execute(&test.pool)
+    .await
+    .unwrap();
+    let relay = RunningRelay::start(raw_config(&test, &rabbit.exchange).validate().unwrap());
+
+    let writer_pool = TestSchema::pool(WRITERS as u32).await;
+    let mut writers = tokio::task::JoinSet::new();
+    for writer in 0..WRITERS {
+        let pool = writer_pool.clone();
+        let outbox = outbox_for(&test);
+        let counters = counters.clone();
+        writers.spawn(async move {
+            for i in 0..EVENTS / WRITERS {
+                let key = (writer * 31 + i * 7) % KEYS;
+                let mut tx = pool.begin().await.unwrap();
+                let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                    "update {counters} set n = n + 1 where key = $1 returning n"
+                )))
+                .bind(key as i32)
+                .fetch_one(&mut *tx)
+                .await
+                .unwrap();
+                let event = Event::builder("item", format!("k{key}"), "item.changed")
+                    .payload(&serde_json::json!({ "n": n }))
+                    .build()
+                    .unwrap();
+                outbox.enqueue(&mut tx, &event).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(rand::random_range(0..4))).await;
+                tx.commit().await.unwrap();
+            }
+        });
+    }
+    while let Some(result) = writers.join_next().await {
+        result.unwrap();
+    }
+
+    rabbit
+        .wait_for_distinct(EVENTS, Duration::from_secs(180))
+        .await;
+    wait_for_empty_outbox(&test, Duration::from_secs(30)).await;
+    let summary = relay.stop().await;
+
+    let received = rabbit.received();
+    assert_eq!(first_delivery_order_violations(&received, n_of), 0);
+    // Every counter value 1..=max arrived for every key: nothing lost.
+    let mut per_key: HashMap<String, HashSet<i64>> = HashMap::new();
+    for m in &received {
+        per_key
+            .entry(m.header("outbox-partition-key").unwrap().to_owned())
+            .or_default()
+            .insert(n_of(m));
+    }
+    assert_eq!(per_key.len(), KEYS);
+    for (key, ns) in per_key {
+        let max = *ns.iter().max().unwrap();
+        assert_eq!(ns.len() as i64, max, "key {key} is missing counter values");
+    }
+    assert_eq!(summary.published as usize, EVENTS);
+    assert_eq!(received.len(), EVENTS, "no duplicates without failures");
+}
+
+#[tokio::test]
+async fn relay_killed_mid_stream_and_restarted_loses_nothing() {
+    const EVENTS: usize = 6_000;
+    let test = TestSchema::new().await;
+    let rabbit = RabbitFixture::new().await;
+    enqueue_backlog(&test, EVENTS, 50).await;
+    let mut raw = raw_config(&test, &rabbit.exchange);
+    raw.polling.batch_size = Some(200);
+    let batch = 200;
+
+    let first = RunningRelay::start(raw.clone().validate().unwrap());
+    rabbit
+        .wait_for_distinct(1_000, Duration::from_secs(60))
+        .await;
+    first.kill();
+    let at_kill = rabbit.distinct();
+    assert!(at_kill < EVENTS, "the kill must happen mid-stream");
+
+    // A new instance: it takes the dead one's partitions when their leases expire.
+    let second = RunningRelay::start(raw.validate().unwrap());
+    rabbit
+        .wait_for_distinct(EVENTS, Duration::from_secs(120))
+        .await;
+    wait_for_empty_outbox(&test, Duration::from_secs(30)).await;
+    second.stop().await;
+
+    let received = rabbit.received();
+    let duplicates = received.len() - rabbit.distinct();
+    assert!(
+        duplicates <= batch,
+        "{duplicates} duplicates, more than the in-flight window of {batch}"
+    );
+    assert_eq!(first_delivery_order_violations(&received, n_of), 0);
+}
+
+#[tokio::test]
+async fn two_relays_share_the_work_and_one_killed_hands_over_to_the_other() {
+    const EVENTS: usize = 10_000;
+    let test = TestSchema::new().await;
+    let rabbit = RabbitFixture::new().await;
+    let mut a = raw_config(&test, &rabbit.exchange);
+    a.instance.id = Some("relay-a".into());
+    a.rabbitmq.as_mut().unwrap().app_id = Some("relay-a".into());
+    a.polling.batch_size = Some(100);
+    let mut b = a.clone();
+    b.instance.id = Some("relay-b".into());
+    b.rabbitmq.as_mut().unwrap().app_id = Some("relay-b".into());
+
+    let relay_a = RunningRelay::start(a.validate().unwrap());
+    let relay_b = RunningRelay::start(b.validate().unwrap());
+    // Let both settle into their fair shares before the load arrives.
+    let leases = test.table("relay_lease");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let owners: Vec<(String, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "select owner, count(*) from {leases} where name like 'partition:%' and owner is not null \
+             and expires_at > now() group by owner"
+        )))
+        .fetch_all(&test.pool)
+        .await
+        .unwrap();
+        if owners.len() == 2 && owners.iter().all(|(_, n)| *n == 8) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "partitions not shared: {owners:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    enqueue_backlog(&test, EVENTS, 100).await;
+    rabbit
+        .wait_for_distinct(EVENTS / 4, Duration::from_secs(60))
+        .await;
+    relay_a.kill();
+    rabbit
+        .wait_for_distinct(EVENTS, Duration::from_secs(120))
+        .await;
+    wait_for_empty_outbox(&test, Duration::from_secs(30)).await;
+    relay_b.stop().await;
+
+    let received = rabbit.received();
+    let publishers: HashSet<&str> = received
+        .iter()
+        .filter_map(|m| m.app_id.as_deref())
+        .collect();
+    assert_eq!(
+        publishers,
+        HashSet::from(["relay-a", "relay-b"]),
+        "both relays did work"
+    );
+    assert_eq!(first_delivery_order_violations(&received, n_of), 0);
+    assert!(
+        received.len() - rabbit.distinct() <= 100,
+        "duplicates within one batch"
+    );
+}
+
+#[tokio::test]
+async fn unroutable_event_is_retried_then_dead_lettered_with_the_reason_while_others_flow() {
+    let test = TestSchema::new().await;
+    // Only `ok.*` routing keys reach the queue: `lost.*` events are unroutable.
+    let rabbit = RabbitFixture::with_binding("ok.#").await;
+    let mut raw = raw_config(&test, &rabbit.exchange);
+    raw.pipeline.max_attempts = Some(3);
+    let relay = RunningRelay::start(raw.validate().unwrap());
+
+    let outbox = outbox_for(&test);
+    let poison = Event::builder("doc", "1", "lost.event").build().unwrap();
+    let mut events = vec![
+        Event::builder("doc", "1", "ok.before")
+            .payload(&serde_json::json!({"n": 1}))
+            .build()
+            .unwrap(),
+        poison.clone(),
+        Event::builder("doc", "1", "ok.after")
+            .payload(&serde_json::json!({"n": 3}))
+            .build()
+            .unwrap(),
+    ];
+    for i in 0..200 {
+        events.push(
+            Event::builder("other", i.to_string(), "ok.flow")
+                .payload(&serde_json::json!({"n": i}))
+                .build()
+                .unwrap(),
+        );
+    }
+    outbox
+        .enqueue_all(&mut test.pool.acquire().await.unwrap(), &events)
+        .await
+        .unwrap();
+
+    // Everything else arrives, including the poison's successor on its own key (skip policy).
+    rabbit
+        .wait_for_distinct(events.len() - 1, Duration::from_secs(60))
+        .await;
+    wait_for_empty_outbox(&test, Duration::from_secs(30)).await;
+    let summary = relay.stop().await;
+    assert_eq!(summary.dead_lettered, 1);
+
+    let received = rabbit.received();
+    assert!(
+        received
+            .iter()
+            .all(|m| m.message_id != poison.id().to_string())
+    );
+    let doc_order: Vec<&str> = received
+        .iter()
+        .filter(|m| m.header("outbox-partition-key") == Some("doc:1"))
+        .map(|m| m.routing_key.as_str())
+        .collect();
+    assert_eq!(doc_order, ["ok.before", "ok.after"]);
+
+    let (event_id, attempts, last_error): (uuid::Uuid, i32, String) =
+        sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "select event_id, attempts, last_error from {}",
+            test.table("outbox_dead_letter")
+        )))
+        .fetch_one(&test.pool)
+        .await
+        .unwrap();
+    assert_eq!(event_id, *poison.id().as_uuid());
+    assert_eq!(attempts, 3);
+    assert!(last_error.contains("unroutable"), "{last_error}");
+    assert_eq!(outbox_rows(&test).await, 0);
+}
+
+#[tokio::test]
+async fn graceful_stop_settles_what_was_published() {
+    let test = TestSchema::new().await;
+    let rabbit = RabbitFixture::new().await;
+    enqueue_backlog(&test, 3_000, 30).await;
+    let relay = RunningRelay::start(raw_config(&test, &rabbit.exchange).validate().unwrap());
+    rabbit.wait_for_distinct(500, Duration::from_secs(60)).await;
+    let summary = relay.stop().await;
+    // Everything the broker confirmed was settled: the rows left are exactly the unpublished ones.
+    let left = outbox_rows(&test).await as u64;
+    assert_eq!(summary.published + left, 3_000);
+    // Nothing was published twice: no duplicates after a graceful stop.
+    rabbit
+        .wait_for_distinct(summary.published as usize, Duration::from_secs(10))
+        .await;
+    assert_eq!(rabbit.count(), rabbit.distinct());
+    assert_eq!(rabbit.count() as u64, summary.published);
+    // And nothing is held: the leases were released for the next relay.
+    let held: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "select count(*) from {} where owner is not null",
+        test.table("relay_lease")
+    )))
+    .fetch_one(&test.pool)
+    .await
+    .unwrap();
+    assert_eq!(held, 0);
+}
