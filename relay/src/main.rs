@@ -34,10 +34,10 @@ struct RunArgs {
 #[derive(clap::Args, Debug)]
 struct DatabaseArgs {
     /// PostgreSQL connection URL.
-    #[arg(long, env = "OUTBOX_RELAY__DATABASE_URL")]
+    #[arg(long, env = "OUTBOX_RELAY__DATABASE__URL")]
     database_url: String,
     /// Schema holding the outbox tables.
-    #[arg(long, env = "OUTBOX_RELAY__SCHEMA", default_value = outbox_core::schema::DEFAULT_SCHEMA)]
+    #[arg(long, env = "OUTBOX_RELAY__DATABASE__SCHEMA", default_value = outbox_core::schema::DEFAULT_SCHEMA)]
     schema: String,
 }
 
@@ -50,7 +50,7 @@ impl DatabaseArgs {
             .connect(&self.database_url)
             .await
             .context(
-                "connecting to PostgreSQL (check --database-url / OUTBOX_RELAY__DATABASE_URL)",
+                "connecting to PostgreSQL (check --database-url / OUTBOX_RELAY__DATABASE__URL)",
             )?;
         Ok((pool, schema))
     }

@@ -53,7 +53,8 @@ const REPLY_SUCCESS: u16 = 200;
 pub struct RabbitMqConfig {
     /// `amqp://user:password@host:5672/vhost` (or `amqps://`); the password is never logged.
     pub url: String,
-    /// The `app_id` property of every message, e.g. `outbox-relay`.
+    /// The `app_id` property of every message, e.g. `outbox-relay`; the connection is
+    /// named `outbox-relay <app_id>` in the broker's management UI.
     pub app_id: String,
     /// Bound on connecting, including the exchange declarations; also bounds each reconnect.
     pub connect_timeout: Duration,
@@ -327,55 +328,69 @@ impl RabbitMqSink {
     /// The outcome of a publish that lapin reported as an error.
     fn failed(&self, error: &lapin::Error, route: &Route) -> Outcome {
         let exchange = &route.destination;
-        if let ErrorKind::ProtocolError(amqp) = error.kind() {
-            let reply = reply(amqp);
-            let rejected = |what: String| Outcome::Rejected(SinkError::new(what));
-            match amqp.kind() {
-                AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND) => {
-                    return rejected(format!(
-                        "exchange '{exchange}' does not exist (RabbitMQ closed the channel: {reply}); \
-                         declare it (declare_exchanges) or fix the route"
-                    ));
-                }
-                AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED) => {
-                    return rejected(format!(
-                        "RabbitMQ refused the publish to exchange '{exchange}' ({reply}); grant the \
-                         user in the url write permission on it, or fix the route"
-                    ));
-                }
-                AMQPErrorKind::Soft(
-                    AMQPSoftError::PRECONDITIONFAILED | AMQPSoftError::CONTENTTOOLARGE,
-                ) => {
-                    return rejected(format!(
-                        "RabbitMQ refused the message for exchange '{exchange}' ({reply}); a message \
-                         larger than the broker's max_message_size is the usual cause"
-                    ));
-                }
-                AMQPErrorKind::Soft(_) => {
-                    return Outcome::Retry(SinkError::new(format!(
-                        "RabbitMQ closed the channel while publishing to exchange '{exchange}' ({reply}); \
-                         the event will be published again on a new channel"
-                    )));
-                }
-                AMQPErrorKind::Hard(_) => {
-                    return Outcome::Retry(SinkError::new(format!(
-                        "RabbitMQ at {} closed the connection while publishing to exchange '{exchange}' \
-                         ({reply}); the next publish reconnects",
-                        self.shown_url
-                    )));
-                }
-            }
-        }
-        Outcome::Retry(SinkError::new(format!(
-            "publishing to exchange '{exchange}' failed: {}; the next publish reopens the channel \
-             and, if needed, the connection to RabbitMQ at {}",
-            scrub(
-                &error.to_string(),
-                &self.config.url,
-                &self.uri.authority.userinfo.password
+        let ErrorKind::ProtocolError(amqp) = error.kind() else {
+            return Outcome::Retry(SinkError::new(format!(
+                "publishing to exchange '{exchange}' failed: {}; the next publish reopens the \
+                 channel and, if needed, the connection to RabbitMQ at {}",
+                self.scrub(&error.to_string()),
+                self.shown_url
+            )));
+        };
+        let reply = reply(amqp);
+        let (rejected, message) = match amqp.kind() {
+            AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND) => (
+                true,
+                format!(
+                    "exchange '{exchange}' does not exist (RabbitMQ closed the channel: {reply}); \
+                     declare it (declare_exchanges) or fix the route"
+                ),
             ),
-            self.shown_url
-        )))
+            AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED) => (
+                true,
+                format!(
+                    "RabbitMQ refused the publish to exchange '{exchange}' ({reply}); grant the \
+                     user in the url write permission on it, or fix the route"
+                ),
+            ),
+            AMQPErrorKind::Soft(
+                AMQPSoftError::PRECONDITIONFAILED | AMQPSoftError::CONTENTTOOLARGE,
+            ) => (
+                true,
+                format!(
+                    "RabbitMQ refused the message for exchange '{exchange}' ({reply}); a message \
+                     larger than the broker's max_message_size is the usual cause"
+                ),
+            ),
+            AMQPErrorKind::Soft(_) => (
+                false,
+                format!(
+                    "RabbitMQ closed the channel while publishing to exchange '{exchange}' \
+                     ({reply}); the event will be published again on a new channel"
+                ),
+            ),
+            AMQPErrorKind::Hard(_) => (
+                false,
+                format!(
+                    "RabbitMQ at {} closed the connection while publishing to exchange \
+                     '{exchange}' ({reply}); the next publish reconnects",
+                    self.shown_url
+                ),
+            ),
+        };
+        if rejected {
+            Outcome::Rejected(SinkError::new(message))
+        } else {
+            Outcome::Retry(SinkError::new(message))
+        }
+    }
+
+    /// A library's message without the url's password.
+    fn scrub(&self, text: &str) -> String {
+        scrub(
+            text,
+            &self.config.url,
+            &self.uri.authority.userinfo.password,
+        )
     }
 
     /// An idle channel of the current connection, or a new one in confirm mode.
@@ -399,11 +414,7 @@ impl RabbitMqSink {
             Ok(Err(error)) => Err(SinkError::new(format!(
                 "cannot open a channel to RabbitMQ at {}: {}; the next publish tries again{}",
                 self.shown_url,
-                scrub(
-                    &error.to_string(),
-                    &self.config.url,
-                    &self.uri.authority.userinfo.password
-                ),
+                self.scrub(&error.to_string()),
                 if matches!(error.kind(), ErrorKind::ChannelsLimitReached) {
                     " (the broker's channel_max is lower than the channels this relay needs: raise it)"
                 } else {
@@ -499,8 +510,9 @@ impl Sink for RabbitMqSink {
             Ok(outcome) => outcome,
             // The channel in use was dropped with the future, so a late answer cannot be misread.
             Err(_) => Outcome::Retry(SinkError::new(format!(
-                "publishing to exchange '{}' got no confirm from RabbitMQ at {} within {timeout:?}; \
-                 is the broker overloaded, unreachable or blocking publishers (memory or disk alarm)?",
+                "publishing to exchange '{}' did not complete within {timeout:?} (no channel, \
+                 connection or confirm from RabbitMQ at {}); is the broker overloaded, unreachable \
+                 or blocking publishers (memory or disk alarm)?",
                 route.destination, self.shown_url
             ))),
         }
@@ -727,7 +739,7 @@ fn check_short(what: &str, value: &str) -> Result<ShortString, SinkError> {
     ShortString::try_new(value).map_err(|_| {
         let start: String = value.chars().take(40).collect();
         SinkError::new(format!(
-            "{what} '{start}…' is {} bytes; AMQP allows at most {MAX_SHORT_STRING_BYTES}: shorten it or fix the route",
+            "{what} '{start}…' is {} bytes; AMQP allows at most {MAX_SHORT_STRING_BYTES}: shorten it",
             value.len()
         ))
     })
@@ -743,8 +755,8 @@ fn parse_url(url: &str, shown_url: &str) -> Result<AMQPUri, SinkError> {
             scrub(&reason, url, &password)
         ))
     })?;
-    // amq-protocol-uri reads the host with `Url::domain`, which is `None` for IP literals
-    // (always for `[v6]`), and then falls back to `localhost`.
+    // amq-protocol-uri 10.6 reads the host with `Url::domain`, which is `None` for an IPv6
+    // literal (`[::1]`), and then silently falls back to `localhost`.
     if let Some(host) = literal_ip_host(url) {
         uri.authority.host = host;
     }
