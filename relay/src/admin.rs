@@ -1,7 +1,17 @@
-//! Administrative commands shared by the binary and tests.
+//! Administrative commands shared by the binary and tests: migrations, status,
+//! and the dead-letter operations.
+//!
+//! "Dead letters" here covers both events moved to `outbox_dead_letter` (poison
+//! policy `skip`) and events parked in the outbox holding their key (policy
+//! `block`). Retrying is idempotent: a dead-lettered event re-enters the outbox
+//! once (after every event of its key still pending), a blocked one is released
+//! in place, so its key continues in order.
 
+use chrono::{DateTime, Utc};
 use outbox_core::SchemaName;
-use sqlx::PgPool;
+use sqlx::{AssertSqlSafe, PgPool};
+
+use crate::error::{RelayError, Result};
 
 /// Create the schema and apply every pending migration; safe to run repeatedly.
 pub async fn migrate(pool: &PgPool, schema: &SchemaName) -> outbox_core::Result<()> {
@@ -24,4 +34,274 @@ pub async fn applied_migrations(
             operation: "reading applied migrations",
             source,
         })
+}
+
+/// Which dead letters an operation applies to; unset fields match everything.
+#[derive(Clone, Debug, Default)]
+pub struct DeadLetterFilter {
+    /// Only these event ids.
+    pub event_ids: Vec<uuid::Uuid>,
+    /// Only this event type.
+    pub event_type: Option<String>,
+    /// Only this aggregate type.
+    pub aggregate_type: Option<String>,
+    /// Only this aggregate id.
+    pub aggregate_id: Option<String>,
+    /// Only those that last failed at or after this time.
+    pub since: Option<DateTime<Utc>>,
+    /// Only those that last failed before this time.
+    pub until: Option<DateTime<Utc>>,
+}
+
+impl DeadLetterFilter {
+    /// True when nothing narrows the selection.
+    pub fn is_empty(&self) -> bool {
+        self.event_ids.is_empty()
+            && self.event_type.is_none()
+            && self.aggregate_type.is_none()
+            && self.aggregate_id.is_none()
+            && self.since.is_none()
+            && self.until.is_none()
+    }
+}
+
+/// One event that could not be published.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct DeadLetter {
+    /// `dead-lettered` (in `outbox_dead_letter`) or `blocked` (parked in the outbox).
+    pub status: String,
+    /// Outbox sequence it had.
+    pub sequence: i64,
+    /// Event id.
+    pub event_id: uuid::Uuid,
+    /// Aggregate type.
+    pub aggregate_type: String,
+    /// Aggregate id.
+    pub aggregate_id: String,
+    /// Event type.
+    pub event_type: String,
+    /// Partition key.
+    pub partition_key: String,
+    /// Failed attempts.
+    pub attempts: i32,
+    /// The broker's last answer.
+    pub last_error: String,
+    /// First failure.
+    pub first_failed_at: Option<DateTime<Utc>>,
+    /// Last failure.
+    pub last_failed_at: Option<DateTime<Utc>>,
+    /// Payload as JSON text.
+    pub payload: String,
+    /// Headers as JSON text.
+    pub headers: String,
+}
+
+fn dead_letters_sql(schema: &SchemaName) -> String {
+    let outbox = schema.qualify("outbox");
+    let dead = schema.qualify("outbox_dead_letter");
+    format!(
+        "select * from ( \
+           select 'dead-lettered'::text as status, sequence, event_id, aggregate_type, aggregate_id, event_type, \
+                  partition_key, attempts, last_error, first_failed_at, last_failed_at, payload::text as payload, \
+                  headers::text as headers \
+           from {dead} \
+           union all \
+           select 'blocked', sequence, event_id, aggregate_type, aggregate_id, event_type, partition_key, attempts, \
+                  coalesce(last_error, ''), first_failed_at, last_failed_at, payload::text, headers::text \
+           from {outbox} where published_at is null and available_at = 'infinity' \
+         ) d \
+         where (cardinality($1::uuid[]) = 0 or event_id = any($1)) \
+           and ($2::text is null or event_type = $2) \
+           and ($3::text is null or aggregate_type = $3) \
+           and ($4::text is null or aggregate_id = $4) \
+           and ($5::timestamptz is null or last_failed_at >= $5) \
+           and ($6::timestamptz is null or last_failed_at < $6) \
+         order by last_failed_at, sequence \
+         limit $7"
+    )
+}
+
+/// Dead-lettered and blocked events matching `filter`, oldest failure first.
+pub async fn list_dead_letters(
+    pool: &PgPool,
+    schema: &SchemaName,
+    filter: &DeadLetterFilter,
+    limit: i64,
+) -> Result<Vec<DeadLetter>> {
+    sqlx::query_as(AssertSqlSafe(dead_letters_sql(schema)))
+        .bind(&filter.event_ids)
+        .bind(&filter.event_type)
+        .bind(&filter.aggregate_type)
+        .bind(&filter.aggregate_id)
+        .bind(filter.since)
+        .bind(filter.until)
+        .bind(limit)
+        .fetch_all(pool)
+        .await
+        .map_err(RelayError::database("listing dead letters"))
+}
+
+/// Publish the matching events again: dead-lettered ones re-enter the outbox,
+/// blocked ones are released. Idempotent. Returns how many were retried.
+pub async fn retry_dead_letters(
+    pool: &PgPool,
+    schema: &SchemaName,
+    filter: &DeadLetterFilter,
+) -> Result<u64> {
+    let ids: Vec<uuid::Uuid> = list_dead_letters(pool, schema, filter, i64::MAX)
+        .await?
+        .into_iter()
+        .map(|d| d.event_id)
+        .collect();
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    let outbox = schema.qualify("outbox");
+    let dead = schema.qualify("outbox_dead_letter");
+    let mut tx = pool
+        .begin()
+        .await
+        .map_err(RelayError::database("beginning the retry"))?;
+    let released = sqlx::query(AssertSqlSafe(format!(
+        "update {outbox} set available_at = now(), attempts = 0, last_error = null, first_failed_at = null, \
+                last_failed_at = null \
+         where published_at is null and available_at = 'infinity' and event_id = any($1)"
+    )))
+    .bind(&ids)
+    .execute(&mut *tx)
+    .await
+    .map_err(RelayError::database("releasing blocked events"))?
+    .rows_affected();
+    let reentered = sqlx::query(AssertSqlSafe(format!(
+        "with moved as (delete from {dead} where event_id = any($1) returning *) \
+         insert into {outbox} (event_id, aggregate_type, aggregate_id, event_type, partition_key, destination, \
+                               payload, headers, created_at) \
+         select event_id, aggregate_type, aggregate_id, event_type, partition_key, destination, payload, headers, \
+                created_at \
+         from moved order by sequence \
+         on conflict (event_id) do nothing"
+    )))
+    .bind(&ids)
+    .execute(&mut *tx)
+    .await
+    .map_err(RelayError::database("re-entering dead-lettered events"))?
+    .rows_affected();
+    tx.commit()
+        .await
+        .map_err(RelayError::database("committing the retry"))?;
+    Ok(released + reentered)
+}
+
+/// Delete the matching events for good: from the dead-letter table, and blocked
+/// ones from the outbox (which releases their key). Returns how many.
+pub async fn purge_dead_letters(
+    pool: &PgPool,
+    schema: &SchemaName,
+    filter: &DeadLetterFilter,
+) -> Result<u64> {
+    let ids: Vec<uuid::Uuid> = list_dead_letters(pool, schema, filter, i64::MAX)
+        .await?
+        .into_iter()
+        .map(|d| d.event_id)
+        .collect();
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    let outbox = schema.qualify("outbox");
+    let dead = schema.qualify("outbox_dead_letter");
+    let mut tx = pool
+        .begin()
+        .await
+        .map_err(RelayError::database("beginning the purge"))?;
+    let mut purged = 0;
+    for sql in [
+        format!("delete from {dead} where event_id = any($1)"),
+        format!(
+            "delete from {outbox} where published_at is null and available_at = 'infinity' and event_id = any($1)"
+        ),
+    ] {
+        purged += sqlx::query(AssertSqlSafe(sql))
+            .bind(&ids)
+            .execute(&mut *tx)
+            .await
+            .map_err(RelayError::database("purging dead letters"))?
+            .rows_affected();
+    }
+    tx.commit()
+        .await
+        .map_err(RelayError::database("committing the purge"))?;
+    Ok(purged)
+}
+
+/// A snapshot of one outbox for `outbox-relay status`.
+#[derive(Clone, Debug, Default)]
+pub struct Status {
+    /// Events not yet published.
+    pub pending: i64,
+    /// Age of the oldest pending event, in seconds.
+    pub oldest_pending_secs: Option<f64>,
+    /// Pending events waiting for a retry after a broker rejection.
+    pub retrying: i64,
+    /// Events parked by the `block` policy.
+    pub blocked: i64,
+    /// Events in the dead-letter table.
+    pub dead_lettered: i64,
+    /// Live relay instances with the number of partitions each holds.
+    pub instances: Vec<(String, i64)>,
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "pending events:      {}", self.pending)?;
+        match self.oldest_pending_secs {
+            Some(age) => writeln!(f, "oldest pending:      {age:.1} s")?,
+            None => writeln!(f, "oldest pending:      -")?,
+        }
+        writeln!(f, "waiting for retry:   {}", self.retrying)?;
+        writeln!(f, "blocked (key held):  {}", self.blocked)?;
+        writeln!(f, "dead-lettered:       {}", self.dead_lettered)?;
+        writeln!(f, "live relays:         {}", self.instances.len())?;
+        for (instance, partitions) in &self.instances {
+            writeln!(f, "  {instance}: {partitions} partitions")?;
+        }
+        Ok(())
+    }
+}
+
+/// Read the current [`Status`] of `schema`'s outbox.
+pub async fn status(pool: &PgPool, schema: &SchemaName) -> Result<Status> {
+    let outbox = schema.qualify("outbox");
+    let dead = schema.qualify("outbox_dead_letter");
+    let leases = schema.qualify("relay_lease");
+    let (pending, oldest, retrying, blocked): (i64, Option<f64>, i64, i64) =
+        sqlx::query_as(AssertSqlSafe(format!(
+            "select count(*), extract(epoch from now() - min(created_at))::float8, \
+                count(*) filter (where attempts > 0 and available_at <> 'infinity'), \
+                count(*) filter (where available_at = 'infinity') \
+         from {outbox} where published_at is null"
+        )))
+        .fetch_one(pool)
+        .await
+        .map_err(RelayError::database("reading outbox status"))?;
+    let dead_lettered: i64 =
+        sqlx::query_scalar(AssertSqlSafe(format!("select count(*) from {dead}")))
+            .fetch_one(pool)
+            .await
+            .map_err(RelayError::database("counting dead letters"))?;
+    let instances: Vec<(String, i64)> = sqlx::query_as(AssertSqlSafe(format!(
+        "select i.owner, count(p.name) from {leases} i \
+         left join {leases} p on p.owner = i.owner and p.name like 'partition:%' and p.expires_at > now() \
+         where i.name like 'instance:%' and i.expires_at > now() group by i.owner order by i.owner"
+    )))
+    .fetch_all(pool)
+    .await
+    .map_err(RelayError::database("reading relay leases"))?;
+    Ok(Status {
+        pending,
+        oldest_pending_secs: oldest,
+        retrying,
+        blocked,
+        dead_lettered,
+        instances,
+    })
 }

@@ -151,6 +151,10 @@ pub struct RawPipeline {
     pub retry_backoff_max_ms: Option<u64>,
     /// Time to finish in-flight work after a shutdown signal.
     pub shutdown_grace_ms: Option<u64>,
+    /// `skip` (dead-letter a poison event, its key continues) or `block` (hold its key).
+    pub poison_policy: Option<String>,
+    /// Consecutive failed rounds that open the circuit breaker.
+    pub breaker_failure_threshold: Option<u32>,
 }
 
 /// `[rabbitmq]`
@@ -249,6 +253,20 @@ pub struct PipelineConfig {
     pub retry_backoff_max: Duration,
     /// Time to finish in-flight work after a shutdown signal.
     pub shutdown_grace: Duration,
+    /// What happens to an event that used up its attempts.
+    pub poison_policy: PoisonPolicy,
+    /// Consecutive failed rounds that open the circuit breaker.
+    pub breaker_failure_threshold: u32,
+}
+
+/// What happens to an event the broker keeps rejecting, once it used up its attempts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PoisonPolicy {
+    /// Move it to the dead-letter table; its key continues with the next event.
+    Skip,
+    /// Keep it in the outbox, parked, and hold its key until an operator retries
+    /// it (`outbox-relay dead-letters retry`); other keys flow.
+    Block,
 }
 
 /// Which sink to publish to, with its settings.
@@ -530,6 +548,25 @@ fn validate_pipeline(raw: RawPipeline) -> Result<PipelineConfig, ConfigError> {
             "make the maximum at least the initial delay",
         ));
     }
+    let poison_policy = match raw.poison_policy.as_deref().unwrap_or("skip") {
+        "skip" => PoisonPolicy::Skip,
+        "block" => PoisonPolicy::Block,
+        other => {
+            return Err(invalid(
+                "pipeline.poison_policy",
+                format!("unknown policy {other:?}"),
+                "use \"skip\" or \"block\"",
+            ));
+        }
+    };
+    let breaker_failure_threshold = raw.breaker_failure_threshold.unwrap_or(3);
+    if !(1..=1000).contains(&breaker_failure_threshold) {
+        return Err(invalid(
+            "pipeline.breaker_failure_threshold",
+            format!("{breaker_failure_threshold} is out of range"),
+            "use 1 to 1000 (default 3)",
+        ));
+    }
     Ok(PipelineConfig {
         max_in_flight,
         max_attempts,
@@ -542,6 +579,8 @@ fn validate_pipeline(raw: RawPipeline) -> Result<PipelineConfig, ConfigError> {
             0,
             3_600_000,
         )?,
+        poison_policy,
+        breaker_failure_threshold,
     })
 }
 

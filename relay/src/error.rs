@@ -24,6 +24,17 @@ pub enum RelayError {
         source: sqlx::Error,
     },
 
+    /// A PostgreSQL call did not answer in time (network stall, overloaded server).
+    #[error(
+        "database call timed out after {timeout_ms} ms while {operation}; check the network to PostgreSQL and its load"
+    )]
+    DatabaseTimeout {
+        /// What the relay was doing.
+        operation: &'static str,
+        /// The timeout that fired.
+        timeout_ms: u64,
+    },
+
     /// The sink could not be set up.
     #[error("cannot start the sink: {0}")]
     Sink(#[from] SinkError),
@@ -31,6 +42,22 @@ pub enum RelayError {
     /// An error from outbox-core (schema, migrations).
     #[error(transparent)]
     Core(#[from] outbox_core::Error),
+}
+
+/// Run a database call with a client-side deadline: `statement_timeout` cannot fire
+/// when the network to the server stalls.
+pub(crate) async fn db_call<T>(
+    operation: &'static str,
+    timeout: std::time::Duration,
+    call: impl std::future::Future<Output = std::result::Result<T, sqlx::Error>>,
+) -> Result<T> {
+    match tokio::time::timeout(timeout, call).await {
+        Ok(result) => result.map_err(RelayError::database(operation)),
+        Err(_) => Err(RelayError::DatabaseTimeout {
+            operation,
+            timeout_ms: timeout.as_millis() as u64,
+        }),
+    }
 }
 
 impl RelayError {

@@ -127,17 +127,9 @@ pub async fn run_with_sink<S: sink::Sink>(
     let claim_pool = connect_pool(&config.database, 3).await?;
     let settle_pool = connect_pool(&config.database, config.database.pool_size).await?;
     check_schema(&claim_pool, &config.database).await?;
-    let source = source::polling::PollingSource::new(
-        claim_pool,
-        settle_pool.clone(),
-        config.database.schema.clone(),
-        config.instance_id.clone(),
-        config.polling.partitions,
-        config.polling.batch_size,
-        config.polling.poll_interval,
-        config.polling.settle,
-    )
-    .await?;
+    let source =
+        source::polling::PollingSource::new(claim_pool, settle_pool.clone(), config.clone())
+            .await?;
     let leases = Arc::new(source::lease::PartitionLeases::new(
         &config.database.schema,
         config.instance_id.clone(),

@@ -3,6 +3,7 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use outbox_core::SchemaName;
+use outbox_relay::admin::{self, DeadLetterFilter};
 use sqlx::postgres::PgPoolOptions;
 
 /// Publishes transactional-outbox events from PostgreSQL to RabbitMQ or Kafka.
@@ -19,6 +20,13 @@ enum Command {
     Run(RunArgs),
     /// Create the outbox schema and apply pending migrations (idempotent).
     Migrate(DatabaseArgs),
+    /// Show pending, retrying, blocked and dead-lettered events and the live relays.
+    Status(DatabaseArgs),
+    /// Inspect, retry or purge events that could not be published.
+    DeadLetters {
+        #[command(subcommand)]
+        action: DeadLetterAction,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -26,28 +34,128 @@ struct RunArgs {
     /// TOML configuration file; OUTBOX_RELAY__SECTION__KEY environment variables override it.
     #[arg(long, short, env = "OUTBOX_RELAY_CONFIG")]
     config: Option<std::path::PathBuf>,
-    /// Validate the configuration, print it (without secrets) and exit.
+    /// Validate the configuration, print a summary (without secrets) and exit.
     #[arg(long)]
     check_config: bool,
 }
 
 #[derive(clap::Args, Debug)]
 struct DatabaseArgs {
-    /// PostgreSQL connection URL.
+    /// PostgreSQL connection URL (default: database.url of --config).
     #[arg(long, env = "OUTBOX_RELAY__DATABASE__URL")]
-    database_url: String,
-    /// Schema holding the outbox tables.
-    #[arg(long, env = "OUTBOX_RELAY__DATABASE__SCHEMA", default_value = outbox_core::schema::DEFAULT_SCHEMA)]
-    schema: String,
+    database_url: Option<String>,
+    /// Schema holding the outbox tables (default: database.schema of --config, else outbox).
+    #[arg(long, env = "OUTBOX_RELAY__DATABASE__SCHEMA")]
+    schema: Option<String>,
+    /// Relay configuration file to take the database settings from.
+    #[arg(long, short, env = "OUTBOX_RELAY_CONFIG")]
+    config: Option<std::path::PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+enum DeadLetterAction {
+    /// List dead-lettered and blocked events, oldest failure first.
+    List {
+        #[command(flatten)]
+        db: DatabaseArgs,
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+    },
+    /// Show one event with its payload, headers and last error.
+    Show {
+        #[command(flatten)]
+        db: DatabaseArgs,
+        /// The event id.
+        event_id: uuid::Uuid,
+    },
+    /// Publish the selected events again (idempotent): dead-lettered ones re-enter the
+    /// outbox, blocked ones are released so their key continues.
+    Retry {
+        #[command(flatten)]
+        db: DatabaseArgs,
+        #[command(flatten)]
+        filter: FilterArgs,
+    },
+    /// Delete the selected events for good (a blocked event's key continues without it).
+    Purge {
+        #[command(flatten)]
+        db: DatabaseArgs,
+        #[command(flatten)]
+        filter: FilterArgs,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct FilterArgs {
+    /// Event ids to select.
+    event_ids: Vec<uuid::Uuid>,
+    /// Only this event type.
+    #[arg(long)]
+    event_type: Option<String>,
+    /// Only this aggregate type.
+    #[arg(long)]
+    aggregate_type: Option<String>,
+    /// Only this aggregate id.
+    #[arg(long)]
+    aggregate_id: Option<String>,
+    /// Only those that last failed at or after this time (RFC 3339).
+    #[arg(long)]
+    since: Option<chrono::DateTime<chrono::Utc>>,
+    /// Only those that last failed before this time (RFC 3339).
+    #[arg(long)]
+    until: Option<chrono::DateTime<chrono::Utc>>,
+    /// Select every dead letter (required by retry and purge when nothing else narrows the selection).
+    #[arg(long)]
+    all: bool,
+}
+
+impl FilterArgs {
+    fn filter(&self) -> DeadLetterFilter {
+        DeadLetterFilter {
+            event_ids: self.event_ids.clone(),
+            event_type: self.event_type.clone(),
+            aggregate_type: self.aggregate_type.clone(),
+            aggregate_id: self.aggregate_id.clone(),
+            since: self.since,
+            until: self.until,
+        }
+    }
+
+    fn filter_for_change(&self, verb: &str) -> anyhow::Result<DeadLetterFilter> {
+        let filter = self.filter();
+        if filter.is_empty() && !self.all {
+            anyhow::bail!(
+                "refusing to {verb} every dead letter: name event ids or filters, or pass --all"
+            );
+        }
+        Ok(filter)
+    }
 }
 
 impl DatabaseArgs {
     async fn connect(&self) -> anyhow::Result<(sqlx::PgPool, SchemaName)> {
-        let schema = SchemaName::new(self.schema.clone()).context("--schema")?;
+        let from_file = match &self.config {
+            Some(path) => Some(outbox_relay::RawConfig::load(Some(path))?.database),
+            None => None,
+        };
+        let url = self
+            .database_url
+            .clone()
+            .or_else(|| from_file.as_ref().and_then(|d| d.url.clone()))
+            .context("no database URL: pass --database-url, set OUTBOX_RELAY__DATABASE__URL, or give --config")?;
+        let schema = self
+            .schema
+            .clone()
+            .or_else(|| from_file.as_ref().and_then(|d| d.schema.clone()))
+            .unwrap_or_else(|| outbox_core::schema::DEFAULT_SCHEMA.to_owned());
+        let schema = SchemaName::new(schema).context("--schema")?;
         let pool = PgPoolOptions::new()
             .max_connections(2)
             .acquire_timeout(std::time::Duration::from_secs(10))
-            .connect(&self.database_url)
+            .connect(&url)
             .await
             .context(
                 "connecting to PostgreSQL (check --database-url / OUTBOX_RELAY__DATABASE__URL)",
@@ -80,32 +188,117 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let config = outbox_relay::RawConfig::load(args.config.as_deref())?.validate()?;
             if args.check_config {
                 println!(
-                    "configuration is valid: schema {}, batch {}, partitions {}, lease {} ms, in-flight {}, max attempts {}",
+                    "configuration is valid: schema {}, batch {}, partitions {}, lease {} ms, in-flight {}, max attempts {}, poison policy {:?}",
                     config.database.schema,
                     config.polling.batch_size,
                     config.polling.partitions,
                     config.polling.lease.as_millis(),
                     config.pipeline.max_in_flight,
-                    config.pipeline.max_attempts
+                    config.pipeline.max_attempts,
+                    config.pipeline.poison_policy,
                 );
                 return Ok(());
             }
             let summary = outbox_relay::run(config, shutdown_signal()).await?;
             println!(
-                "relay stopped: {} published, {} dead-lettered",
-                summary.published, summary.dead_lettered
+                "relay stopped: {} published, {} dead-lettered, {} blocked",
+                summary.published, summary.dead_lettered, summary.blocked
             );
             Ok(())
         }
         Command::Migrate(args) => {
             let (pool, schema) = args.connect().await?;
-            outbox_relay::admin::migrate(&pool, &schema).await?;
-            let versions = outbox_relay::admin::applied_migrations(&pool, &schema).await?;
+            admin::migrate(&pool, &schema).await?;
+            let versions = admin::applied_migrations(&pool, &schema).await?;
             println!(
                 "schema {schema} is up to date ({} migrations applied, latest {})",
                 versions.len(),
                 versions.last().copied().unwrap_or_default()
             );
+            Ok(())
+        }
+        Command::Status(args) => {
+            let (pool, schema) = args.connect().await?;
+            print!("{}", admin::status(&pool, &schema).await?);
+            Ok(())
+        }
+        Command::DeadLetters { action } => dead_letters(action).await,
+    }
+}
+
+async fn dead_letters(action: DeadLetterAction) -> anyhow::Result<()> {
+    match action {
+        DeadLetterAction::List { db, filter, limit } => {
+            let (pool, schema) = db.connect().await?;
+            let rows = admin::list_dead_letters(&pool, &schema, &filter.filter(), limit).await?;
+            println!(
+                "{:<14} {:<36} {:<24} {:<24} {:>8}  last error",
+                "status", "event id", "event type", "key", "attempts"
+            );
+            for row in &rows {
+                println!(
+                    "{:<14} {:<36} {:<24} {:<24} {:>8}  {}",
+                    row.status,
+                    row.event_id,
+                    row.event_type,
+                    row.partition_key,
+                    row.attempts,
+                    row.last_error
+                );
+            }
+            println!("{} shown", rows.len());
+            Ok(())
+        }
+        DeadLetterAction::Show { db, event_id } => {
+            let (pool, schema) = db.connect().await?;
+            let filter = DeadLetterFilter {
+                event_ids: vec![event_id],
+                ..Default::default()
+            };
+            let row = admin::list_dead_letters(&pool, &schema, &filter, 1)
+                .await?
+                .into_iter()
+                .next()
+                .with_context(|| format!("no dead-lettered or blocked event {event_id}"))?;
+            println!("status:          {}", row.status);
+            println!("event id:        {}", row.event_id);
+            println!("sequence:        {}", row.sequence);
+            println!(
+                "aggregate:       {} {}",
+                row.aggregate_type, row.aggregate_id
+            );
+            println!("event type:      {}", row.event_type);
+            println!("partition key:   {}", row.partition_key);
+            println!("attempts:        {}", row.attempts);
+            println!(
+                "first failed at: {}",
+                row.first_failed_at
+                    .map(|t| t.to_rfc3339())
+                    .unwrap_or_default()
+            );
+            println!(
+                "last failed at:  {}",
+                row.last_failed_at
+                    .map(|t| t.to_rfc3339())
+                    .unwrap_or_default()
+            );
+            println!("last error:      {}", row.last_error);
+            println!("headers:         {}", row.headers);
+            println!("payload:         {}", row.payload);
+            Ok(())
+        }
+        DeadLetterAction::Retry { db, filter } => {
+            let filter = filter.filter_for_change("retry")?;
+            let (pool, schema) = db.connect().await?;
+            let retried = admin::retry_dead_letters(&pool, &schema, &filter).await?;
+            println!("{retried} events queued for publishing again");
+            Ok(())
+        }
+        DeadLetterAction::Purge { db, filter } => {
+            let filter = filter.filter_for_change("purge")?;
+            let (pool, schema) = db.connect().await?;
+            let purged = admin::purge_dead_letters(&pool, &schema, &filter).await?;
+            println!("{purged} events purged");
             Ok(())
         }
     }

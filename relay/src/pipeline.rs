@@ -18,7 +18,7 @@ use tokio::sync::{Mutex, Notify, watch};
 
 use crate::config::{PipelineConfig, SettleMode};
 use crate::error::Result;
-use crate::resilience::Backoff;
+use crate::resilience::{Backoff, BreakerState, CircuitBreaker};
 use crate::route::Router;
 use crate::sink::{Outcome, Sink};
 use crate::source::lease::{Owned, PartitionLeases};
@@ -37,8 +37,14 @@ pub struct RelayStats {
     pub dead_lettered: AtomicU64,
     /// Publishes that failed for broker or network reasons.
     pub transient_failures: AtomicU64,
+    /// Events parked by the `block` poison policy.
+    pub blocked: AtomicU64,
     /// Batches claimed.
     pub batches: AtomicU64,
+    /// Failed database calls of the claim loop.
+    pub database_errors: AtomicU64,
+    /// Circuit breaker state: 0 closed, 1 open, 2 half-open.
+    pub breaker_state: AtomicU64,
 }
 
 /// A snapshot of [`RelayStats`], returned when the relay stops.
@@ -48,15 +54,32 @@ pub struct RunSummary {
     pub published: u64,
     /// Events moved to the dead-letter table.
     pub dead_lettered: u64,
+    /// Events parked by the `block` poison policy.
+    pub blocked: u64,
     /// Publishes that failed for broker or network reasons.
     pub transient_failures: u64,
 }
 
 impl RelayStats {
+    fn set_breaker(&self, state: BreakerState) {
+        self.breaker_state
+            .store(state.as_gauge() as u64, Ordering::Relaxed);
+    }
+
+    /// The circuit breaker's current state.
+    pub fn breaker(&self) -> BreakerState {
+        match self.breaker_state.load(Ordering::Relaxed) {
+            1 => BreakerState::Open,
+            2 => BreakerState::HalfOpen,
+            _ => BreakerState::Closed,
+        }
+    }
+
     fn summary(&self) -> RunSummary {
         RunSummary {
             published: self.published.load(Ordering::Relaxed),
             dead_lettered: self.dead_lettered.load(Ordering::Relaxed),
+            blocked: self.blocked.load(Ordering::Relaxed),
             transient_failures: self.transient_failures.load(Ordering::Relaxed),
         }
     }
@@ -100,23 +123,46 @@ impl<S: Sink> Pipeline<S> {
             shutdown.clone(),
         ));
 
-        let mut broker_backoff = Backoff::new(
+        let mut breaker = CircuitBreaker::new(
+            self.config.breaker_failure_threshold,
+            self.config.retry_backoff_initial,
+            self.config.retry_backoff_max,
+        );
+        let mut db_backoff = Backoff::new(
             self.config.retry_backoff_initial,
             self.config.retry_backoff_max,
         );
         let mut last_purge = tokio::time::Instant::now();
         while !*shutdown.borrow() {
+            self.stats.set_breaker(breaker.state());
+            // While the breaker is open nothing is claimed: the broker is not hammered and
+            // the database is not polled for work that cannot be published.
+            let wait = breaker.wait();
+            if !wait.is_zero() {
+                sleep_or_shutdown(wait, &mut shutdown).await;
+                continue;
+            }
+            self.stats.set_breaker(breaker.state());
+            let probe = breaker.state() == BreakerState::HalfOpen;
             let owned = self.release_extra_partitions(&state).await;
-            let batch = match self.source.claim(&owned).await {
-                Ok(batch) => batch,
+            let batch = match self.source.claim(&owned, probe.then_some(1)).await {
+                Ok(batch) => {
+                    db_backoff.reset();
+                    batch
+                }
                 Err(error) => {
-                    let delay = broker_backoff.next_delay();
+                    let delay = db_backoff.next_delay();
+                    self.stats.database_errors.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(error = %error, retry_in_ms = delay.as_millis() as u64, "claiming failed");
                     sleep_or_shutdown(delay, &mut shutdown).await;
                     continue;
                 }
             };
             if batch.events.is_empty() {
+                if probe {
+                    // Nothing to probe with: the next event decides.
+                    breaker.record_success();
+                }
                 if let SettleMode::Mark { retention } = self.settle
                     && last_purge.elapsed() > Duration::from_secs(60)
                 {
@@ -147,18 +193,14 @@ impl<S: Sink> Pipeline<S> {
                     break;
                 }
             };
-            if report.transient > 0 {
-                let delay = broker_backoff.next_delay();
-                tracing::warn!(
-                    failed = report.transient,
-                    retry_in_ms = delay.as_millis() as u64,
-                    "broker unavailable; backing off"
-                );
-                sleep_or_shutdown(delay, &mut shutdown).await;
-            } else {
-                broker_backoff.reset();
+            if !report.delivered.is_empty() || report.transient == 0 {
+                breaker.record_success();
+            } else if breaker.record_failure() == BreakerState::Closed {
+                // Not yet open: still pause briefly so a failing broker is not retried in a tight loop.
+                sleep_or_shutdown(self.config.retry_backoff_initial, &mut shutdown).await;
             }
         }
+        self.stats.set_breaker(BreakerState::Closed);
 
         keeper.abort();
         if let Err(error) = self.leases.leave(&self.lease_pool).await {
@@ -287,6 +329,17 @@ impl<S: Sink> Pipeline<S> {
                                 retry_in_ms = backoff.as_millis() as u64,
                                 %error,
                                 "broker rejected the event; its key waits for the retry"
+                            );
+                        }
+                        Ok(RejectionVerdict::Blocked) => {
+                            self.stats.blocked.fetch_add(1, Ordering::Relaxed);
+                            tracing::error!(
+                                sequence = event.sequence,
+                                event_id = %event.event_id,
+                                event_type = %event.event_type,
+                                partition_key = %event.partition_key,
+                                %error,
+                                "event blocked after its last attempt; its key waits for `outbox-relay dead-letters retry`"
                             );
                         }
                         Ok(RejectionVerdict::NotOwned) => {}

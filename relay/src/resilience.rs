@@ -73,3 +73,129 @@ mod tests {
         assert!(backoff.next_delay() <= Duration::from_millis(100));
     }
 }
+
+/// State of a [`CircuitBreaker`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BreakerState {
+    /// Normal operation.
+    Closed,
+    /// The broker failed repeatedly: nothing is claimed or published until the probe time.
+    Open,
+    /// Probing: one small batch decides whether to close or open again.
+    HalfOpen,
+}
+
+impl BreakerState {
+    /// Numeric value for the metric (0 closed, 1 open, 2 half-open).
+    pub fn as_gauge(self) -> f64 {
+        match self {
+            BreakerState::Closed => 0.0,
+            BreakerState::Open => 1.0,
+            BreakerState::HalfOpen => 2.0,
+        }
+    }
+}
+
+/// A circuit breaker around the sink: after `threshold` consecutive failed
+/// rounds it opens, so a dead broker is not hammered and the database is not
+/// polled for work that cannot be published; after a backoff it lets one probe
+/// through (half-open) and closes on success or opens again, waiting longer.
+#[derive(Debug)]
+pub struct CircuitBreaker {
+    threshold: u32,
+    consecutive_failures: u32,
+    state: BreakerState,
+    open_backoff: Backoff,
+    probe_at: Option<tokio::time::Instant>,
+}
+
+impl CircuitBreaker {
+    /// A closed breaker that opens after `threshold` consecutive failures and
+    /// waits between `initial` and `max` (growing) before each probe.
+    pub fn new(threshold: u32, initial: Duration, max: Duration) -> Self {
+        CircuitBreaker {
+            threshold: threshold.max(1),
+            consecutive_failures: 0,
+            state: BreakerState::Closed,
+            open_backoff: Backoff::new(initial, max),
+            probe_at: None,
+        }
+    }
+
+    /// Current state.
+    pub fn state(&self) -> BreakerState {
+        self.state
+    }
+
+    /// How long to wait before work may be attempted (zero unless open);
+    /// moves an open breaker whose wait is over to half-open.
+    pub fn wait(&mut self) -> Duration {
+        match (self.state, self.probe_at) {
+            (BreakerState::Open, Some(at)) => {
+                let now = tokio::time::Instant::now();
+                if now >= at {
+                    self.state = BreakerState::HalfOpen;
+                    tracing::info!("circuit breaker half-open: probing the broker");
+                    Duration::ZERO
+                } else {
+                    at - now
+                }
+            }
+            _ => Duration::ZERO,
+        }
+    }
+
+    /// A round succeeded (something was delivered).
+    pub fn record_success(&mut self) {
+        if self.state != BreakerState::Closed {
+            tracing::info!("circuit breaker closed: the broker is back");
+        }
+        self.state = BreakerState::Closed;
+        self.consecutive_failures = 0;
+        self.open_backoff.reset();
+        self.probe_at = None;
+    }
+
+    /// A round failed for broker or network reasons; returns the state after it.
+    pub fn record_failure(&mut self) -> BreakerState {
+        self.consecutive_failures = self.consecutive_failures.saturating_add(1);
+        if self.state == BreakerState::HalfOpen || self.consecutive_failures >= self.threshold {
+            let wait = self.open_backoff.next_delay();
+            if self.state != BreakerState::Open {
+                tracing::warn!(
+                    failures = self.consecutive_failures,
+                    probe_in_ms = wait.as_millis() as u64,
+                    "circuit breaker open: pausing claims and publishes"
+                );
+            }
+            self.state = BreakerState::Open;
+            self.probe_at = Some(tokio::time::Instant::now() + wait);
+        }
+        self.state
+    }
+}
+
+#[cfg(test)]
+mod breaker_tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn opens_after_the_threshold_probes_and_closes() {
+        let mut breaker = CircuitBreaker::new(3, Duration::from_secs(1), Duration::from_secs(8));
+        assert_eq!(breaker.record_failure(), BreakerState::Closed);
+        assert_eq!(breaker.record_failure(), BreakerState::Closed);
+        assert_eq!(breaker.record_failure(), BreakerState::Open);
+        let wait = breaker.wait();
+        assert!(wait > Duration::ZERO && wait <= Duration::from_secs(1));
+        tokio::time::advance(wait).await;
+        assert_eq!(breaker.wait(), Duration::ZERO);
+        assert_eq!(breaker.state(), BreakerState::HalfOpen);
+        // A failed probe opens it again at once, waiting longer.
+        assert_eq!(breaker.record_failure(), BreakerState::Open);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(breaker.wait(), Duration::ZERO);
+        breaker.record_success();
+        assert_eq!(breaker.state(), BreakerState::Closed);
+        assert_eq!(breaker.record_failure(), BreakerState::Closed);
+    }
+}

@@ -169,6 +169,22 @@ impl RabbitFixture {
         }
     }
 
+    /// Also route `binding` to the queue (an operator fixing a route).
+    pub async fn bind(&self, binding: &str) {
+        let channel = self._connection.create_channel().await.expect("channel");
+        channel
+            .queue_bind(
+                self.queue.as_str().into(),
+                self.exchange.as_str().into(),
+                binding.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("bind queue");
+        let _ = channel.close(200, "bound".into()).await;
+    }
+
     /// Everything received so far, in arrival order.
     pub fn received(&self) -> Vec<Received> {
         self.received.lock().expect("consumer lock").clone()

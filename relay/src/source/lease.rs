@@ -20,7 +20,7 @@ use outbox_core::SchemaName;
 use sqlx::{AssertSqlSafe, PgPool};
 
 use crate::config::ConfigError;
-use crate::error::{RelayError, Result};
+use crate::error::{Result, db_call};
 
 /// The partitions this instance holds, with their fencing tokens.
 pub type Owned = BTreeMap<u32, i64>;
@@ -117,11 +117,14 @@ impl PartitionLeases {
 
     /// Create the partition rows and check that every relay uses the same partition count.
     pub async fn register(&self, pool: &PgPool) -> Result<()> {
-        let recorded: i64 = sqlx::query_scalar(AssertSqlSafe(self.sql.meta.as_str()))
-            .bind(i64::from(self.partitions))
-            .fetch_one(pool)
-            .await
-            .map_err(RelayError::database("checking the partition count"))?;
+        let recorded: i64 = db_call(
+            "checking the partition count",
+            self.db_timeout(),
+            sqlx::query_scalar(AssertSqlSafe(self.sql.meta.as_str()))
+                .bind(i64::from(self.partitions))
+                .fetch_one(pool),
+        )
+        .await?;
         if recorded != i64::from(self.partitions) {
             return Err(ConfigError {
                 field: "polling.partitions".into(),
@@ -136,11 +139,14 @@ impl PartitionLeases {
             }
             .into());
         }
-        sqlx::query(AssertSqlSafe(self.sql.seed.as_str()))
-            .bind(i64::from(self.partitions))
-            .execute(pool)
-            .await
-            .map_err(RelayError::database("creating partition leases"))?;
+        db_call(
+            "creating partition leases",
+            self.db_timeout(),
+            sqlx::query(AssertSqlSafe(self.sql.seed.as_str()))
+                .bind(i64::from(self.partitions))
+                .execute(pool),
+        )
+        .await?;
         Ok(())
     }
 
@@ -148,23 +154,29 @@ impl PartitionLeases {
     /// to the fair share. Returns the partitions now held and the fair share.
     pub async fn maintain(&self, pool: &PgPool, owned: &Owned) -> Result<(Owned, usize)> {
         let lease_secs = self.lease.as_secs_f64();
-        sqlx::query(AssertSqlSafe(self.sql.heartbeat.as_str()))
-            .bind(&self.instance_id)
-            .bind(lease_secs)
-            .execute(pool)
-            .await
-            .map_err(RelayError::database("sending the instance heartbeat"))?;
+        db_call(
+            "sending the instance heartbeat",
+            self.db_timeout(),
+            sqlx::query(AssertSqlSafe(self.sql.heartbeat.as_str()))
+                .bind(&self.instance_id)
+                .bind(lease_secs)
+                .execute(pool),
+        )
+        .await?;
 
         let names: Vec<String> = owned.keys().map(|&p| partition_name(p)).collect();
         let tokens: Vec<i64> = owned.values().copied().collect();
-        let renewed: Vec<String> = sqlx::query_scalar(AssertSqlSafe(self.sql.renew.as_str()))
-            .bind(&self.instance_id)
-            .bind(lease_secs)
-            .bind(&names)
-            .bind(&tokens)
-            .fetch_all(pool)
-            .await
-            .map_err(RelayError::database("renewing partition leases"))?;
+        let renewed: Vec<String> = db_call(
+            "renewing partition leases",
+            self.db_timeout(),
+            sqlx::query_scalar(AssertSqlSafe(self.sql.renew.as_str()))
+                .bind(&self.instance_id)
+                .bind(lease_secs)
+                .bind(&names)
+                .bind(&tokens)
+                .fetch_all(pool),
+        )
+        .await?;
         let mut held: Owned = renewed
             .iter()
             .filter_map(|name| parse_partition(name))
@@ -179,20 +191,25 @@ impl PartitionLeases {
             tracing::warn!(instance = %self.instance_id, ?lost, "partition leases lost to another relay");
         }
 
-        let live: i64 = sqlx::query_scalar(AssertSqlSafe(self.sql.live_instances.as_str()))
-            .fetch_one(pool)
-            .await
-            .map_err(RelayError::database("counting live relays"))?;
+        let live: i64 = db_call(
+            "counting live relays",
+            self.db_timeout(),
+            sqlx::query_scalar(AssertSqlSafe(self.sql.live_instances.as_str())).fetch_one(pool),
+        )
+        .await?;
         let live = live.max(1) as usize;
         let fair = (self.partitions as usize).div_ceil(live);
         if held.len() < fair {
-            let rows: Vec<(String, i64)> = sqlx::query_as(AssertSqlSafe(self.sql.acquire.as_str()))
-                .bind(&self.instance_id)
-                .bind(lease_secs)
-                .bind((fair - held.len()) as i64)
-                .fetch_all(pool)
-                .await
-                .map_err(RelayError::database("acquiring partition leases"))?;
+            let rows: Vec<(String, i64)> = db_call(
+                "acquiring partition leases",
+                self.db_timeout(),
+                sqlx::query_as(AssertSqlSafe(self.sql.acquire.as_str()))
+                    .bind(&self.instance_id)
+                    .bind(lease_secs)
+                    .bind((fair - held.len()) as i64)
+                    .fetch_all(pool),
+            )
+            .await?;
             if !rows.is_empty() {
                 tracing::info!(instance = %self.instance_id, acquired = rows.len(), held = held.len() + rows.len(), fair, "acquired partition leases");
             }
@@ -207,12 +224,15 @@ impl PartitionLeases {
     /// Give back `partitions` so other instances can take them (call with nothing in flight).
     pub async fn release(&self, pool: &PgPool, partitions: &[u32]) -> Result<()> {
         let names: Vec<String> = partitions.iter().map(|&p| partition_name(p)).collect();
-        sqlx::query(AssertSqlSafe(self.sql.release.as_str()))
-            .bind(&self.instance_id)
-            .bind(&names)
-            .execute(pool)
-            .await
-            .map_err(RelayError::database("releasing partition leases"))?;
+        db_call(
+            "releasing partition leases",
+            self.db_timeout(),
+            sqlx::query(AssertSqlSafe(self.sql.release.as_str()))
+                .bind(&self.instance_id)
+                .bind(&names)
+                .execute(pool),
+        )
+        .await?;
         tracing::info!(instance = %self.instance_id, released = partitions.len(), "released partition leases");
         Ok(())
     }
@@ -223,13 +243,20 @@ impl PartitionLeases {
             (&self.sql.release_all, "releasing partition leases"),
             (&self.sql.leave, "removing the instance heartbeat"),
         ] {
-            sqlx::query(AssertSqlSafe(sql.as_str()))
-                .bind(&self.instance_id)
-                .execute(pool)
-                .await
-                .map_err(RelayError::database(operation))?;
+            db_call(
+                operation,
+                self.db_timeout(),
+                sqlx::query(AssertSqlSafe(sql.as_str()))
+                    .bind(&self.instance_id)
+                    .execute(pool),
+            )
+            .await?;
         }
         Ok(())
+    }
+
+    fn db_timeout(&self) -> Duration {
+        (self.lease / 2).max(Duration::from_secs(1))
     }
 
     /// How long a lease lasts.

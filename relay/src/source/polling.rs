@@ -9,12 +9,12 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use outbox_core::{EventId, Headers, SchemaName};
+use outbox_core::{EventId, Headers};
 use sqlx::postgres::PgListener;
 use sqlx::{AssertSqlSafe, PgPool};
 
-use crate::config::SettleMode;
-use crate::error::{RelayError, Result};
+use crate::config::{PoisonPolicy, RelayConfig, SettleMode};
+use crate::error::{Result, db_call};
 use crate::event::OutboxEvent;
 use crate::source::lease::Owned;
 
@@ -46,6 +46,9 @@ pub enum RejectionVerdict {
     },
     /// It used up its attempts and moved to the dead-letter table; its key continues.
     DeadLettered,
+    /// It used up its attempts and is parked in the outbox (policy `block`): its key
+    /// waits until an operator retries it.
+    Blocked,
     /// This instance no longer holds the partition; the new owner decides.
     NotOwned,
 }
@@ -61,6 +64,8 @@ pub struct PollingSource {
     partitions: u32,
     batch_size: usize,
     poll_interval: Duration,
+    db_timeout: Duration,
+    poison_policy: PoisonPolicy,
     sql: SourceSql,
 }
 
@@ -69,6 +74,7 @@ struct SourceSql {
     claim: String,
     settle: String,
     reject: String,
+    park: String,
     dead_letter: String,
     purge_published: Option<String>,
 }
@@ -79,18 +85,10 @@ fn partition_expr(n: &str) -> String {
 }
 
 impl PollingSource {
-    /// A source on `schema`, claiming with `claim_pool` and writing with `settle_pool`.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn new(
-        claim_pool: PgPool,
-        settle_pool: PgPool,
-        schema: SchemaName,
-        instance_id: String,
-        partitions: u32,
-        batch_size: usize,
-        poll_interval: Duration,
-        settle: SettleMode,
-    ) -> Result<Self> {
+    /// A source for `config`, claiming with `claim_pool` and writing with `settle_pool`.
+    pub async fn new(claim_pool: PgPool, settle_pool: PgPool, config: RelayConfig) -> Result<Self> {
+        let schema = &config.database.schema;
+        let settle = config.polling.settle;
         let outbox = schema.qualify("outbox");
         let leases = schema.qualify("relay_lease");
         let dead = schema.qualify("outbox_dead_letter");
@@ -140,6 +138,12 @@ impl PollingSource {
                         available_at = now() + make_interval(secs => $7) \
                  where o.sequence = $1 and {part} in (select p from fence) returning o.attempts"
             ),
+            park: format!(
+                "with {fence} update {outbox} o set attempts = o.attempts + 1, last_error = $6, \
+                        first_failed_at = coalesce(o.first_failed_at, now()), last_failed_at = now(), \
+                        available_at = 'infinity' \
+                 where o.sequence = $1 and {part} in (select p from fence) returning o.attempts"
+            ),
             dead_letter: format!(
                 "with {fence}, moved as (delete from {outbox} o where o.sequence = $1 and {part} in (select p from fence) returning o.*) \
                  insert into {dead} (sequence, event_id, aggregate_type, aggregate_id, event_type, partition_key, destination, \
@@ -171,10 +175,12 @@ impl PollingSource {
             settle_pool,
             listener,
             channel,
-            instance_id,
-            partitions,
-            batch_size,
-            poll_interval,
+            instance_id: config.instance_id.clone(),
+            partitions: config.polling.partitions,
+            batch_size: config.polling.batch_size,
+            poll_interval: config.polling.poll_interval,
+            db_timeout: config.database.statement_timeout + Duration::from_secs(5),
+            poison_policy: config.pipeline.poison_policy,
             sql,
         })
     }
@@ -208,18 +214,22 @@ impl PollingSource {
 
     /// Read the next batch: unpublished, available rows of held partitions, in sequence
     /// order, skipping every key whose earlier event waits for a retry.
-    pub async fn claim(&self, owned: &Owned) -> Result<Batch> {
+    pub async fn claim(&self, owned: &Owned, limit: Option<usize>) -> Result<Batch> {
         if owned.is_empty() {
             return Ok(Batch::default());
         }
         let partitions: Vec<i64> = owned.keys().map(|&p| i64::from(p)).collect();
-        let rows: Vec<ClaimRow> = sqlx::query_as(AssertSqlSafe(self.sql.claim.as_str()))
-            .bind(i64::from(self.partitions))
-            .bind(&partitions)
-            .bind(self.batch_size as i64)
-            .fetch_all(&self.claim_pool)
-            .await
-            .map_err(RelayError::database("claiming outbox rows"))?;
+        let limit = limit.unwrap_or(self.batch_size).min(self.batch_size);
+        let rows: Vec<ClaimRow> = db_call(
+            "claiming outbox rows",
+            self.db_timeout,
+            sqlx::query_as(AssertSqlSafe(self.sql.claim.as_str()))
+                .bind(i64::from(self.partitions))
+                .bind(&partitions)
+                .bind(limit as i64)
+                .fetch_all(&self.claim_pool),
+        )
+        .await?;
         let events = rows
             .into_iter()
             .map(ClaimRow::into_claimed)
@@ -244,15 +254,18 @@ impl PollingSource {
             return Ok(Vec::new());
         }
         let (partitions, tokens) = Self::fence_arrays(fences);
-        sqlx::query_scalar(AssertSqlSafe(self.sql.settle.as_str()))
-            .bind(sequences)
-            .bind(&partitions)
-            .bind(&tokens)
-            .bind(&self.instance_id)
-            .bind(i64::from(self.partitions))
-            .fetch_all(&self.settle_pool)
-            .await
-            .map_err(RelayError::database("settling published rows"))
+        db_call(
+            "settling published rows",
+            self.db_timeout,
+            sqlx::query_scalar(AssertSqlSafe(self.sql.settle.as_str()))
+                .bind(sequences)
+                .bind(&partitions)
+                .bind(&tokens)
+                .bind(&self.instance_id)
+                .bind(i64::from(self.partitions))
+                .fetch_all(&self.settle_pool),
+        )
+        .await
     }
 
     /// Record that the broker rejected `event`; dead-letter it once it used up `max_attempts`.
@@ -266,8 +279,10 @@ impl PollingSource {
     ) -> Result<RejectionVerdict> {
         let (partitions, tokens) = Self::fence_arrays(fences);
         let final_attempt = i64::from(event.attempts) + 1 >= i64::from(max_attempts);
-        if final_attempt {
-            let moved: Option<i64> =
+        if final_attempt && self.poison_policy == PoisonPolicy::Skip {
+            let moved: Option<i64> = db_call(
+                "moving an event to the dead-letter table",
+                self.db_timeout,
                 sqlx::query_scalar(AssertSqlSafe(self.sql.dead_letter.as_str()))
                     .bind(event.sequence)
                     .bind(&partitions)
@@ -275,30 +290,39 @@ impl PollingSource {
                     .bind(&self.instance_id)
                     .bind(i64::from(self.partitions))
                     .bind(error)
-                    .fetch_optional(&self.settle_pool)
-                    .await
-                    .map_err(RelayError::database(
-                        "moving an event to the dead-letter table",
-                    ))?;
+                    .fetch_optional(&self.settle_pool),
+            )
+            .await?;
             return Ok(match moved {
                 Some(_) => RejectionVerdict::DeadLettered,
                 None => RejectionVerdict::NotOwned,
             });
         }
-        let attempts: Option<i32> = sqlx::query_scalar(AssertSqlSafe(self.sql.reject.as_str()))
+        let (sql, operation) = if final_attempt {
+            (&self.sql.park, "parking a poison event")
+        } else {
+            (&self.sql.reject, "recording a failed attempt")
+        };
+        let mut query = sqlx::query_scalar(AssertSqlSafe(sql.as_str()))
             .bind(event.sequence)
             .bind(&partitions)
             .bind(&tokens)
             .bind(&self.instance_id)
             .bind(i64::from(self.partitions))
-            .bind(error)
-            .bind(backoff.as_secs_f64())
-            .fetch_optional(&self.settle_pool)
-            .await
-            .map_err(RelayError::database("recording a failed attempt"))?;
+            .bind(error);
+        if !final_attempt {
+            query = query.bind(backoff.as_secs_f64());
+        }
+        let attempts: Option<i32> = db_call(
+            operation,
+            self.db_timeout,
+            query.fetch_optional(&self.settle_pool),
+        )
+        .await?;
         Ok(match attempts {
-            Some(attempts) => RejectionVerdict::WillRetry { attempts },
             None => RejectionVerdict::NotOwned,
+            Some(_) if final_attempt => RejectionVerdict::Blocked,
+            Some(attempts) => RejectionVerdict::WillRetry { attempts },
         })
     }
 
@@ -307,12 +331,15 @@ impl PollingSource {
         let Some(sql) = &self.sql.purge_published else {
             return Ok(0);
         };
-        Ok(sqlx::query(AssertSqlSafe(sql.as_str()))
-            .bind(retention.as_secs_f64())
-            .execute(&self.settle_pool)
-            .await
-            .map_err(RelayError::database("purging published rows"))?
-            .rows_affected())
+        Ok(db_call(
+            "purging published rows",
+            self.db_timeout,
+            sqlx::query(AssertSqlSafe(sql.as_str()))
+                .bind(retention.as_secs_f64())
+                .execute(&self.settle_pool),
+        )
+        .await?
+        .rows_affected())
     }
 }
 
