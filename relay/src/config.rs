@@ -101,6 +101,17 @@ pub struct RawConfig {
     /// This instance.
     #[serde(default)]
     pub instance: RawInstance,
+    /// Metrics and health endpoint.
+    #[serde(default)]
+    pub ops: RawOps,
+}
+
+/// `[ops]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOps {
+    /// Address of the `/metrics`, `/healthz`, `/readyz` endpoint, e.g. `0.0.0.0:9187`; unset: none.
+    pub listen_addr: Option<String>,
 }
 
 /// `[database]`
@@ -293,6 +304,8 @@ pub struct RelayConfig {
     pub router: Router,
     /// Name of this instance.
     pub instance_id: String,
+    /// Where to serve `/metrics`, `/healthz` and `/readyz`, if anywhere.
+    pub ops_listen_addr: Option<std::net::SocketAddr>,
 }
 
 impl RawConfig {
@@ -359,6 +372,16 @@ impl RawConfig {
             }
             None => default_instance_id(),
         };
+        let ops_listen_addr = match self.ops.listen_addr.as_deref() {
+            None | Some("") => None,
+            Some(addr) => Some(addr.parse().map_err(|_| {
+                invalid(
+                    "ops.listen_addr",
+                    format!("{addr:?} is not an address"),
+                    "use host:port with an IP, e.g. 0.0.0.0:9187 or 127.0.0.1:9187",
+                )
+            })?),
+        };
         Ok(RelayConfig {
             database,
             polling,
@@ -366,6 +389,7 @@ impl RawConfig {
             sink,
             router,
             instance_id,
+            ops_listen_addr,
         })
     }
 }

@@ -33,6 +33,7 @@ pub mod admin;
 pub mod config;
 pub mod error;
 pub mod event;
+pub mod ops;
 mod pipeline;
 pub mod resilience;
 pub mod route;
@@ -142,7 +143,21 @@ pub async fn run_with_sink<S: sink::Sink>(
         partitions = config.polling.partitions,
         "relay starting"
     );
-    pipeline::Pipeline {
+    let stats = Arc::new(RelayStats::default());
+    let ops = config.ops_listen_addr.map(|addr| {
+        let (stats, pool, schema, shutdown) = (
+            stats.clone(),
+            settle_pool.clone(),
+            config.database.schema.clone(),
+            shutdown.clone(),
+        );
+        tokio::spawn(async move {
+            if let Err(error) = ops::http::serve(addr, stats, pool, schema, shutdown).await {
+                tracing::error!(%addr, %error, "the ops endpoint failed (is the port in use?)");
+            }
+        })
+    });
+    let result = pipeline::Pipeline {
         source,
         sink: Arc::new(sink),
         router: config.router.clone(),
@@ -150,8 +165,12 @@ pub async fn run_with_sink<S: sink::Sink>(
         settle: config.polling.settle,
         leases,
         lease_pool: settle_pool,
-        stats: Arc::new(RelayStats::default()),
+        stats,
     }
     .run(shutdown)
-    .await
+    .await;
+    if let Some(ops) = ops {
+        ops.abort();
+    }
+    result
 }

@@ -41,10 +41,20 @@ pub struct RelayStats {
     pub blocked: AtomicU64,
     /// Batches claimed.
     pub batches: AtomicU64,
+    /// Claim queries sent (including empty ones): the relay's polling load on PostgreSQL.
+    pub claim_queries: AtomicU64,
+    /// Lease maintenance rounds (a few small queries each).
+    pub lease_rounds: AtomicU64,
     /// Failed database calls of the claim loop.
     pub database_errors: AtomicU64,
     /// Circuit breaker state: 0 closed, 1 open, 2 half-open.
     pub breaker_state: AtomicU64,
+    /// Work partitions held.
+    pub partitions_held: AtomicU64,
+    /// Whether the last database call of the claim loop or the sampler succeeded.
+    pub database_reachable: std::sync::atomic::AtomicBool,
+    /// Unix time in milliseconds of the relay loop's last turn.
+    pub last_heartbeat_ms: AtomicU64,
 }
 
 /// A snapshot of [`RelayStats`], returned when the relay stops.
@@ -60,7 +70,27 @@ pub struct RunSummary {
     pub transient_failures: u64,
 }
 
+fn unix_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
+}
+
 impl RelayStats {
+    /// Record that the relay loop is alive.
+    pub fn beat(&self) {
+        self.last_heartbeat_ms
+            .store(unix_millis(), Ordering::Relaxed);
+    }
+
+    /// Time since the relay loop's last turn.
+    pub fn heartbeat_age(&self) -> Duration {
+        Duration::from_millis(
+            unix_millis().saturating_sub(self.last_heartbeat_ms.load(Ordering::Relaxed)),
+        )
+    }
+
     fn set_breaker(&self, state: BreakerState) {
         self.breaker_state
             .store(state.as_gauge() as u64, Ordering::Relaxed);
@@ -115,7 +145,9 @@ impl<S: Sink> Pipeline<S> {
         self.leases.register(&self.lease_pool).await?;
         let state = Arc::new(Mutex::new(LeaseState::default()));
         let leases_changed = Arc::new(Notify::new());
+        self.stats.beat();
         let keeper = tokio::spawn(keep_leases(
+            self.stats.clone(),
             self.leases.clone(),
             self.lease_pool.clone(),
             state.clone(),
@@ -134,6 +166,7 @@ impl<S: Sink> Pipeline<S> {
         );
         let mut last_purge = tokio::time::Instant::now();
         while !*shutdown.borrow() {
+            self.stats.beat();
             self.stats.set_breaker(breaker.state());
             // While the breaker is open nothing is claimed: the broker is not hammered and
             // the database is not polled for work that cannot be published.
@@ -145,14 +178,19 @@ impl<S: Sink> Pipeline<S> {
             self.stats.set_breaker(breaker.state());
             let probe = breaker.state() == BreakerState::HalfOpen;
             let owned = self.release_extra_partitions(&state).await;
+            self.stats.claim_queries.fetch_add(1, Ordering::Relaxed);
             let batch = match self.source.claim(&owned, probe.then_some(1)).await {
                 Ok(batch) => {
                     db_backoff.reset();
+                    self.stats.database_reachable.store(true, Ordering::Relaxed);
                     batch
                 }
                 Err(error) => {
                     let delay = db_backoff.next_delay();
                     self.stats.database_errors.fetch_add(1, Ordering::Relaxed);
+                    self.stats
+                        .database_reachable
+                        .store(false, Ordering::Relaxed);
                     tracing::warn!(error = %error, retry_in_ms = delay.as_millis() as u64, "claiming failed");
                     sleep_or_shutdown(delay, &mut shutdown).await;
                     continue;
@@ -381,6 +419,7 @@ async fn sleep_or_shutdown(delay: Duration, shutdown: &mut watch::Receiver<bool>
 
 /// Heartbeat and renew leases every third of the lease period; take free partitions.
 async fn keep_leases(
+    stats: Arc<RelayStats>,
     leases: Arc<PartitionLeases>,
     pool: PgPool,
     state: Arc<Mutex<LeaseState>>,
@@ -391,11 +430,15 @@ async fn keep_leases(
     loop {
         {
             let mut state = state.lock().await;
+            stats.lease_rounds.fetch_add(1, Ordering::Relaxed);
             match leases.maintain(&pool, &state.owned).await {
                 Ok((owned, fair)) => {
                     let grew = owned.keys().any(|p| !state.owned.contains_key(p));
                     state.owned = owned;
                     state.fair_share = fair;
+                    stats
+                        .partitions_held
+                        .store(state.owned.len() as u64, Ordering::Relaxed);
                     if grew {
                         changed.notify_one();
                     }

@@ -41,6 +41,7 @@ pub fn raw_config(test: &TestSchema, exchange: &str) -> RawConfig {
             ..Default::default()
         }),
         instance: Default::default(),
+        ops: Default::default(),
     }
 }
 

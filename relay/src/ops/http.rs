@@ -1,0 +1,117 @@
+//! The operations endpoint: `/metrics` (Prometheus text), `/healthz` (the relay
+//! loop is alive) and `/readyz` (PostgreSQL answers and the broker circuit is closed).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use tokio::sync::{RwLock, watch};
+
+use super::metrics::{self, OutboxSample};
+use crate::pipeline::RelayStats;
+use crate::resilience::BreakerState;
+
+/// How stale the relay loop's heartbeat may be before `/healthz` fails.
+pub const LIVENESS_TIMEOUT: Duration = Duration::from_secs(300);
+
+#[derive(Clone)]
+struct OpsState {
+    stats: Arc<RelayStats>,
+    sample: Arc<RwLock<Option<OutboxSample>>>,
+}
+
+/// Serve `/metrics`, `/healthz` and `/readyz` on `addr` until `shutdown` turns true;
+/// samples the outbox gauges every [`metrics::SAMPLE_INTERVAL`].
+pub async fn serve(
+    addr: SocketAddr,
+    stats: Arc<RelayStats>,
+    pool: sqlx::PgPool,
+    schema: outbox_core::SchemaName,
+    mut shutdown: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+    let sample = Arc::new(RwLock::new(None));
+    let sampler = {
+        let sample = sample.clone();
+        let stats = stats.clone();
+        let mut shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                match metrics::sample_outbox(&pool, &schema).await {
+                    Ok(value) => {
+                        *sample.write().await = Some(value);
+                        stats
+                            .database_reachable
+                            .store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "sampling outbox metrics failed");
+                        stats
+                            .database_reachable
+                            .store(false, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(metrics::SAMPLE_INTERVAL) => {}
+                    _ = shutdown.changed() => return,
+                }
+            }
+        })
+    };
+    let app = Router::new()
+        .route("/metrics", get(render_metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(OpsState { stats, sample });
+    let result = axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            while !*shutdown.borrow() {
+                if shutdown.changed().await.is_err() {
+                    break;
+                }
+            }
+        })
+        .await;
+    sampler.abort();
+    result
+}
+
+async fn render_metrics(
+    State(state): State<OpsState>,
+) -> (StatusCode, [(&'static str, &'static str); 1], String) {
+    let sample = *state.sample.read().await;
+    (
+        StatusCode::OK,
+        [("content-type", "text/plain; version=0.0.4")],
+        metrics::render(&state.stats, sample),
+    )
+}
+
+async fn healthz(State(state): State<OpsState>) -> (StatusCode, &'static str) {
+    if state.stats.heartbeat_age() <= LIVENESS_TIMEOUT {
+        (StatusCode::OK, "ok\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "relay loop is stuck\n")
+    }
+}
+
+async fn readyz(State(state): State<OpsState>) -> (StatusCode, String) {
+    let breaker = state.stats.breaker();
+    let database = state
+        .stats
+        .database_reachable
+        .load(std::sync::atomic::Ordering::Relaxed);
+    if breaker == BreakerState::Closed && database {
+        (StatusCode::OK, "ready\n".into())
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: circuit breaker {breaker:?}, database reachable {database}\n"),
+        )
+    }
+}

@@ -1,0 +1,222 @@
+//! Metric names, in one place, and their Prometheus text rendering.
+//!
+//! Counters come from [`RelayStats`]; outbox gauges (backlog, oldest age, dead
+//! letters) are sampled from PostgreSQL by [`sample_outbox`] every
+//! [`SAMPLE_INTERVAL`]. Labels are low-cardinality only (none per event or key).
+
+use std::fmt::Write as _;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use crate::pipeline::RelayStats;
+
+/// How often outbox gauges are sampled from PostgreSQL.
+pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(15);
+
+/// Events published and settled (counter).
+pub const EVENTS_PUBLISHED: &str = "outbox_relay_events_published_total";
+/// Events the broker refused (counter; every attempt counts).
+pub const EVENTS_REJECTED: &str = "outbox_relay_events_rejected_total";
+/// Events moved to the dead-letter table (counter).
+pub const EVENTS_DEAD_LETTERED: &str = "outbox_relay_events_dead_lettered_total";
+/// Events parked by the `block` poison policy (counter).
+pub const EVENTS_BLOCKED: &str = "outbox_relay_events_blocked_total";
+/// Events confirmed but not settled because their lease moved (counter).
+pub const EVENTS_UNSETTLED: &str = "outbox_relay_events_unsettled_total";
+/// Publishes that failed for broker or network reasons (counter).
+pub const PUBLISH_FAILURES: &str = "outbox_relay_publish_failures_total";
+/// Batches claimed (counter).
+pub const BATCHES: &str = "outbox_relay_batches_total";
+/// Claim queries sent, empty ones included (counter): the polling load on PostgreSQL.
+pub const CLAIM_QUERIES: &str = "outbox_relay_claim_queries_total";
+/// Lease maintenance rounds (counter; a few small queries each).
+pub const LEASE_ROUNDS: &str = "outbox_relay_lease_rounds_total";
+/// Failed database calls of the claim loop (counter).
+pub const DATABASE_ERRORS: &str = "outbox_relay_database_errors_total";
+/// Circuit breaker state: 0 closed, 1 open, 2 half-open (gauge).
+pub const BREAKER_STATE: &str = "outbox_relay_circuit_breaker_state";
+/// Work partitions this instance holds (gauge).
+pub const PARTITIONS_HELD: &str = "outbox_relay_partitions_held";
+/// Unpublished events in the outbox, all instances together (gauge, sampled).
+pub const OUTBOX_PENDING: &str = "outbox_relay_outbox_pending_events";
+/// Age of the oldest unpublished event in seconds (gauge, sampled).
+pub const OUTBOX_OLDEST_AGE: &str = "outbox_relay_outbox_oldest_pending_age_seconds";
+/// Events held by the `block` policy (gauge, sampled).
+pub const OUTBOX_BLOCKED: &str = "outbox_relay_outbox_blocked_events";
+/// Rows in the dead-letter table (gauge, sampled).
+pub const DEAD_LETTER_ROWS: &str = "outbox_relay_dead_letter_events";
+
+/// Gauges sampled from the outbox tables.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct OutboxSample {
+    /// Unpublished events.
+    pub pending: i64,
+    /// Age of the oldest unpublished event, in seconds.
+    pub oldest_age_secs: f64,
+    /// Blocked events.
+    pub blocked: i64,
+    /// Dead-lettered events.
+    pub dead_lettered: i64,
+}
+
+fn metric(out: &mut String, name: &str, kind: &str, help: &str, value: f64) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+    let _ = writeln!(out, "{name} {value}");
+}
+
+/// Render every metric in the Prometheus text format.
+pub fn render(stats: &RelayStats, sample: Option<OutboxSample>) -> String {
+    let counter = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed) as f64;
+    let mut out = String::new();
+    metric(
+        &mut out,
+        EVENTS_PUBLISHED,
+        "counter",
+        "Events published and settled.",
+        counter(&stats.published),
+    );
+    metric(
+        &mut out,
+        EVENTS_REJECTED,
+        "counter",
+        "Broker rejections of single events.",
+        counter(&stats.rejected),
+    );
+    metric(
+        &mut out,
+        EVENTS_DEAD_LETTERED,
+        "counter",
+        "Events moved to the dead-letter table.",
+        counter(&stats.dead_lettered),
+    );
+    metric(
+        &mut out,
+        EVENTS_BLOCKED,
+        "counter",
+        "Events parked by the block poison policy.",
+        counter(&stats.blocked),
+    );
+    metric(
+        &mut out,
+        EVENTS_UNSETTLED,
+        "counter",
+        "Events confirmed but not settled because their lease moved.",
+        counter(&stats.unsettled),
+    );
+    metric(
+        &mut out,
+        PUBLISH_FAILURES,
+        "counter",
+        "Publishes that failed for broker or network reasons.",
+        counter(&stats.transient_failures),
+    );
+    metric(
+        &mut out,
+        BATCHES,
+        "counter",
+        "Batches claimed.",
+        counter(&stats.batches),
+    );
+    metric(
+        &mut out,
+        CLAIM_QUERIES,
+        "counter",
+        "Claim queries sent, empty ones included.",
+        counter(&stats.claim_queries),
+    );
+    metric(
+        &mut out,
+        LEASE_ROUNDS,
+        "counter",
+        "Lease maintenance rounds.",
+        counter(&stats.lease_rounds),
+    );
+    metric(
+        &mut out,
+        DATABASE_ERRORS,
+        "counter",
+        "Failed database calls of the claim loop.",
+        counter(&stats.database_errors),
+    );
+    metric(
+        &mut out,
+        BREAKER_STATE,
+        "gauge",
+        "Circuit breaker state: 0 closed, 1 open, 2 half-open.",
+        stats.breaker().as_gauge(),
+    );
+    metric(
+        &mut out,
+        PARTITIONS_HELD,
+        "gauge",
+        "Work partitions this instance holds.",
+        counter(&stats.partitions_held),
+    );
+    if let Some(sample) = sample {
+        metric(
+            &mut out,
+            OUTBOX_PENDING,
+            "gauge",
+            "Unpublished events in the outbox.",
+            sample.pending as f64,
+        );
+        metric(
+            &mut out,
+            OUTBOX_OLDEST_AGE,
+            "gauge",
+            "Age of the oldest unpublished event in seconds.",
+            sample.oldest_age_secs,
+        );
+        metric(
+            &mut out,
+            OUTBOX_BLOCKED,
+            "gauge",
+            "Events held by the block poison policy.",
+            sample.blocked as f64,
+        );
+        metric(
+            &mut out,
+            DEAD_LETTER_ROWS,
+            "gauge",
+            "Events in the dead-letter table.",
+            sample.dead_lettered as f64,
+        );
+    }
+    out
+}
+
+/// Sample the outbox gauges.
+pub async fn sample_outbox(
+    pool: &sqlx::PgPool,
+    schema: &outbox_core::SchemaName,
+) -> crate::Result<OutboxSample> {
+    let status = crate::admin::status(pool, schema).await?;
+    Ok(OutboxSample {
+        pending: status.pending,
+        oldest_age_secs: status.oldest_pending_secs.unwrap_or(0.0),
+        blocked: status.blocked,
+        dead_lettered: status.dead_lettered,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prometheus_text() {
+        let stats = RelayStats::default();
+        stats.published.fetch_add(3, Ordering::Relaxed);
+        let text = render(
+            &stats,
+            Some(OutboxSample {
+                pending: 7,
+                ..Default::default()
+            }),
+        );
+        assert!(text.contains("# TYPE outbox_relay_events_published_total counter\noutbox_relay_events_published_total 3\n"));
+        assert!(text.contains("outbox_relay_outbox_pending_events 7\n"));
+        assert!(text.contains("outbox_relay_circuit_breaker_state 0\n"));
+    }
+}
