@@ -7,8 +7,8 @@
 use std::time::Duration;
 
 pub mod amqp;
-pub mod ops;
 pub mod fault_proxy;
+pub mod ops;
 pub mod relay;
 
 use outbox_core::SchemaName;
