@@ -44,6 +44,10 @@ struct Args {
     /// Payload padding in bytes.
     #[arg(long, default_value_t = 200)]
     payload_bytes: usize,
+    /// Only enqueue the backlog and declare the exchange and queue; print their names
+    /// (`schema: …`, `exchange: …`) for an external relay, and leave them in place.
+    #[arg(long)]
+    enqueue_only: bool,
 }
 
 #[tokio::main]
@@ -119,6 +123,12 @@ async fn main() -> anyhow::Result<()> {
         args.keys,
         started.elapsed().as_secs_f64()
     );
+
+    if args.enqueue_only {
+        println!("schema: {schema}");
+        println!("exchange: {exchange}");
+        return Ok(());
+    }
 
     let raw = RawConfig {
         sink: Some("rabbitmq".into()),
