@@ -364,7 +364,7 @@ async fn postgres_restart_under_load_loses_nothing() {
             ..OutboxConfig::default()
         });
         tokio::spawn(async move {
-            let mut n = vec![0_i64; 20];
+            let mut n = [0_i64; 20];
             let mut i = 0;
             while !stop.load(Ordering::Relaxed) {
                 let key = i % 20;
