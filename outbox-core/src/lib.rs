@@ -40,10 +40,12 @@ pub mod inbox;
 pub mod message;
 pub mod schema;
 mod trace;
+pub mod wal_message;
 pub mod writer;
 
 pub use error::{Error, Result};
 pub use inbox::{Inbox, InboxRetention, Processed};
 pub use message::{Event, EventBuilder, EventId, Headers};
 pub use schema::{MIGRATOR, SchemaName, migrate};
+pub use wal_message::{DecodeError as WalMessageDecodeError, DecodedEvent};
 pub use writer::{Enqueued, KeyOrdering, Outbox, OutboxConfig, enqueue, enqueue_all};

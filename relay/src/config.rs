@@ -33,7 +33,7 @@ use crate::route::{Router, Template};
 pub const ENV_PREFIX: &str = "OUTBOX_RELAY__";
 
 /// Default rows claimed per batch.
-pub const DEFAULT_BATCH_SIZE: usize = 500;
+pub const DEFAULT_BATCH_SIZE: usize = 1_000;
 /// Default fallback poll interval when no NOTIFY arrives, in milliseconds.
 pub const DEFAULT_POLL_INTERVAL_MS: u64 = 1_000;
 /// Default number of work partitions the relays of one schema share.
@@ -473,7 +473,7 @@ fn validate_polling(raw: RawPolling) -> Result<PollingConfig, ConfigError> {
         return Err(invalid(
             "polling.batch_size",
             format!("{batch_size} is out of range"),
-            "use 1 to 10000 (default 500)",
+            "use 1 to 10000 (default 1000)",
         ));
     }
     let partitions = raw.partitions.unwrap_or(DEFAULT_PARTITIONS);

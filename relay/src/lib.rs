@@ -128,9 +128,10 @@ pub async fn run_with_sink<S: sink::Sink>(
     let claim_pool = connect_pool(&config.database, 3).await?;
     let settle_pool = connect_pool(&config.database, config.database.pool_size).await?;
     check_schema(&claim_pool, &config.database).await?;
-    let source =
+    let mut source =
         source::polling::PollingSource::new(claim_pool, settle_pool.clone(), config.clone())
             .await?;
+    let wakeup = source.take_wakeup();
     let leases = Arc::new(source::lease::PartitionLeases::new(
         &config.database.schema,
         config.instance_id.clone(),
@@ -158,7 +159,8 @@ pub async fn run_with_sink<S: sink::Sink>(
         })
     });
     let result = pipeline::Pipeline {
-        source,
+        source: Arc::new(source),
+        wakeup: Some(wakeup),
         sink: Arc::new(sink),
         router: config.router.clone(),
         config: config.pipeline.clone(),

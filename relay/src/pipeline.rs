@@ -12,7 +12,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use sqlx::PgPool;
 use tokio::sync::{Mutex, Notify, watch};
 
@@ -22,7 +21,7 @@ use crate::resilience::{Backoff, BreakerState, CircuitBreaker};
 use crate::route::Router;
 use crate::sink::{Outcome, Sink};
 use crate::source::lease::{Owned, PartitionLeases};
-use crate::source::polling::{Batch, ClaimedEvent, PollingSource, RejectionVerdict};
+use crate::source::polling::{ClaimedEvent, PollingSource, RejectionVerdict, Wakeup};
 
 /// Counters of one relay run.
 #[derive(Debug, Default)]
@@ -121,15 +120,20 @@ struct LeaseState {
     fair_share: usize,
 }
 
-#[derive(Debug, Default)]
-struct BatchReport {
+/// What one key's lane did.
+#[derive(Debug)]
+struct LaneDone {
+    key: String,
+    fences: Arc<Owned>,
+    claimed: usize,
     delivered: Vec<i64>,
     transient: u64,
 }
 
 /// Everything one running relay instance needs.
 pub(crate) struct Pipeline<S: Sink> {
-    pub(crate) source: PollingSource,
+    pub(crate) source: Arc<PollingSource>,
+    pub(crate) wakeup: Option<Wakeup>,
     pub(crate) sink: Arc<S>,
     pub(crate) router: Router,
     pub(crate) config: PipelineConfig,
@@ -139,8 +143,56 @@ pub(crate) struct Pipeline<S: Sink> {
     pub(crate) stats: Arc<RelayStats>,
 }
 
+/// The parts a lane task needs, shared.
+struct LaneContext<S: Sink> {
+    /// At most `max_in_flight` lanes publish at once.
+    publishing: tokio::sync::Semaphore,
+    source: Arc<PollingSource>,
+    sink: Arc<S>,
+    router: Router,
+    config: PipelineConfig,
+    stats: Arc<RelayStats>,
+}
+
+/// Delivered events waiting to be settled, grouped by the lease snapshot they were claimed under.
+#[derive(Default)]
+struct Unsettled {
+    groups: Vec<(Arc<Owned>, Vec<i64>, Vec<String>)>,
+    events: usize,
+    claimed: usize,
+    keys_done: Vec<String>,
+}
+
+impl Unsettled {
+    fn add(&mut self, done: LaneDone) {
+        self.events += done.delivered.len();
+        self.claimed += done.claimed;
+        match self
+            .groups
+            .iter_mut()
+            .find(|(fences, _, _)| Arc::ptr_eq(fences, &done.fences))
+        {
+            Some((_, sequences, keys)) => {
+                sequences.extend(done.delivered);
+                keys.push(done.key);
+            }
+            None => self
+                .groups
+                .push((done.fences, done.delivered, vec![done.key])),
+        }
+    }
+}
+
+/// Settle at most this many delivered events per statement; settle at least this often.
+const SETTLE_MAX_EVENTS: usize = 1_000;
+const SETTLE_INTERVAL: Duration = Duration::from_millis(20);
+
 impl<S: Sink> Pipeline<S> {
     /// Run until `shutdown` is true, then finish and settle in-flight work within the grace period.
+    ///
+    /// Lanes run as tasks: a key's lane publishes its claimed events one after
+    /// another; new claims skip keys whose lane is still publishing or settling, so
+    /// a slow destination only holds its own keys, never the others.
     pub(crate) async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> Result<RunSummary> {
         self.leases.register(&self.lease_pool).await?;
         let state = Arc::new(Mutex::new(LeaseState::default()));
@@ -154,6 +206,31 @@ impl<S: Sink> Pipeline<S> {
             leases_changed.clone(),
             shutdown.clone(),
         ));
+        let mut wakeup = self
+            .wakeup
+            .take()
+            .ok_or_else(|| crate::RelayError::Database {
+                operation: "starting the relay loop",
+                source: sqlx::Error::Protocol("the pipeline was started twice".into()),
+            })?;
+        let context = Arc::new(LaneContext {
+            publishing: tokio::sync::Semaphore::new(self.config.max_in_flight),
+            source: self.source.clone(),
+            sink: self.sink.clone(),
+            router: self.router.clone(),
+            config: self.config.clone(),
+            stats: self.stats.clone(),
+        });
+        let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<LaneDone>();
+        let mut lanes = tokio::task::JoinSet::new();
+        let mut busy: std::collections::HashSet<String> = std::collections::HashSet::new();
+        let mut lane_keys: std::collections::HashMap<tokio::task::Id, (String, usize)> =
+            std::collections::HashMap::new();
+        let mut unsettled = Unsettled::default();
+        let mut round_delivered = 0_usize;
+        // Claimed events not yet settled: the window that can be published twice after a crash.
+        let mut in_flight_events = 0_usize;
+        let mut round_transient = 0_u64;
 
         let mut breaker = CircuitBreaker::new(
             self.config.breaker_failure_threshold,
@@ -165,79 +242,194 @@ impl<S: Sink> Pipeline<S> {
             self.config.retry_backoff_max,
         );
         let mut last_purge = tokio::time::Instant::now();
-        while !*shutdown.borrow() {
+        let mut draining_since: Option<tokio::time::Instant> = None;
+        let mut last_settle = tokio::time::Instant::now();
+        let mut settle_tick = tokio::time::interval(SETTLE_INTERVAL);
+        settle_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+        loop {
             self.stats.beat();
-            self.stats.set_breaker(breaker.state());
-            // While the breaker is open nothing is claimed: the broker is not hammered and
-            // the database is not polled for work that cannot be published.
-            let wait = breaker.wait();
-            if !wait.is_zero() {
-                sleep_or_shutdown(wait, &mut shutdown).await;
+            // Collect finished lanes first, then reap their tasks (a finished task has sent its result).
+            while let Ok(done) = done_rx.try_recv() {
+                round_delivered += done.delivered.len();
+                round_transient += done.transient;
+                unsettled.keys_done.push(done.key.clone());
+                unsettled.add(done);
+            }
+            // Reap finished tasks; a lane that panicked frees its key (its rows are claimed again).
+            while let Some(joined) = lanes.try_join_next_with_id() {
+                match joined {
+                    Ok((id, ())) => {
+                        lane_keys.remove(&id);
+                    }
+                    Err(error) => {
+                        if let Some((key, claimed)) = lane_keys.remove(&error.id()) {
+                            tracing::error!(%error, key, "a publishing lane failed; its events will be claimed again");
+                            busy.remove(&key);
+                            in_flight_events -= claimed;
+                        }
+                    }
+                }
+            }
+            let stopping = *shutdown.borrow();
+            if stopping && draining_since.is_none() {
+                draining_since = Some(tokio::time::Instant::now());
+            }
+            if stopping && lanes.is_empty() {
+                self.settle(&context.source, &mut unsettled, &mut busy)
+                    .await;
+                break;
+            }
+            if let Some(since) = draining_since
+                && since.elapsed() > self.config.shutdown_grace
+            {
+                tracing::warn!(
+                    lanes = lanes.len(),
+                    "shutdown grace period over with publishes in flight; they will be republished"
+                );
+                lanes.abort_all();
+                while let Ok(done) = done_rx.try_recv() {
+                    unsettled.keys_done.push(done.key.clone());
+                    unsettled.add(done);
+                }
+                self.settle(&context.source, &mut unsettled, &mut busy)
+                    .await;
+                break;
+            }
+
+            // Claim more work when there is room and the breaker allows it.
+            let mut claimed_any = false;
+            let mut claim_wait = Duration::ZERO;
+            let batch_size = context.source.batch_size();
+            // Refill when half the window is free, so claims stay large.
+            if !stopping && in_flight_events <= batch_size / 2 {
+                self.stats.set_breaker(breaker.state());
+                claim_wait = breaker.wait();
+                if claim_wait.is_zero() {
+                    self.stats.set_breaker(breaker.state());
+                    let probe = breaker.state() == BreakerState::HalfOpen;
+                    // A probe goes alone: claim it only when nothing else is in flight.
+                    if !probe || (lanes.is_empty() && unsettled.keys_done.is_empty()) {
+                        let owned = self
+                            .release_extra_partitions(&state, lanes.is_empty())
+                            .await;
+                        let limit = if probe {
+                            1
+                        } else {
+                            batch_size - in_flight_events
+                        };
+                        let busy_keys: Vec<String> = busy.iter().cloned().collect();
+                        self.stats.claim_queries.fetch_add(1, Ordering::Relaxed);
+                        match context.source.claim(&owned, Some(limit), &busy_keys).await {
+                            Ok(batch) => {
+                                db_backoff.reset();
+                                self.stats.database_reachable.store(true, Ordering::Relaxed);
+                                if !batch.events.is_empty() {
+                                    claimed_any = true;
+                                    self.stats.batches.fetch_add(1, Ordering::Relaxed);
+                                    let fences = Arc::new(batch.fences);
+                                    for lane in lanes_by_key(batch.events) {
+                                        in_flight_events += lane.len();
+                                        let key = lane[0].event.partition_key.clone();
+                                        busy.insert(key.clone());
+                                        let (context, fences, done_tx) =
+                                            (context.clone(), fences.clone(), done_tx.clone());
+                                        let task_key = key.clone();
+                                        let lane_len = lane.len();
+                                        let handle = lanes.spawn(async move {
+                                            let done =
+                                                context.publish_lane(key, lane, fences).await;
+                                            let _ = done_tx.send(done);
+                                        });
+                                        lane_keys.insert(handle.id(), (task_key, lane_len));
+                                    }
+                                } else if probe {
+                                    // Nothing to probe with: the next event decides.
+                                    breaker.record_success();
+                                }
+                            }
+                            Err(error) => {
+                                claim_wait = db_backoff.next_delay();
+                                self.stats.database_errors.fetch_add(1, Ordering::Relaxed);
+                                self.stats
+                                    .database_reachable
+                                    .store(false, Ordering::Relaxed);
+                                tracing::warn!(error = %error, retry_in_ms = claim_wait.as_millis() as u64, "claiming failed");
+                            }
+                        }
+                    }
+                }
+            }
+
+            // Collect finished lanes; settle in groups.
+            while let Ok(done) = done_rx.try_recv() {
+                round_delivered += done.delivered.len();
+                round_transient += done.transient;
+                unsettled.keys_done.push(done.key.clone());
+                unsettled.add(done);
+            }
+            // Settle in groups: when every lane is done, when a quarter batch waits, or at the tick.
+            if !unsettled.keys_done.is_empty()
+                && (lanes.is_empty()
+                    || unsettled.claimed >= (batch_size / 4).max(1)
+                    || unsettled.events >= SETTLE_MAX_EVENTS
+                    || last_settle.elapsed() >= SETTLE_INTERVAL)
+            {
+                last_settle = tokio::time::Instant::now();
+                in_flight_events -= self
+                    .settle(&context.source, &mut unsettled, &mut busy)
+                    .await;
+                if round_delivered > 0 || round_transient == 0 {
+                    breaker.record_success();
+                } else if breaker.record_failure() == BreakerState::Closed {
+                    claim_wait = claim_wait.max(self.config.retry_backoff_initial);
+                }
+                round_delivered = 0;
+                round_transient = 0;
+            }
+            if claimed_any && in_flight_events <= batch_size / 2 {
                 continue;
             }
-            self.stats.set_breaker(breaker.state());
-            let probe = breaker.state() == BreakerState::HalfOpen;
-            let owned = self.release_extra_partitions(&state).await;
-            self.stats.claim_queries.fetch_add(1, Ordering::Relaxed);
-            let batch = match self.source.claim(&owned, probe.then_some(1)).await {
-                Ok(batch) => {
-                    db_backoff.reset();
-                    self.stats.database_reachable.store(true, Ordering::Relaxed);
-                    batch
-                }
-                Err(error) => {
-                    let delay = db_backoff.next_delay();
-                    self.stats.database_errors.fetch_add(1, Ordering::Relaxed);
-                    self.stats
-                        .database_reachable
-                        .store(false, Ordering::Relaxed);
-                    tracing::warn!(error = %error, retry_in_ms = delay.as_millis() as u64, "claiming failed");
-                    sleep_or_shutdown(delay, &mut shutdown).await;
+
+            // Wait for something to do.
+            if lanes.is_empty() && unsettled.keys_done.is_empty() {
+                if stopping {
                     continue;
                 }
-            };
-            if batch.events.is_empty() {
-                if probe {
-                    // Nothing to probe with: the next event decides.
-                    breaker.record_success();
+                if !claim_wait.is_zero() {
+                    sleep_or_shutdown(claim_wait, &mut shutdown).await;
+                    continue;
                 }
                 if let SettleMode::Mark { retention } = self.settle
                     && last_purge.elapsed() > Duration::from_secs(60)
                 {
                     last_purge = tokio::time::Instant::now();
-                    if let Err(error) = self.source.purge_published(retention).await {
+                    if let Err(error) = context.source.purge_published(retention).await {
                         tracing::warn!(%error, "purging published rows failed");
                     }
                 }
                 tokio::select! {
-                    _ = self.source.wait_for_work() => {}
+                    _ = wakeup.wait_for_work() => {}
                     _ = leases_changed.notified() => {}
                     _ = shutdown.changed() => {}
                 }
-                continue;
-            }
-            self.stats.batches.fetch_add(1, Ordering::Relaxed);
-            let grace = self.config.shutdown_grace;
-            let mut shutdown_in_batch = shutdown.clone();
-            let report = tokio::select! {
-                report = self.process(&batch) => report,
-                _ = async {
-                    while !*shutdown_in_batch.borrow() {
-                        if shutdown_in_batch.changed().await.is_err() { break; }
+            } else {
+                tokio::select! {
+                    done = done_rx.recv() => {
+                        if let Some(done) = done {
+                            round_delivered += done.delivered.len();
+                            round_transient += done.transient;
+                            unsettled.keys_done.push(done.key.clone());
+                            unsettled.add(done);
+                        }
                     }
-                    tokio::time::sleep(grace).await;
-                } => {
-                    tracing::warn!(events = batch.events.len(), "shutdown grace period over with publishes in flight; they will be republished");
-                    break;
+                    _ = settle_tick.tick() => {}
+                    _ = shutdown.changed() => {}
                 }
-            };
-            if !report.delivered.is_empty() || report.transient == 0 {
-                breaker.record_success();
-            } else if breaker.record_failure() == BreakerState::Closed {
-                // Not yet open: still pause briefly so a failing broker is not retried in a tight loop.
-                sleep_or_shutdown(self.config.retry_backoff_initial, &mut shutdown).await;
             }
         }
+        drop(done_tx);
+        lanes.shutdown().await;
         self.stats.set_breaker(BreakerState::Closed);
 
         keeper.abort();
@@ -250,9 +442,52 @@ impl<S: Sink> Pipeline<S> {
         Ok(summary)
     }
 
-    async fn release_extra_partitions(&self, state: &Mutex<LeaseState>) -> Owned {
+    /// Settle what finished lanes delivered, then free their keys for new claims.
+    /// Returns how many claimed events left the in-flight window.
+    async fn settle(
+        &self,
+        source: &PollingSource,
+        unsettled: &mut Unsettled,
+        busy: &mut std::collections::HashSet<String>,
+    ) -> usize {
+        for (fences, mut sequences, _keys) in std::mem::take(&mut unsettled.groups) {
+            if sequences.is_empty() {
+                continue;
+            }
+            sequences.sort_unstable();
+            match source.settle(&fences, &sequences).await {
+                Ok(settled) => {
+                    self.stats
+                        .published
+                        .fetch_add(settled.len() as u64, Ordering::Relaxed);
+                    let lost = sequences.len() - settled.len();
+                    if lost > 0 {
+                        self.stats
+                            .unsettled
+                            .fetch_add(lost as u64, Ordering::Relaxed);
+                        tracing::warn!(
+                            lost,
+                            "published events not settled: their partition moved to another relay, which republishes them"
+                        );
+                    }
+                }
+                Err(error) => {
+                    // Published but not settled: they will be published again (at-least-once).
+                    tracing::warn!(%error, events = sequences.len(), "settling failed; the events will be republished");
+                }
+            }
+        }
+        for key in std::mem::take(&mut unsettled.keys_done) {
+            busy.remove(&key);
+        }
+        unsettled.events = 0;
+        std::mem::take(&mut unsettled.claimed)
+    }
+
+    async fn release_extra_partitions(&self, state: &Mutex<LeaseState>, idle: bool) -> Owned {
         let mut state = state.lock().await;
-        if state.fair_share > 0 && state.owned.len() > state.fair_share {
+        // Partitions are only handed over with nothing in flight, so no key of theirs is mid-lane.
+        if idle && state.fair_share > 0 && state.owned.len() > state.fair_share {
             let extra: Vec<u32> = state
                 .owned
                 .keys()
@@ -271,62 +506,37 @@ impl<S: Sink> Pipeline<S> {
         }
         state.owned.clone()
     }
+}
 
-    /// Publish a batch in per-key lanes, record rejections, settle the delivered.
-    async fn process(&self, batch: &Batch) -> BatchReport {
-        let fences = &batch.fences;
-        let lanes: Vec<_> = lanes_by_key(&batch.events)
-            .into_iter()
-            .map(|lane| self.publish_lane(lane, fences))
-            .collect();
-        let reports: Vec<BatchReport> = futures_util::stream::iter(lanes)
-            .buffer_unordered(self.config.max_in_flight)
-            .collect()
-            .await;
-        let mut total = BatchReport::default();
-        for report in reports {
-            total.delivered.extend(report.delivered);
-            total.transient += report.transient;
-        }
-        total.delivered.sort_unstable();
-        match self.source.settle(&batch.fences, &total.delivered).await {
-            Ok(settled) => {
-                self.stats
-                    .published
-                    .fetch_add(settled.len() as u64, Ordering::Relaxed);
-                let lost = total.delivered.len() - settled.len();
-                if lost > 0 {
-                    self.stats
-                        .unsettled
-                        .fetch_add(lost as u64, Ordering::Relaxed);
-                    tracing::warn!(
-                        lost,
-                        "published events not settled: their partition moved to another relay, which republishes them"
-                    );
-                }
-            }
-            Err(error) => {
-                // Published but not settled: they will be published again (at-least-once).
-                tracing::warn!(%error, events = total.delivered.len(), "settling failed; the events will be republished");
-                total.transient += 1;
-            }
-        }
-        total
-    }
-
-    async fn publish_lane(&self, lane: Vec<&ClaimedEvent>, fences: &Owned) -> BatchReport {
-        let mut report = BatchReport::default();
+impl<S: Sink> LaneContext<S> {
+    /// Publish one key's events in order, each after its predecessor's confirm;
+    /// stop at the first one that is not delivered.
+    async fn publish_lane(
+        &self,
+        key: String,
+        lane: Vec<ClaimedEvent>,
+        fences: Arc<Owned>,
+    ) -> LaneDone {
+        let mut done = LaneDone {
+            key,
+            fences,
+            claimed: lane.len(),
+            delivered: Vec::new(),
+            transient: 0,
+        };
+        // The semaphore is never closed; if it were, publishing without a permit is still correct.
+        let _permit = self.publishing.acquire().await.ok();
         for claimed in lane {
             let event = &claimed.event;
             let route = self.router.route(event);
             match self.sink.publish(event, &route).await {
-                Outcome::Delivered => report.delivered.push(event.sequence),
+                Outcome::Delivered => done.delivered.push(event.sequence),
                 Outcome::Retry(error) => {
                     self.stats
                         .transient_failures
                         .fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(sequence = event.sequence, %error, "publish failed transiently");
-                    report.transient += 1;
+                    done.transient += 1;
                     break;
                 }
                 Outcome::Rejected(error) => {
@@ -339,7 +549,7 @@ impl<S: Sink> Pipeline<S> {
                     match self
                         .source
                         .reject(
-                            fences,
+                            &done.fences,
                             event,
                             &error.message,
                             self.config.max_attempts,
@@ -383,28 +593,31 @@ impl<S: Sink> Pipeline<S> {
                         Ok(RejectionVerdict::NotOwned) => {}
                         Err(db_error) => {
                             tracing::warn!(%db_error, "could not record the rejection; will retry");
-                            report.transient += 1;
+                            done.transient += 1;
                         }
                     }
                     break;
                 }
             }
         }
-        report
+        done
     }
 }
 
-/// Group a batch into lanes, one per partition key, each in sequence order.
-fn lanes_by_key(events: &[ClaimedEvent]) -> Vec<Vec<&ClaimedEvent>> {
-    let mut lanes: Vec<Vec<&ClaimedEvent>> = Vec::new();
-    let mut lane_of_key: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+/// Group claimed events into lanes, one per partition key, each in sequence order.
+fn lanes_by_key(events: Vec<ClaimedEvent>) -> Vec<Vec<ClaimedEvent>> {
+    let mut lanes: Vec<Vec<ClaimedEvent>> = Vec::new();
+    let mut lane_of_key: std::collections::HashMap<String, usize> =
+        std::collections::HashMap::new();
     for claimed in events {
-        let index = *lane_of_key
-            .entry(claimed.event.partition_key.as_str())
-            .or_insert_with(|| {
+        let index = match lane_of_key.get(&claimed.event.partition_key) {
+            Some(&index) => index,
+            None => {
+                lane_of_key.insert(claimed.event.partition_key.clone(), lanes.len());
                 lanes.push(Vec::new());
                 lanes.len() - 1
-            });
+            }
+        };
         lanes[index].push(claimed);
     }
     lanes

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 pub mod amqp;
 pub mod fault_proxy;
+pub mod kafka;
 pub mod ops;
 pub mod relay;
 

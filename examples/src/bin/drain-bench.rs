@@ -36,7 +36,7 @@ struct Args {
     #[arg(long, default_value_t = 1_000)]
     keys: usize,
     /// Relay batch size.
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, default_value_t = 1_000)]
     batch_size: usize,
     /// Relay in-flight limit (keys publishing at once).
     #[arg(long, default_value_t = 256)]

@@ -11,6 +11,8 @@ use std::future::Future;
 use crate::event::OutboxEvent;
 use crate::route::Route;
 
+#[cfg(feature = "kafka")]
+pub mod kafka;
 #[cfg(feature = "rabbitmq")]
 pub mod rabbitmq;
 

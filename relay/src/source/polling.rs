@@ -53,6 +53,43 @@ pub enum RejectionVerdict {
     NotOwned,
 }
 
+/// Wakes the claim loop when rows were inserted: a NOTIFY, or the poll interval as the safety net.
+#[derive(Debug)]
+pub struct Wakeup {
+    listener: Option<PgListener>,
+    channel: String,
+    poll_interval: Duration,
+}
+
+impl Wakeup {
+    /// Wait until new rows may be there: a NOTIFY, or the poll interval as the safety net.
+    pub async fn wait_for_work(&mut self) {
+        let interval = self.poll_interval;
+        let Some(listener) = self.listener.as_mut() else {
+            tokio::time::sleep(interval).await;
+            return;
+        };
+        match tokio::time::timeout(interval, listener.try_recv()).await {
+            Ok(Ok(Some(_))) => {
+                // Notifications that piled up while we worked all mean the same: there is work.
+                while let Ok(Ok(Some(_))) =
+                    tokio::time::timeout(Duration::ZERO, listener.try_recv()).await
+                {
+                }
+            }
+            Ok(Ok(None)) => {
+                tracing::warn!(channel = %self.channel, "LISTEN connection lost; it reconnects on the next wait");
+                tokio::time::sleep(interval).await;
+            }
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "LISTEN failed; polling on the interval until it recovers");
+                tokio::time::sleep(interval).await;
+            }
+            Err(_elapsed) => {}
+        }
+    }
+}
+
 /// Reads and settles outbox rows.
 #[derive(Debug)]
 pub struct PollingSource {
@@ -125,6 +162,7 @@ impl PollingSource {
                  from {outbox} o \
                  where o.published_at is null and o.available_at <= now() \
                    and {claim_part} = any($2::int8[]) \
+                   and o.partition_key <> all($4::text[]) \
                    and not exists (select 1 from {outbox} e \
                                    where e.partition_key = o.partition_key and e.published_at is null \
                                      and e.attempts > 0 and e.sequence < o.sequence and e.available_at > now()) \
@@ -185,36 +223,30 @@ impl PollingSource {
         })
     }
 
-    /// Wait until new rows may be there: a NOTIFY, or the poll interval as the safety net.
-    pub async fn wait_for_work(&mut self) {
-        let interval = self.poll_interval;
-        let Some(listener) = self.listener.as_mut() else {
-            tokio::time::sleep(interval).await;
-            return;
-        };
-        match tokio::time::timeout(interval, listener.try_recv()).await {
-            Ok(Ok(Some(_))) => {
-                // Notifications that piled up while we worked all mean the same: there is work.
-                while let Ok(Ok(Some(_))) =
-                    tokio::time::timeout(Duration::ZERO, listener.try_recv()).await
-                {
-                }
-            }
-            Ok(Ok(None)) => {
-                tracing::warn!(channel = %self.channel, "LISTEN connection lost; it reconnects on the next wait");
-                tokio::time::sleep(interval).await;
-            }
-            Ok(Err(error)) => {
-                tracing::warn!(%error, "LISTEN failed; polling on the interval until it recovers");
-                tokio::time::sleep(interval).await;
-            }
-            Err(_elapsed) => {}
+    /// Largest number of rows one claim returns.
+    pub fn batch_size(&self) -> usize {
+        self.batch_size
+    }
+
+    /// Take the LISTEN connection out, so the claim loop can wait on it while lanes share the source.
+    pub fn take_wakeup(&mut self) -> Wakeup {
+        Wakeup {
+            listener: self.listener.take(),
+            channel: self.channel.clone(),
+            poll_interval: self.poll_interval,
         }
     }
 
     /// Read the next batch: unpublished, available rows of held partitions, in sequence
     /// order, skipping every key whose earlier event waits for a retry.
-    pub async fn claim(&self, owned: &Owned, limit: Option<usize>) -> Result<Batch> {
+    ///
+    /// Keys in `busy` (still publishing or settling) are skipped.
+    pub async fn claim(
+        &self,
+        owned: &Owned,
+        limit: Option<usize>,
+        busy: &[String],
+    ) -> Result<Batch> {
         if owned.is_empty() {
             return Ok(Batch::default());
         }
@@ -227,6 +259,7 @@ impl PollingSource {
                 .bind(i64::from(self.partitions))
                 .bind(&partitions)
                 .bind(limit as i64)
+                .bind(busy)
                 .fetch_all(&self.claim_pool),
         )
         .await?;

@@ -1,0 +1,350 @@
+//! Kafka side of the tests: a fresh topic per test, a consumer that records every
+//! message (partition, offset, key, headers, payload) in arrival order, and the
+//! Java client's default partitioner to check where keys land.
+//!
+//! The broker is `KAFKA_BROKERS` (default `127.0.0.1:9092`, the tansu broker that
+//! `scripts/dev-services` starts). The consumer reads with a manual partition
+//! assignment from the beginning of every partition and commits nothing: it needs
+//! no consumer group, so it works the same on Kafka and on tansu, and a test never
+//! waits for a group rebalance.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use tokio::task::JoinHandle;
+
+/// How long the helpers wait for the broker before they give up.
+const BROKER_DEADLINE: Duration = Duration::from_secs(20);
+
+/// Bootstrap servers of the Kafka-protocol broker under test.
+pub fn brokers() -> String {
+    std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".to_owned())
+}
+
+/// A topic name no other test uses: `test-<uuid>`.
+pub fn unique_topic() -> String {
+    format!("test-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// Create topic `test-<uuid>` with `partitions` partitions (replication factor 1)
+/// and wait until the broker's metadata shows all of them; returns its name.
+pub async fn create_topic(partitions: i32) -> String {
+    let topic = unique_topic();
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .expect("admin client config is valid");
+    let options = AdminOptions::new().operation_timeout(Some(BROKER_DEADLINE));
+    let results = admin
+        .create_topics(
+            &[NewTopic::new(
+                &topic,
+                partitions,
+                TopicReplication::Fixed(1),
+            )],
+            &options,
+        )
+        .await
+        .expect("Kafka broker must be running: start it with scripts/dev-services");
+    for result in results {
+        if let Err((name, code)) = result {
+            panic!("creating topic {name} with {partitions} partitions: {code}");
+        }
+    }
+    let deadline = tokio::time::Instant::now() + BROKER_DEADLINE;
+    loop {
+        let seen = partition_count(&topic).await;
+        if seen == Some(partitions) {
+            return topic;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "topic {topic}: metadata shows {seen:?} partitions, not {partitions}, within {BROKER_DEADLINE:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The number of partitions the broker's metadata shows for `topic`, `None` if it
+/// does not know the topic.
+pub async fn partition_count(topic: &str) -> Option<i32> {
+    let consumer: rdkafka::consumer::BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("allow.auto.create.topics", "false")
+        .create()
+        .expect("consumer config is valid");
+    let topic = topic.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let metadata = consumer
+            .fetch_metadata(Some(&topic), BROKER_DEADLINE)
+            .expect("metadata from the Kafka broker");
+        metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic && t.error().is_none())
+            .map(|t| i32::try_from(t.partitions().len()).unwrap_or(i32::MAX))
+    })
+    .await
+    .expect("metadata task")
+}
+
+/// One message as the consumer saw it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Received {
+    /// The partition it was read from.
+    pub partition: i32,
+    /// Its offset in that partition.
+    pub offset: i64,
+    /// The key, if any.
+    pub key: Option<Vec<u8>>,
+    /// Every header in wire order (a name may repeat); `None` is a null value.
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
+    /// The value, if any.
+    pub payload: Option<Vec<u8>>,
+    /// The record timestamp in milliseconds since the epoch, if set.
+    pub timestamp_ms: Option<i64>,
+}
+
+impl Received {
+    /// The key as text (lossy).
+    pub fn key_text(&self) -> String {
+        String::from_utf8_lossy(self.key.as_deref().unwrap_or_default()).into_owned()
+    }
+
+    /// The last value of header `name` as text (lossy), like Java's `lastHeader`.
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .iter()
+            .rev()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| {
+                String::from_utf8_lossy(value.as_deref().unwrap_or_default()).into_owned()
+            })
+    }
+
+    /// How many headers are named `name`.
+    pub fn header_count(&self, name: &str) -> usize {
+        self.headers.iter().filter(|(key, _)| key == name).count()
+    }
+}
+
+/// A consumer of every partition of one topic, from the beginning, recording each
+/// message in arrival order (per partition, arrival order is offset order).
+pub struct TopicConsumer {
+    /// The topic read.
+    pub topic: String,
+    received: Arc<Mutex<Vec<Received>>>,
+    errors: Arc<Mutex<Vec<String>>>,
+    task: JoinHandle<()>,
+}
+
+impl TopicConsumer {
+    /// Start reading partitions `0..partitions` of `topic` from the beginning.
+    pub fn start(topic: &str, partitions: i32) -> Self {
+        let consumer: StreamConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers())
+            // Required by librdkafka's consumer API; no group is joined (manual assign, no commits).
+            .set(
+                "group.id",
+                format!("test-reader-{}", uuid::Uuid::new_v4().simple()),
+            )
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("allow.auto.create.topics", "false")
+            .set("fetch.wait.max.ms", "50")
+            .create()
+            .expect("consumer config is valid");
+        let mut assignment = TopicPartitionList::new();
+        for partition in 0..partitions {
+            assignment
+                .add_partition_offset(topic, partition, Offset::Beginning)
+                .expect("valid partition offset");
+        }
+        consumer.assign(&assignment).expect("assign partitions");
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let errors = Arc::new(Mutex::new(Vec::new()));
+        let (sink, error_sink) = (received.clone(), errors.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                match consumer.recv().await {
+                    Ok(message) => {
+                        let headers = message
+                            .headers()
+                            .map(|headers| {
+                                headers
+                                    .iter()
+                                    .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
+                                    .collect()
+                            })
+                            .unwrap_or_default();
+                        let record = Received {
+                            partition: message.partition(),
+                            offset: message.offset(),
+                            key: message.key().map(<[u8]>::to_vec),
+                            headers,
+                            payload: message.payload().map(<[u8]>::to_vec),
+                            timestamp_ms: message.timestamp().to_millis(),
+                        };
+                        sink.lock().expect("consumer lock").push(record);
+                    }
+                    // Transient fetch errors are logged by librdkafka and retried; keep them for diagnosis.
+                    Err(error) => error_sink
+                        .lock()
+                        .expect("consumer lock")
+                        .push(error.to_string()),
+                }
+            }
+        });
+        TopicConsumer {
+            topic: topic.to_owned(),
+            received,
+            errors,
+            task,
+        }
+    }
+
+    /// Everything received so far, in arrival order.
+    pub fn received(&self) -> Vec<Received> {
+        self.received.lock().expect("consumer lock").clone()
+    }
+
+    /// Number of messages received so far.
+    pub fn count(&self) -> usize {
+        self.received.lock().expect("consumer lock").len()
+    }
+
+    /// Errors the consumer saw so far.
+    pub fn errors(&self) -> Vec<String> {
+        self.errors.lock().expect("consumer lock").clone()
+    }
+
+    /// Wait until at least `count` messages arrived, or panic at the deadline.
+    pub async fn wait_for(&self, count: usize, deadline: Duration) -> Vec<Received> {
+        let until = tokio::time::Instant::now() + deadline;
+        loop {
+            let have = self.count();
+            if have >= count {
+                return self.received();
+            }
+            assert!(
+                tokio::time::Instant::now() < until,
+                "only {have} of {count} messages arrived on {} within {deadline:?} (consumer errors: {:?})",
+                self.topic,
+                self.errors()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for TopicConsumer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Kafka's `Utils.murmur2`: the 32-bit MurmurHash2 (seed `0x9747b28c`) of the
+/// Java client, as a signed Java `int`.
+pub fn murmur2(data: &[u8]) -> i32 {
+    const SEED: u32 = 0x9747_b28c;
+    const M: u32 = 0x5bd1_e995;
+    const R: u32 = 24;
+    let length = data.len();
+    // Java hashes an int length; keys are far below 2 GiB, and truncation matches Java's cast.
+    let mut h: u32 = SEED ^ (length as u32);
+    let mut chunks = data.chunks_exact(4);
+    for chunk in &mut chunks {
+        let mut k = u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+        k = k.wrapping_mul(M);
+        k ^= k >> R;
+        k = k.wrapping_mul(M);
+        h = h.wrapping_mul(M);
+        h ^= k;
+    }
+    let tail = chunks.remainder();
+    if tail.len() >= 3 {
+        h ^= u32::from(tail[2]) << 16;
+    }
+    if tail.len() >= 2 {
+        h ^= u32::from(tail[1]) << 8;
+    }
+    if !tail.is_empty() {
+        h ^= u32::from(tail[0]);
+        h = h.wrapping_mul(M);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^= h >> 15;
+    h as i32
+}
+
+/// The partition the Java client's default partitioner (and librdkafka's
+/// `murmur2` / `murmur2_random` for non-empty keys) picks for `key`:
+/// `toPositive(murmur2(key)) % partitions`.
+pub fn java_partition(key: &[u8], partitions: i32) -> i32 {
+    assert!(partitions > 0, "a topic has at least one partition");
+    (murmur2(key) & 0x7fff_ffff) % partitions
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn murmur2_matches_the_java_client() {
+        // org.apache.kafka.common.utils.UtilsTest#testMurmur2
+        let java = [
+            (&b"21"[..], -973_932_308),
+            (b"foobar", -790_332_482),
+            (b"a-little-bit-long-string", -985_981_536),
+            (b"a-little-bit-longer-string", -1_486_304_829),
+            (
+                b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8",
+                -58_897_971,
+            ),
+            (b"abc", 479_470_107),
+        ];
+        for (key, expected) in java {
+            assert_eq!(murmur2(key), expected, "{}", String::from_utf8_lossy(key));
+        }
+        // librdkafka's rdmurmur2.c unit test (values verified against the Java client).
+        let librdkafka = [
+            (&b"kafka"[..], 0xd067_cf64_u32),
+            (b"giberish123456789", 0x8f55_2b0c),
+            (b"1234", 0x9fc9_7b14),
+            (b"234", 0xe7c0_09ca),
+            (b"34", 0x8739_30da),
+            (b"4", 0x5a4b_5ca1),
+            (b"PreAmbleWillBeRemoved,ThePrePartThatIs", 0x7842_4f1c),
+            (b"reAmbleWillBeRemoved,ThePrePartThatIs", 0x4a62_b377),
+            (b"eAmbleWillBeRemoved,ThePrePartThatIs", 0xe0e4_e09e),
+            (b"AmbleWillBeRemoved,ThePrePartThatIs", 0x62b8_b43f),
+            (b"", 0x106e_08d9),
+        ];
+        for (key, expected) in librdkafka {
+            assert_eq!(
+                murmur2(key),
+                expected as i32,
+                "{}",
+                String::from_utf8_lossy(key)
+            );
+        }
+    }
+
+    #[test]
+    fn java_partition_is_the_positive_hash_modulo_partitions() {
+        // murmur2("foobar") = -790332482; & 0x7fffffff = 1357151166.
+        assert_eq!(java_partition(b"foobar", 6), 1_357_151_166 % 6);
+        assert_eq!(java_partition(b"abc", 1), 0);
+        for key in ["a", "order:1", "order:42", "customer:x"] {
+            let p = java_partition(key.as_bytes(), 6);
+            assert!((0..6).contains(&p), "{key} -> {p}");
+        }
+    }
+}
