@@ -98,6 +98,8 @@ pub struct RawConfig {
     pub pipeline: RawPipeline,
     /// RabbitMQ sink settings.
     pub rabbitmq: Option<RawRabbitMq>,
+    /// Kafka sink settings.
+    pub kafka: Option<RawKafka>,
     /// This instance.
     #[serde(default)]
     pub instance: RawInstance,
@@ -187,6 +189,31 @@ pub struct RawRabbitMq {
     /// Exchanges to declare at start.
     #[serde(default)]
     pub declare_exchanges: Vec<RawExchange>,
+}
+
+/// `[kafka]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawKafka {
+    /// Bootstrap servers, `host:port[,host:port…]`.
+    pub brokers: Option<String>,
+    /// Topic template.
+    pub topic: Option<String>,
+    /// Message-key template (default `{partition_key}`: per-key order is per-partition order).
+    pub key: Option<String>,
+    /// Producer `client.id`.
+    pub client_id: Option<String>,
+    /// librdkafka partitioner (default `murmur2_random`, as Java clients).
+    pub partitioner: Option<String>,
+    /// Bound on one delivery including librdkafka's own retries.
+    pub message_timeout_ms: Option<u64>,
+    /// Largest event accepted (key + payload + headers), in bytes.
+    pub max_message_bytes: Option<usize>,
+    /// Send every event to this partition.
+    pub partition: Option<i32>,
+    /// Further librdkafka settings (security.protocol, sasl.*, ssl.*), passed through.
+    #[serde(default)]
+    pub extra: std::collections::BTreeMap<String, String>,
 }
 
 /// `[[rabbitmq.declare_exchanges]]`
@@ -287,6 +314,9 @@ pub enum SinkConfig {
     /// RabbitMQ.
     #[cfg(feature = "rabbitmq")]
     RabbitMq(crate::sink::rabbitmq::RabbitMqConfig),
+    /// Kafka.
+    #[cfg(feature = "kafka")]
+    Kafka(crate::sink::kafka::KafkaConfig),
 }
 
 /// The validated configuration of one relay instance.
@@ -351,11 +381,13 @@ impl RawConfig {
         let (sink, router) = match sink_name {
             #[cfg(feature = "rabbitmq")]
             "rabbitmq" => validate_rabbitmq(self.rabbitmq.unwrap_or_default())?,
+            #[cfg(feature = "kafka")]
+            "kafka" => validate_kafka(self.kafka.unwrap_or_default(), polling.lease)?,
             other => {
                 return Err(invalid(
                     "sink",
                     format!("unknown or not compiled-in sink {other:?}"),
-                    "use \"rabbitmq\"",
+                    "use \"rabbitmq\" or \"kafka\"",
                 ));
             }
         };
@@ -683,6 +715,86 @@ fn validate_rabbitmq(raw: RawRabbitMq) -> Result<(SinkConfig, Router), ConfigErr
     Ok((
         SinkConfig::RabbitMq(config),
         Router::new(exchange_template, key_template),
+    ))
+}
+
+#[cfg(feature = "kafka")]
+fn validate_kafka(raw: RawKafka, lease: Duration) -> Result<(SinkConfig, Router), ConfigError> {
+    use crate::sink::kafka::{KafkaConfig, PARTITIONERS};
+    let brokers = raw.brokers.unwrap_or_else(|| "127.0.0.1:9092".to_owned());
+    if brokers.trim().is_empty() {
+        return Err(invalid(
+            "kafka.brokers",
+            "is empty",
+            "list the bootstrap servers as host:port[,host:port]",
+        ));
+    }
+    let topic = raw.topic.unwrap_or_else(|| "{aggregate_type}".to_owned());
+    let key = raw.key.unwrap_or_else(|| "{partition_key}".to_owned());
+    let topic_template = Template::parse(&topic)
+        .map_err(|e| invalid("kafka.topic", e.to_string(), "fix the template"))?;
+    let key_template = Template::parse(&key)
+        .map_err(|e| invalid("kafka.key", e.to_string(), "fix the template"))?;
+    let mut config = KafkaConfig::new(brokers);
+    if let Some(client_id) = raw.client_id {
+        config.client_id = client_id;
+    }
+    if let Some(partitioner) = raw.partitioner {
+        if !PARTITIONERS.contains(&partitioner.as_str()) {
+            return Err(invalid(
+                "kafka.partitioner",
+                format!("unknown partitioner {partitioner:?}"),
+                format!(
+                    "use one of {} (murmur2_random places keys as Java clients do)",
+                    PARTITIONERS.join(", ")
+                ),
+            ));
+        }
+        config.partitioner = partitioner;
+    }
+    config.message_timeout = ms(
+        "kafka.message_timeout_ms",
+        raw.message_timeout_ms,
+        10_000,
+        100,
+        600_000,
+    )?;
+    // A delivery may take message_timeout plus the sink's margin; the partition lease must outlast it.
+    if config.message_timeout + Duration::from_secs(10) >= lease {
+        return Err(invalid(
+            "kafka.message_timeout_ms",
+            format!(
+                "{} ms plus 10 s of margin is not below polling.lease_ms ({} ms)",
+                config.message_timeout.as_millis(),
+                lease.as_millis()
+            ),
+            "lower kafka.message_timeout_ms or raise polling.lease_ms, or another relay may take over events still being delivered",
+        ));
+    }
+    if let Some(max) = raw.max_message_bytes {
+        if !(1..=crate::sink::kafka::MAX_MESSAGE_BYTES_CEILING).contains(&max) {
+            return Err(invalid(
+                "kafka.max_message_bytes",
+                format!("{max} is out of range"),
+                "use at most the topic's max.message.bytes minus 16 KiB (default 1000000)",
+            ));
+        }
+        config.max_message_bytes = max;
+    }
+    if let Some(partition) = raw.partition {
+        if partition < 0 {
+            return Err(invalid(
+                "kafka.partition",
+                "must not be negative",
+                "use a partition number from 0, or leave it unset",
+            ));
+        }
+        config.explicit_partition = Some(partition);
+    }
+    config.extra = raw.extra;
+    Ok((
+        SinkConfig::Kafka(config),
+        Router::new(topic_template, key_template),
     ))
 }
 

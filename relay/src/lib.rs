@@ -101,6 +101,11 @@ pub async fn run(
                 let sink = sink::rabbitmq::RabbitMqSink::connect(sink_config).await?;
                 run_with_sink(config, sink, stop_rx).await
             }
+            #[cfg(feature = "kafka")]
+            SinkConfig::Kafka(sink_config) => {
+                let sink = sink::kafka::KafkaSink::connect(sink_config).await?;
+                run_with_sink(config, sink, stop_rx).await
+            }
         }
     };
     tokio::pin!(relay);

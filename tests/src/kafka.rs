@@ -35,9 +35,14 @@ pub fn unique_topic() -> String {
 /// Create topic `test-<uuid>` with `partitions` partitions (replication factor 1)
 /// and wait until the broker's metadata shows all of them; returns its name.
 pub async fn create_topic(partitions: i32) -> String {
+    create_topic_on(&brokers(), partitions).await
+}
+
+/// [`create_topic`] on the broker at `brokers`.
+pub async fn create_topic_on(brokers: &str, partitions: i32) -> String {
     let topic = unique_topic();
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
+        .set("bootstrap.servers", brokers)
         .create()
         .expect("admin client config is valid");
     let options = AdminOptions::new().operation_timeout(Some(BROKER_DEADLINE));
@@ -59,7 +64,7 @@ pub async fn create_topic(partitions: i32) -> String {
     }
     let deadline = tokio::time::Instant::now() + BROKER_DEADLINE;
     loop {
-        let seen = partition_count(&topic).await;
+        let seen = partition_count_on(brokers, &topic).await;
         if seen == Some(partitions) {
             return topic;
         }
@@ -74,8 +79,13 @@ pub async fn create_topic(partitions: i32) -> String {
 /// The number of partitions the broker's metadata shows for `topic`, `None` if it
 /// does not know the topic.
 pub async fn partition_count(topic: &str) -> Option<i32> {
+    partition_count_on(&brokers(), topic).await
+}
+
+/// [`partition_count`] on the broker at `brokers`.
+pub async fn partition_count_on(brokers: &str, topic: &str) -> Option<i32> {
     let consumer: rdkafka::consumer::BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
+        .set("bootstrap.servers", brokers)
         .set("allow.auto.create.topics", "false")
         .create()
         .expect("consumer config is valid");
@@ -147,8 +157,13 @@ pub struct TopicConsumer {
 impl TopicConsumer {
     /// Start reading partitions `0..partitions` of `topic` from the beginning.
     pub fn start(topic: &str, partitions: i32) -> Self {
+        Self::start_on(&brokers(), topic, partitions)
+    }
+
+    /// [`TopicConsumer::start`] on the broker at `brokers`.
+    pub fn start_on(brokers: &str, topic: &str, partitions: i32) -> Self {
         let consumer: StreamConsumer = ClientConfig::new()
-            .set("bootstrap.servers", brokers())
+            .set("bootstrap.servers", brokers)
             // Required by librdkafka's consumer API; no group is joined (manual assign, no commits).
             .set(
                 "group.id",
@@ -290,6 +305,82 @@ pub fn murmur2(data: &[u8]) -> i32 {
 pub fn java_partition(key: &[u8], partitions: i32) -> i32 {
     assert!(partitions > 0, "a topic has at least one partition");
     (murmur2(key) & 0x7fff_ffff) % partitions
+}
+
+/// A tansu broker of one test's own, on a free port, with in-memory storage: a
+/// test can stop it (SIGSTOP: connections stall, nothing is lost) and let it go on
+/// (SIGCONT) without disturbing other tests. Killed when dropped.
+pub struct PrivateBroker {
+    /// `127.0.0.1:<port>`.
+    pub brokers: String,
+    child: std::process::Child,
+}
+
+impl PrivateBroker {
+    /// Start `tansu broker` (from PATH or ~/.cargo/bin) and wait until it answers metadata.
+    pub async fn start() -> Self {
+        let port = crate::ops::free_local_addr().port();
+        let brokers = format!("127.0.0.1:{port}");
+        let home = std::env::var("HOME").unwrap_or_default();
+        let path = format!(
+            "{}:{home}/.cargo/bin",
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let child = std::process::Command::new("tansu")
+            .env("PATH", path)
+            .args([
+                "broker",
+                "--listener-url",
+                &format!("tcp://{brokers}"),
+                "--advertised-listener-url",
+                &format!("tcp://{brokers}"),
+                "--storage-engine",
+                &format!("memory://tansu-{port}/"),
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("tansu must be installed: run scripts/dev-services");
+        let broker = PrivateBroker { brokers, child };
+        let deadline = tokio::time::Instant::now() + BROKER_DEADLINE;
+        while tokio::net::TcpStream::connect(&broker.brokers)
+            .await
+            .is_err()
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "private tansu did not listen on {}",
+                broker.brokers
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        broker
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = std::process::Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {signal} tansu");
+    }
+
+    /// Stop the broker process (SIGSTOP): it neither answers nor refuses.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Let it go on (SIGCONT), with everything it stored.
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+}
+
+impl Drop for PrivateBroker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 #[cfg(test)]

@@ -219,7 +219,14 @@ pub fn classify(error: &KafkaError) -> Classification {
         | Code::TopicAuthorizationFailed
         | Code::InvalidArgument => Classification::Rejected,
         Code::MessageTimedOut => Classification::TimedOut,
-        Code::Fatal => Classification::ProducerFailed,
+        // The idempotent producer's identity is no longer accepted (librdkafka raises these
+        // as fatal after an epoch bump the broker refuses): only a new producer recovers.
+        Code::Fatal
+        | Code::ProducerFenced
+        | Code::InvalidProducerEpoch
+        | Code::OutOfOrderSequenceNumber
+        | Code::UnknownProducerId
+        | Code::InvalidProducerIdMapping => Classification::ProducerFailed,
         _ => Classification::Retry,
     }
 }
@@ -1035,14 +1042,21 @@ mod tests {
             Code::NotEnoughReplicas,
             Code::PurgeQueue,
             Code::PurgeInflight,
-            Code::OutOfOrderSequenceNumber,
             Code::SaslAuthenticationFailed,
             Code::Unknown,
         ] {
             assert_eq!(classify(&produce(code)), Retry, "{code:?}");
         }
         assert_eq!(classify(&produce(Code::MessageTimedOut)), TimedOut);
-        assert_eq!(classify(&produce(Code::Fatal)), ProducerFailed);
+        for code in [
+            Code::Fatal,
+            Code::ProducerFenced,
+            Code::InvalidProducerEpoch,
+            Code::OutOfOrderSequenceNumber,
+            Code::UnknownProducerId,
+        ] {
+            assert_eq!(classify(&produce(code)), ProducerFailed, "{code:?}");
+        }
         assert_eq!(classify(&KafkaError::Canceled), Retry);
         assert_eq!(
             classify(&KafkaError::Flush(Code::MessageSizeTooLarge)),
