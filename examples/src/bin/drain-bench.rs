@@ -1,8 +1,9 @@
 //! Measures the relay's drain rate: enqueue a backlog, start a relay, time until
-//! the outbox is empty (every event confirmed by RabbitMQ and settled).
+//! the outbox is empty (every event confirmed by the broker and settled).
 //!
 //! ```text
 //! cargo run --release -p outbox-examples --bin drain-bench -- --events 100000
+//! cargo run --release -p outbox-examples --bin drain-bench -- --events 100000 --sink kafka
 //! ```
 
 use std::time::{Duration, Instant};
@@ -14,7 +15,9 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use outbox_core::{Event, Outbox, OutboxConfig, SchemaName};
-use outbox_relay::config::{RawConfig, RawDatabase, RawPipeline, RawPolling, RawRabbitMq};
+use outbox_relay::config::{
+    RawConfig, RawDatabase, RawKafka, RawPipeline, RawPolling, RawRabbitMq,
+};
 
 /// Relay drain-rate benchmark (polling source → RabbitMQ).
 #[derive(Parser, Debug)]
@@ -44,6 +47,12 @@ struct Args {
     /// Payload padding in bytes.
     #[arg(long, default_value_t = 200)]
     payload_bytes: usize,
+    /// `rabbitmq` or `kafka`.
+    #[arg(long, default_value = "rabbitmq")]
+    sink: String,
+    /// Kafka bootstrap servers (with --sink kafka).
+    #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    kafka_brokers: String,
     /// Only enqueue the backlog and declare the exchange and queue; print their names
     /// (`schema: …`, `exchange: …`) for an external relay, and leave them in place.
     #[arg(long)]
@@ -130,8 +139,10 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
 
+    if args.sink == "kafka" {
+        create_kafka_topic(&args.kafka_brokers, &exchange, 6).await?;
+    }
     let raw = RawConfig {
-        sink: Some("rabbitmq".into()),
         database: RawDatabase {
             url: Some(args.database_url.clone()),
             schema: Some(schema.to_string()),
@@ -145,9 +156,15 @@ async fn main() -> anyhow::Result<()> {
             max_in_flight: Some(args.max_in_flight),
             ..Default::default()
         },
-        rabbitmq: Some(RawRabbitMq {
+        sink: Some(args.sink.clone()),
+        rabbitmq: (args.sink == "rabbitmq").then(|| RawRabbitMq {
             url: Some(args.amqp_url.clone()),
             exchange: Some(exchange.clone()),
+            ..Default::default()
+        }),
+        kafka: (args.sink == "kafka").then(|| RawKafka {
+            brokers: Some(args.kafka_brokers.clone()),
+            topic: Some(exchange.clone()),
             ..Default::default()
         }),
         ..Default::default()
@@ -175,8 +192,9 @@ async fn main() -> anyhow::Result<()> {
     let _ = stop.send(());
     let summary = relay.await??;
     println!(
-        "drain-bench: relay drained {} events in {:.2} s: {:.0} events/s (batch {}, in-flight {}, published {})",
+        "drain-bench: relay drained {} events to {} in {:.2} s: {:.0} events/s (batch {}, in-flight {}, published {})",
         args.events,
+        args.sink,
         elapsed.as_secs_f64(),
         args.events as f64 / elapsed.as_secs_f64(),
         args.batch_size,
@@ -191,5 +209,28 @@ async fn main() -> anyhow::Result<()> {
     sqlx::raw_sql(sqlx::AssertSqlSafe(drop))
         .execute(&pool)
         .await?;
+    Ok(())
+}
+
+/// Create `topic` with `partitions` partitions (tansu and Kafka alike).
+async fn create_kafka_topic(brokers: &str, topic: &str, partitions: i32) -> anyhow::Result<()> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()?;
+    let results = admin
+        .create_topics(
+            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(20))),
+        )
+        .await
+        .context("creating the Kafka topic (is the broker at --kafka-brokers running?)")?;
+    for result in results {
+        if let Err((name, code)) = result {
+            anyhow::bail!("creating topic {name}: {code}");
+        }
+    }
+    // Let metadata catch up before the relay's first publish.
+    tokio::time::sleep(Duration::from_millis(500)).await;
     Ok(())
 }
