@@ -148,48 +148,31 @@ pub async fn retry_dead_letters(
     schema: &SchemaName,
     filter: &DeadLetterFilter,
 ) -> Result<u64> {
-    let ids: Vec<uuid::Uuid> = list_dead_letters(pool, schema, filter, i64::MAX)
-        .await?
-        .into_iter()
-        .map(|d| d.event_id)
-        .collect();
-    if ids.is_empty() {
-        return Ok(0);
-    }
     let outbox = schema.qualify("outbox");
     let dead = schema.qualify("outbox_dead_letter");
-    let mut tx = pool
-        .begin()
-        .await
-        .map_err(RelayError::database("beginning the retry"))?;
-    let released = sqlx::query(AssertSqlSafe(format!(
-        "update {outbox} set available_at = now(), attempts = 0, last_error = null, first_failed_at = null, \
-                last_failed_at = null \
-         where published_at is null and available_at = 'infinity' and event_id = any($1)"
-    )))
-    .bind(&ids)
-    .execute(&mut *tx)
-    .await
-    .map_err(RelayError::database("releasing blocked events"))?
-    .rows_affected();
-    let reentered = sqlx::query(AssertSqlSafe(format!(
-        "with moved as (delete from {dead} where event_id = any($1) returning *) \
-         insert into {outbox} (event_id, aggregate_type, aggregate_id, event_type, partition_key, destination, \
-                               payload, headers, created_at) \
-         select event_id, aggregate_type, aggregate_id, event_type, partition_key, destination, payload, headers, \
-                created_at \
-         from moved order by sequence \
-         on conflict (event_id) do nothing"
-    )))
-    .bind(&ids)
-    .execute(&mut *tx)
-    .await
-    .map_err(RelayError::database("re-entering dead-lettered events"))?
-    .rows_affected();
-    tx.commit()
-        .await
-        .map_err(RelayError::database("committing the retry"))?;
-    Ok(released + reentered)
+    let statements = [
+        (
+            format!(
+                "update {outbox} set available_at = now(), attempts = 0, last_error = null, first_failed_at = null, \
+                        last_failed_at = null \
+                 where published_at is null and available_at = 'infinity' and event_id = any($1)"
+            ),
+            "releasing blocked events",
+        ),
+        (
+            format!(
+                "with moved as (delete from {dead} where event_id = any($1) returning *) \
+                 insert into {outbox} (event_id, aggregate_type, aggregate_id, event_type, partition_key, destination, \
+                                       payload, headers, created_at) \
+                 select event_id, aggregate_type, aggregate_id, event_type, partition_key, destination, payload, headers, \
+                        created_at \
+                 from moved order by sequence \
+                 on conflict (event_id) do nothing"
+            ),
+            "re-entering dead-lettered events",
+        ),
+    ];
+    apply_to_matching(pool, schema, filter, &statements).await
 }
 
 /// Delete the matching events for good: from the dead-letter table, and blocked
@@ -199,6 +182,31 @@ pub async fn purge_dead_letters(
     schema: &SchemaName,
     filter: &DeadLetterFilter,
 ) -> Result<u64> {
+    let outbox = schema.qualify("outbox");
+    let dead = schema.qualify("outbox_dead_letter");
+    let statements = [
+        (
+            format!("delete from {dead} where event_id = any($1)"),
+            "purging dead letters",
+        ),
+        (
+            format!(
+                "delete from {outbox} where published_at is null and available_at = 'infinity' and event_id = any($1)"
+            ),
+            "purging blocked events",
+        ),
+    ];
+    apply_to_matching(pool, schema, filter, &statements).await
+}
+
+/// Run `statements` (each binding `$1` to the matching event ids) in one transaction;
+/// returns the rows they changed together.
+async fn apply_to_matching(
+    pool: &PgPool,
+    schema: &SchemaName,
+    filter: &DeadLetterFilter,
+    statements: &[(String, &'static str)],
+) -> Result<u64> {
     let ids: Vec<uuid::Uuid> = list_dead_letters(pool, schema, filter, i64::MAX)
         .await?
         .into_iter()
@@ -207,30 +215,23 @@ pub async fn purge_dead_letters(
     if ids.is_empty() {
         return Ok(0);
     }
-    let outbox = schema.qualify("outbox");
-    let dead = schema.qualify("outbox_dead_letter");
     let mut tx = pool
         .begin()
         .await
-        .map_err(RelayError::database("beginning the purge"))?;
-    let mut purged = 0;
-    for sql in [
-        format!("delete from {dead} where event_id = any($1)"),
-        format!(
-            "delete from {outbox} where published_at is null and available_at = 'infinity' and event_id = any($1)"
-        ),
-    ] {
-        purged += sqlx::query(AssertSqlSafe(sql))
+        .map_err(RelayError::database("beginning a dead-letter change"))?;
+    let mut changed = 0;
+    for (sql, operation) in statements {
+        changed += sqlx::query(AssertSqlSafe(sql.as_str()))
             .bind(&ids)
             .execute(&mut *tx)
             .await
-            .map_err(RelayError::database("purging dead letters"))?
+            .map_err(RelayError::database(operation))?
             .rows_affected();
     }
     tx.commit()
         .await
-        .map_err(RelayError::database("committing the purge"))?;
-    Ok(purged)
+        .map_err(RelayError::database("committing a dead-letter change"))?;
+    Ok(changed)
 }
 
 /// A snapshot of one outbox for `outbox-relay status`.

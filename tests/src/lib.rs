@@ -9,6 +9,7 @@ use std::time::Duration;
 pub mod amqp;
 pub mod fault_proxy;
 pub mod kafka;
+pub mod load;
 pub mod ops;
 pub mod relay;
 

@@ -112,52 +112,13 @@ async fn concurrent_writers_events_arrive_complete_in_commit_order_on_java_parti
     let test = TestSchema::new().await;
     let topic = create_topic_on(&broker.brokers, PARTITIONS).await;
     let consumer = TopicConsumer::start_on(&broker.brokers, &topic, PARTITIONS);
-    let counters = test.table("counters");
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "create table {counters} (key int primary key, n bigint not null default 0); \
-         insert into {counters} (key) select generate_series(0, {KEYS} - 1);"
-    )))
-    .execute(&test.pool)
-    .await
-    .unwrap();
+    let counters = outbox_tests::load::create_counters(&test, KEYS).await;
     let relay = RunningRelay::start(
         kafka_config(&test, &broker.brokers, &topic)
             .validate()
             .unwrap(),
     );
-
-    let pool = TestSchema::pool(WRITERS as u32).await;
-    let mut writers = tokio::task::JoinSet::new();
-    for writer in 0..WRITERS {
-        let (pool, counters) = (pool.clone(), counters.clone());
-        let outbox = Outbox::new(OutboxConfig {
-            schema: test.schema.clone(),
-            ..OutboxConfig::default()
-        });
-        writers.spawn(async move {
-            for i in 0..EVENTS / WRITERS {
-                let key = (writer * 31 + i * 7) % KEYS;
-                let mut tx = pool.begin().await.unwrap();
-                let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-                    "update {counters} set n = n + 1 where key = $1 returning n"
-                )))
-                .bind(key as i32)
-                .fetch_one(&mut *tx)
-                .await
-                .unwrap();
-                let event = Event::builder("item", format!("k{key}"), "item.changed")
-                    .payload(&serde_json::json!({ "n": n }))
-                    .build()
-                    .unwrap();
-                outbox.enqueue(&mut tx, &event).await.unwrap();
-                tokio::time::sleep(Duration::from_millis(rand::random_range(0..4))).await;
-                tx.commit().await.unwrap();
-            }
-        });
-    }
-    while let Some(result) = writers.join_next().await {
-        result.unwrap();
-    }
+    outbox_tests::load::run_counter_writers(&test, &counters, WRITERS, EVENTS, KEYS).await;
     let received = wait_distinct(&consumer, EVENTS, Duration::from_secs(180)).await;
     wait_for_empty_outbox(&test, Duration::from_secs(30)).await;
     relay.stop().await;

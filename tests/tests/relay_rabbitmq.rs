@@ -145,46 +145,9 @@ async fn concurrent_writers_events_arrive_complete_and_in_commit_order_per_key()
     const KEYS: usize = 200;
     let test = TestSchema::new().await;
     let rabbit = RabbitFixture::new().await;
-    let counters = test.table("counters");
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "create table {counters} (key int primary key, n bigint not null default 0); \
-         insert into {counters} (key) select generate_series(0, {KEYS} - 1);"
-    )))
-    .execute(&test.pool)
-    .await
-    .unwrap();
+    let counters = outbox_tests::load::create_counters(&test, KEYS).await;
     let relay = RunningRelay::start(raw_config(&test, &rabbit.exchange).validate().unwrap());
-
-    let writer_pool = TestSchema::pool(WRITERS as u32).await;
-    let mut writers = tokio::task::JoinSet::new();
-    for writer in 0..WRITERS {
-        let pool = writer_pool.clone();
-        let outbox = outbox_for(&test);
-        let counters = counters.clone();
-        writers.spawn(async move {
-            for i in 0..EVENTS / WRITERS {
-                let key = (writer * 31 + i * 7) % KEYS;
-                let mut tx = pool.begin().await.unwrap();
-                let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-                    "update {counters} set n = n + 1 where key = $1 returning n"
-                )))
-                .bind(key as i32)
-                .fetch_one(&mut *tx)
-                .await
-                .unwrap();
-                let event = Event::builder("item", format!("k{key}"), "item.changed")
-                    .payload(&serde_json::json!({ "n": n }))
-                    .build()
-                    .unwrap();
-                outbox.enqueue(&mut tx, &event).await.unwrap();
-                tokio::time::sleep(Duration::from_millis(rand::random_range(0..4))).await;
-                tx.commit().await.unwrap();
-            }
-        });
-    }
-    while let Some(result) = writers.join_next().await {
-        result.unwrap();
-    }
+    outbox_tests::load::run_counter_writers(&test, &counters, WRITERS, EVENTS, KEYS).await;
 
     rabbit
         .wait_for_distinct(EVENTS, Duration::from_secs(180))
