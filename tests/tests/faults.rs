@@ -114,21 +114,32 @@ async fn dead_letters(test: &TestSchema) -> i64 {
     .unwrap()
 }
 
-#[tokio::test]
-async fn broker_outage_under_steady_writes_loses_nothing_and_dead_letters_nothing() {
-    let test = TestSchema::new().await;
-    let rabbit = RabbitFixture::new().await;
+/// A relay whose RabbitMQ connection goes through a fault proxy, with its ops
+/// endpoint on a free port and AMQP timeouts of `timeout_ms`.
+async fn relay_through_amqp_proxy(
+    test: &TestSchema,
+    rabbit: &RabbitFixture,
+    timeout_ms: u64,
+) -> (FaultProxy, SocketAddr, RunningRelay) {
     let proxy = FaultProxy::start("127.0.0.1:5672".parse().unwrap())
         .await
         .unwrap();
     let ops = free_local_addr();
-    let mut raw = raw_config(&test, &rabbit.exchange);
+    let mut raw = raw_config(test, &rabbit.exchange);
     let rabbitmq = raw.rabbitmq.as_mut().unwrap();
     rabbitmq.url = Some(format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port()));
-    rabbitmq.publish_timeout_ms = Some(2_000);
-    rabbitmq.connect_timeout_ms = Some(2_000);
+    rabbitmq.publish_timeout_ms = Some(timeout_ms);
+    rabbitmq.connect_timeout_ms = Some(timeout_ms);
     raw.ops.listen_addr = Some(ops.to_string());
     let relay = RunningRelay::start(raw.validate().unwrap());
+    (proxy, ops, relay)
+}
+
+#[tokio::test]
+async fn broker_outage_under_steady_writes_loses_nothing_and_dead_letters_nothing() {
+    let test = TestSchema::new().await;
+    let rabbit = RabbitFixture::new().await;
+    let (proxy, ops, relay) = relay_through_amqp_proxy(&test, &rabbit, 2_000).await;
     let writer = SteadyWriter::start(&test, 50);
     rabbit.wait_for_distinct(200, Duration::from_secs(60)).await;
 
@@ -212,17 +223,7 @@ async fn broker_outage_under_steady_writes_loses_nothing_and_dead_letters_nothin
 async fn stalled_broker_connection_times_out_opens_the_breaker_and_loses_nothing() {
     let test = TestSchema::new().await;
     let rabbit = RabbitFixture::new().await;
-    let proxy = FaultProxy::start("127.0.0.1:5672".parse().unwrap())
-        .await
-        .unwrap();
-    let ops = free_local_addr();
-    let mut raw = raw_config(&test, &rabbit.exchange);
-    let rabbitmq = raw.rabbitmq.as_mut().unwrap();
-    rabbitmq.url = Some(format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port()));
-    rabbitmq.publish_timeout_ms = Some(1_000);
-    rabbitmq.connect_timeout_ms = Some(1_000);
-    raw.ops.listen_addr = Some(ops.to_string());
-    let relay = RunningRelay::start(raw.validate().unwrap());
+    let (proxy, ops, relay) = relay_through_amqp_proxy(&test, &rabbit, 1_000).await;
     let writer = SteadyWriter::start(&test, 20);
     rabbit.wait_for_distinct(100, Duration::from_secs(60)).await;
 
