@@ -63,3 +63,28 @@ pub async fn run_counter_writers(
         result.expect("writer task");
     }
 }
+
+/// Enqueue a backlog of `count` events over `keys` keys, 1,000 per transaction; per
+/// key the payload counter `n` follows the outbox order.
+pub async fn enqueue_backlog(test: &TestSchema, count: usize, keys: usize) {
+    let outbox = Outbox::new(OutboxConfig {
+        schema: test.schema.clone(),
+        ..OutboxConfig::default()
+    });
+    let mut n_by_key = vec![0_i64; keys];
+    for chunk_start in (0..count).step_by(1_000) {
+        let events: Vec<Event> = (chunk_start..(chunk_start + 1_000).min(count))
+            .map(|i| {
+                let key = i % keys;
+                n_by_key[key] += 1;
+                Event::builder("item", format!("k{key}"), "item.changed")
+                    .payload(&serde_json::json!({ "n": n_by_key[key] }))
+                    .build()
+                    .expect("valid event")
+            })
+            .collect();
+        let mut tx = test.pool.begin().await.expect("begin");
+        outbox.enqueue_all(&mut tx, &events).await.expect("enqueue");
+        tx.commit().await.expect("commit");
+    }
+}

@@ -79,29 +79,6 @@ async fn wait_distinct(consumer: &TopicConsumer, want: usize, deadline: Duration
     }
 }
 
-async fn enqueue_backlog(test: &TestSchema, count: usize, keys: usize) {
-    let outbox = Outbox::new(OutboxConfig {
-        schema: test.schema.clone(),
-        ..OutboxConfig::default()
-    });
-    let mut n = vec![0_i64; keys];
-    for start in (0..count).step_by(1_000) {
-        let events: Vec<Event> = (start..(start + 1_000).min(count))
-            .map(|i| {
-                let key = i % keys;
-                n[key] += 1;
-                Event::builder("item", format!("k{key}"), "item.changed")
-                    .payload(&serde_json::json!({ "n": n[key] }))
-                    .build()
-                    .unwrap()
-            })
-            .collect();
-        let mut tx = test.pool.begin().await.unwrap();
-        outbox.enqueue_all(&mut tx, &events).await.unwrap();
-        tx.commit().await.unwrap();
-    }
-}
-
 #[tokio::test]
 async fn concurrent_writers_events_arrive_complete_in_commit_order_on_java_partitions() {
     const WRITERS: usize = 8;
@@ -264,7 +241,7 @@ async fn relay_killed_mid_stream_and_restarted_loses_nothing() {
     let test = TestSchema::new().await;
     let topic = create_topic_on(&broker.brokers, 3).await;
     let consumer = TopicConsumer::start_on(&broker.brokers, &topic, 3);
-    enqueue_backlog(&test, EVENTS, 50).await;
+    outbox_tests::load::enqueue_backlog(&test, EVENTS, 50).await;
     let mut raw = kafka_config(&test, &broker.brokers, &topic);
     raw.polling.batch_size = Some(200);
     raw.polling.lease_ms = Some(14_000);

@@ -18,27 +18,6 @@ fn outbox_for(test: &TestSchema) -> Outbox {
     })
 }
 
-/// Enqueue `count` events over `keys` keys in one transaction each of `per_tx` events.
-async fn enqueue_backlog(test: &TestSchema, count: usize, keys: usize) {
-    let outbox = outbox_for(test);
-    let mut n_by_key = vec![0_i64; keys];
-    for chunk_start in (0..count).step_by(1_000) {
-        let events: Vec<Event> = (chunk_start..(chunk_start + 1_000).min(count))
-            .map(|i| {
-                let key = i % keys;
-                n_by_key[key] += 1;
-                Event::builder("item", format!("k{key}"), "item.changed")
-                    .payload(&serde_json::json!({ "n": n_by_key[key] }))
-                    .build()
-                    .unwrap()
-            })
-            .collect();
-        let mut tx = test.pool.begin().await.unwrap();
-        outbox.enqueue_all(&mut tx, &events).await.unwrap();
-        tx.commit().await.unwrap();
-    }
-}
-
 fn n_of(message: &outbox_tests::amqp::Received) -> i64 {
     message.json()["n"].as_i64().unwrap()
 }
@@ -179,7 +158,7 @@ async fn relay_killed_mid_stream_and_restarted_loses_nothing() {
     const EVENTS: usize = 6_000;
     let test = TestSchema::new().await;
     let rabbit = RabbitFixture::new().await;
-    enqueue_backlog(&test, EVENTS, 50).await;
+    outbox_tests::load::enqueue_backlog(&test, EVENTS, 50).await;
     let mut raw = raw_config(&test, &rabbit.exchange);
     raw.polling.batch_size = Some(200);
     let batch = 200;
@@ -245,7 +224,7 @@ async fn two_relays_share_the_work_and_one_killed_hands_over_to_the_other() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    enqueue_backlog(&test, EVENTS, 100).await;
+    outbox_tests::load::enqueue_backlog(&test, EVENTS, 100).await;
     rabbit
         .wait_for_distinct(EVENTS / 4, Duration::from_secs(60))
         .await;
@@ -347,7 +326,7 @@ async fn unroutable_event_is_retried_then_dead_lettered_with_the_reason_while_ot
 async fn graceful_stop_settles_what_was_published() {
     let test = TestSchema::new().await;
     let rabbit = RabbitFixture::new().await;
-    enqueue_backlog(&test, 3_000, 30).await;
+    outbox_tests::load::enqueue_backlog(&test, 3_000, 30).await;
     let relay = RunningRelay::start(raw_config(&test, &rabbit.exchange).validate().unwrap());
     rabbit.wait_for_distinct(500, Duration::from_secs(60)).await;
     let summary = relay.stop().await;
