@@ -85,7 +85,7 @@ fn invalid(field: &str, problem: impl Into<String>, fix: impl Into<String>) -> C
 pub struct RawConfig {
     /// `rabbitmq` (or `kafka` when built with that sink).
     pub sink: Option<String>,
-    /// `polling` (default).
+    /// `polling` (default) or `wal`.
     pub source: Option<String>,
     /// PostgreSQL settings.
     #[serde(default)]
@@ -96,6 +96,8 @@ pub struct RawConfig {
     /// Pipeline settings.
     #[serde(default)]
     pub pipeline: RawPipeline,
+    /// WAL source settings (with `source = "wal"`).
+    pub wal: Option<RawWal>,
     /// RabbitMQ sink settings.
     pub rabbitmq: Option<RawRabbitMq>,
     /// Kafka sink settings.
@@ -148,6 +150,32 @@ pub struct RawPolling {
     pub settle: Option<String>,
     /// With `mark`: how long published rows are kept.
     pub published_retention_ms: Option<u64>,
+}
+
+/// `[wal]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWal {
+    /// Replication slot (default `outbox_relay_<schema>`; unique in the cluster).
+    pub slot: Option<String>,
+    /// Publication on `<schema>.outbox` (default `outbox_relay_<schema>`).
+    pub publication: Option<String>,
+    /// Prefix of wal-message events (default `outbox`, as the writer's).
+    pub message_prefix: Option<String>,
+    /// Interval of standby status updates and of recording the confirmed position.
+    pub status_interval_ms: Option<u64>,
+    /// How long to wait for a slot another session still streams from (rolling restarts).
+    pub slot_busy_timeout_ms: Option<u64>,
+    /// How often a standby tries to become the leader.
+    pub leader_retry_ms: Option<u64>,
+    /// Claimed-but-unconfirmed events at most (default: `polling.batch_size`).
+    pub max_in_flight_events: Option<usize>,
+    /// How often the slot's lag and retained WAL are sampled.
+    pub lag_sample_interval_ms: Option<u64>,
+    /// WAL the slot may hold back before `over_budget` applies, in bytes; unset: no budget.
+    pub retained_wal_budget_bytes: Option<u64>,
+    /// `warn` (default) or `fallback-polling` (drop the slot and poll the table).
+    pub over_budget: Option<String>,
 }
 
 /// `[pipeline]`
@@ -307,6 +335,60 @@ pub enum PoisonPolicy {
     Block,
 }
 
+/// What the WAL source does when its slot holds back more WAL than the budget.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OverBudget {
+    /// Log a warning (once a minute) and keep streaming.
+    Warn,
+    /// Stop streaming, drop the slot (PostgreSQL frees the WAL) and relay from the
+    /// table with the polling source for the rest of the run. Table-mode events
+    /// are all still rows, so nothing of them is lost; wal-message events not yet
+    /// relayed are gone with the slot.
+    FallbackPolling,
+}
+
+/// Validated WAL-source settings.
+#[derive(Clone, Debug)]
+pub struct WalConfig {
+    /// Replication slot.
+    pub slot: String,
+    /// Publication on `<schema>.outbox`.
+    pub publication: String,
+    /// Prefix of wal-message events.
+    pub message_prefix: String,
+    /// Interval of standby status updates.
+    pub status_interval: Duration,
+    /// Wait for a busy slot.
+    pub slot_busy_timeout: Duration,
+    /// How often a standby tries to become the leader.
+    pub leader_retry: Duration,
+    /// Received-but-unconfirmed events at most before the stream is paused.
+    pub max_in_flight_events: usize,
+    /// How often lag is sampled.
+    pub lag_sample_interval: Duration,
+    /// Retained-WAL budget in bytes.
+    pub retained_wal_budget_bytes: Option<u64>,
+    /// What happens over the budget.
+    pub over_budget: OverBudget,
+}
+
+impl WalConfig {
+    /// The settings of the [`crate::source::wal::WalSource`] for `database`.
+    pub fn source_config(&self, database: &DatabaseConfig) -> crate::source::wal::WalSourceConfig {
+        let mut config = crate::source::wal::WalSourceConfig::new(
+            database.url.clone(),
+            database.schema.clone(),
+            self.slot.clone(),
+            self.publication.clone(),
+        );
+        config.message_prefix = self.message_prefix.clone();
+        config.status_interval = self.status_interval;
+        config.connect_timeout = database.connect_timeout;
+        config.slot_busy_timeout = self.slot_busy_timeout;
+        config
+    }
+}
+
 /// Which sink to publish to, with its settings.
 #[derive(Clone, Debug)]
 #[non_exhaustive]
@@ -328,6 +410,8 @@ pub struct RelayConfig {
     pub polling: PollingConfig,
     /// Pipeline.
     pub pipeline: PipelineConfig,
+    /// The WAL source, when `source = "wal"`; `None`: the polling source.
+    pub wal: Option<WalConfig>,
     /// Sink.
     pub sink: SinkConfig,
     /// Event → destination and key.
@@ -368,15 +452,40 @@ impl RawConfig {
         let database = validate_database(self.database)?;
         let polling = validate_polling(self.polling)?;
         let pipeline = validate_pipeline(self.pipeline)?;
-        if let Some(source) = self.source.as_deref()
-            && source != "polling"
-        {
-            return Err(invalid(
-                "source",
-                format!("unknown source {source:?}"),
-                "use \"polling\"",
-            ));
-        }
+        let wal = match self.source.as_deref().unwrap_or("polling") {
+            "polling" => {
+                if self.wal.is_some() {
+                    return Err(invalid(
+                        "wal",
+                        "is set but source is \"polling\"",
+                        "set source = \"wal\", or remove the [wal] section",
+                    ));
+                }
+                None
+            }
+            "wal" => {
+                if pipeline.poison_policy == PoisonPolicy::Block {
+                    return Err(invalid(
+                        "pipeline.poison_policy",
+                        "\"block\" cannot be used with source = \"wal\": a blocked event would hold the slot's \
+                         confirmed position, and PostgreSQL would keep WAL without bound",
+                        "use poison_policy = \"skip\" (dead-letter table) with the WAL source, or the polling source",
+                    ));
+                }
+                Some(validate_wal(
+                    self.wal.unwrap_or_default(),
+                    &database,
+                    polling.batch_size,
+                )?)
+            }
+            other => {
+                return Err(invalid(
+                    "source",
+                    format!("unknown source {other:?}"),
+                    "use \"polling\" or \"wal\"",
+                ));
+            }
+        };
         let sink_name = self.sink.as_deref().unwrap_or("rabbitmq");
         let (sink, router) = match sink_name {
             #[cfg(feature = "rabbitmq")]
@@ -418,6 +527,7 @@ impl RawConfig {
             database,
             polling,
             pipeline,
+            wal,
             sink,
             router,
             instance_id,
@@ -564,6 +674,97 @@ fn validate_polling(raw: RawPolling) -> Result<PollingConfig, ConfigError> {
         lease,
         settle,
     })
+}
+
+fn validate_wal(
+    raw: RawWal,
+    database: &DatabaseConfig,
+    batch_size: usize,
+) -> Result<WalConfig, ConfigError> {
+    let default_name = format!("outbox_relay_{}", database.schema.as_str().to_lowercase());
+    let max_in_flight_events = raw.max_in_flight_events.unwrap_or(batch_size);
+    if !(1..=100_000).contains(&max_in_flight_events) {
+        return Err(invalid(
+            "wal.max_in_flight_events",
+            format!("{max_in_flight_events} is out of range"),
+            "use 1 to 100000 (default: polling.batch_size)",
+        ));
+    }
+    let over_budget = match raw.over_budget.as_deref().unwrap_or("warn") {
+        "warn" => OverBudget::Warn,
+        "fallback-polling" => OverBudget::FallbackPolling,
+        other => {
+            return Err(invalid(
+                "wal.over_budget",
+                format!("unknown action {other:?}"),
+                "use \"warn\" or \"fallback-polling\"",
+            ));
+        }
+    };
+    if raw.over_budget.is_some() && raw.retained_wal_budget_bytes.is_none() {
+        return Err(invalid(
+            "wal.over_budget",
+            "is set without a budget",
+            "set wal.retained_wal_budget_bytes too, or remove over_budget",
+        ));
+    }
+    if raw.retained_wal_budget_bytes == Some(0) {
+        return Err(invalid(
+            "wal.retained_wal_budget_bytes",
+            "must be positive",
+            "use a size in bytes, e.g. 10737418240 for 10 GiB, or leave it unset",
+        ));
+    }
+    let config = WalConfig {
+        slot: raw.slot.unwrap_or_else(|| default_name.clone()),
+        publication: raw.publication.unwrap_or(default_name),
+        message_prefix: raw
+            .message_prefix
+            .unwrap_or_else(|| crate::source::wal::DEFAULT_MESSAGE_PREFIX.to_owned()),
+        status_interval: ms(
+            "wal.status_interval_ms",
+            raw.status_interval_ms,
+            crate::source::wal::DEFAULT_STATUS_INTERVAL_MS,
+            10,
+            600_000,
+        )?,
+        slot_busy_timeout: ms(
+            "wal.slot_busy_timeout_ms",
+            raw.slot_busy_timeout_ms,
+            crate::source::wal::DEFAULT_SLOT_BUSY_TIMEOUT_MS,
+            0,
+            3_600_000,
+        )?,
+        leader_retry: ms(
+            "wal.leader_retry_ms",
+            raw.leader_retry_ms,
+            1_000,
+            10,
+            600_000,
+        )?,
+        max_in_flight_events,
+        lag_sample_interval: ms(
+            "wal.lag_sample_interval_ms",
+            raw.lag_sample_interval_ms,
+            5_000,
+            10,
+            3_600_000,
+        )?,
+        retained_wal_budget_bytes: raw.retained_wal_budget_bytes,
+        over_budget,
+    };
+    config
+        .source_config(database)
+        .validate()
+        .map_err(|error| match error {
+            crate::source::wal::WalError::InvalidConfig {
+                field,
+                problem,
+                fix,
+            } => invalid(field, problem, fix),
+            other => invalid("wal", other.to_string(), "check the [wal] section"),
+        })?;
+    Ok(config)
 }
 
 fn validate_pipeline(raw: RawPipeline) -> Result<PipelineConfig, ConfigError> {

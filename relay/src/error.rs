@@ -39,6 +39,10 @@ pub enum RelayError {
     #[error("cannot start the sink: {0}")]
     Sink(#[from] SinkError),
 
+    /// The WAL source failed in a way that needs an operator (slot, publication, decoding).
+    #[error(transparent)]
+    Wal(Box<crate::source::wal::WalError>),
+
     /// An error from outbox-core (schema, migrations).
     #[error(transparent)]
     Core(#[from] outbox_core::Error),

@@ -39,6 +39,7 @@ pub mod resilience;
 pub mod route;
 pub mod sink;
 pub mod source;
+mod wal_pipeline;
 
 pub use config::{RawConfig, RelayConfig};
 pub use error::{RelayError, Result};
@@ -47,9 +48,9 @@ pub use pipeline::{RelayStats, RunSummary};
 use config::{DatabaseConfig, SinkConfig};
 use error::RelayError as E;
 
-/// Open a pool with the relay's connection settings (timeouts, application name).
-pub async fn connect_pool(database: &DatabaseConfig, max_connections: u32) -> Result<PgPool> {
-    let options: PgConnectOptions = database
+/// The relay's connection settings (timeouts, application name) for `database`.
+pub(crate) fn connect_options(database: &DatabaseConfig) -> Result<PgConnectOptions> {
+    Ok(database
         .url
         .parse::<PgConnectOptions>()
         .map_err(|source| E::Database {
@@ -61,7 +62,12 @@ pub async fn connect_pool(database: &DatabaseConfig, max_connections: u32) -> Re
             "statement_timeout",
             database.statement_timeout.as_millis().to_string(),
         )])
-        .disable_statement_logging();
+        .disable_statement_logging())
+}
+
+/// Open a pool with the relay's connection settings (timeouts, application name).
+pub async fn connect_pool(database: &DatabaseConfig, max_connections: u32) -> Result<PgPool> {
+    let options = connect_options(database)?;
     PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(database.connect_timeout)
@@ -130,25 +136,8 @@ pub async fn run_with_sink<S: sink::Sink>(
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> Result<RunSummary> {
     // Bulkheads: claiming (and LISTEN) and settling use separate pools.
-    let claim_pool = connect_pool(&config.database, 3).await?;
     let settle_pool = connect_pool(&config.database, config.database.pool_size).await?;
-    check_schema(&claim_pool, &config.database).await?;
-    let mut source =
-        source::polling::PollingSource::new(claim_pool, settle_pool.clone(), config.clone())
-            .await?;
-    let wakeup = source.take_wakeup();
-    let leases = Arc::new(source::lease::PartitionLeases::new(
-        &config.database.schema,
-        config.instance_id.clone(),
-        config.polling.partitions,
-        config.polling.lease,
-    ));
-    tracing::info!(
-        instance = %config.instance_id,
-        schema = %config.database.schema,
-        partitions = config.polling.partitions,
-        "relay starting"
-    );
+    check_schema(&settle_pool, &config.database).await?;
     let stats = Arc::new(RelayStats::default());
     let ops = config.ops_listen_addr.map(|addr| {
         let (stats, pool, schema, shutdown) = (
@@ -163,10 +152,57 @@ pub async fn run_with_sink<S: sink::Sink>(
             }
         })
     });
-    let result = pipeline::Pipeline {
+    let sink = Arc::new(sink);
+    let result = match config.wal.clone() {
+        None => run_polling(&config, sink, settle_pool, stats, shutdown).await,
+        Some(wal) => {
+            let rows = source::wal_rows::WalRows::new(settle_pool.clone(), &config.database);
+            wal_pipeline::WalRelay {
+                config,
+                wal,
+                sink,
+                rows,
+                stats,
+            }
+            .run(shutdown, settle_pool)
+            .await
+        }
+    };
+    if let Some(ops) = ops {
+        ops.abort();
+    }
+    result
+}
+
+/// The polling source's relay loop (also the WAL source's fallback).
+pub(crate) async fn run_polling<S: sink::Sink>(
+    config: &RelayConfig,
+    sink: Arc<S>,
+    settle_pool: PgPool,
+    stats: Arc<RelayStats>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) -> Result<RunSummary> {
+    let claim_pool = connect_pool(&config.database, 3).await?;
+    let mut source =
+        source::polling::PollingSource::new(claim_pool, settle_pool.clone(), config.clone())
+            .await?;
+    let wakeup = source.take_wakeup();
+    let leases = Arc::new(source::lease::PartitionLeases::new(
+        &config.database.schema,
+        config.instance_id.clone(),
+        config.polling.partitions,
+        config.polling.lease,
+    ));
+    tracing::info!(
+        instance = %config.instance_id,
+        schema = %config.database.schema,
+        partitions = config.polling.partitions,
+        "relay starting with the polling source"
+    );
+    pipeline::Pipeline {
         source: Arc::new(source),
         wakeup: Some(wakeup),
-        sink: Arc::new(sink),
+        sink,
         router: config.router.clone(),
         config: config.pipeline.clone(),
         settle: config.polling.settle,
@@ -175,9 +211,5 @@ pub async fn run_with_sink<S: sink::Sink>(
         stats,
     }
     .run(shutdown)
-    .await;
-    if let Some(ops) = ops {
-        ops.abort();
-    }
-    result
+    .await
 }

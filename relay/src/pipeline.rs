@@ -54,6 +54,18 @@ pub struct RelayStats {
     pub database_reachable: std::sync::atomic::AtomicBool,
     /// Unix time in milliseconds of the relay loop's last turn.
     pub last_heartbeat_ms: AtomicU64,
+    /// Whether the relay runs the WAL source.
+    pub wal_mode: std::sync::atomic::AtomicBool,
+    /// Whether this instance leads its replication slot (WAL source).
+    pub wal_leader: std::sync::atomic::AtomicBool,
+    /// WAL written after the slot's confirmed position, in bytes (sampled).
+    pub wal_lag_bytes: std::sync::atomic::AtomicI64,
+    /// WAL the slot keeps on the server, in bytes (sampled).
+    pub wal_retained_bytes: std::sync::atomic::AtomicI64,
+    /// The last position confirmed to the slot.
+    pub wal_confirmed_lsn: AtomicU64,
+    /// Times the slot was found lost and recovered from the table.
+    pub wal_slot_losses: AtomicU64,
 }
 
 /// A snapshot of [`RelayStats`], returned when the relay stops.
@@ -104,7 +116,7 @@ impl RelayStats {
         }
     }
 
-    fn summary(&self) -> RunSummary {
+    pub(crate) fn summary(&self) -> RunSummary {
         RunSummary {
             published: self.published.load(Ordering::Relaxed),
             dead_lettered: self.dead_lettered.load(Ordering::Relaxed),

@@ -33,6 +33,7 @@ pub fn raw_config(test: &TestSchema, exchange: &str) -> RawConfig {
             shutdown_grace_ms: Some(10_000),
             ..Default::default()
         },
+        wal: None,
         kafka: None,
         rabbitmq: Some(RawRabbitMq {
             url: Some(crate::amqp::amqp_url()),

@@ -376,8 +376,9 @@ impl PollingSource {
     }
 }
 
+/// An outbox row as the claim query (and the WAL source's table drain) selects it.
 #[derive(sqlx::FromRow)]
-struct ClaimRow {
+pub(crate) struct ClaimRow {
     sequence: i64,
     event_id: uuid::Uuid,
     aggregate_type: String,
@@ -393,7 +394,7 @@ struct ClaimRow {
 }
 
 impl ClaimRow {
-    fn into_claimed(self) -> Result<ClaimedEvent> {
+    pub(crate) fn into_claimed(self) -> Result<ClaimedEvent> {
         // Rows written by other writers (SQL, other languages) may carry non-string header
         // values; carry them as their JSON text rather than dropping or failing the event.
         let headers: Headers = match self.headers {

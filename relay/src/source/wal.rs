@@ -541,10 +541,7 @@ impl From<WalError> for RelayError {
                 timeout_ms,
             },
             WalError::Core(error) => RelayError::Core(error),
-            other => RelayError::Database {
-                operation: "streaming logical replication",
-                source: sqlx::Error::Io(std::io::Error::other(other)),
-            },
+            other => RelayError::Wal(Box::new(other)),
         }
     }
 }

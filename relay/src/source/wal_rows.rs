@@ -1,0 +1,194 @@
+//! What the WAL relay does with outbox table rows: delete the rows of
+//! confirmed transactions, dead-letter poison events, and read the rows a new
+//! slot cannot see (the table drain after the slot was created or lost).
+//!
+//! Order of settling: rows are deleted *before* the slot's position is
+//! confirmed. So every event the broker has not confirmed still has its row
+//! (table mode), and a lost slot can always be recovered from the table; a
+//! crash between the delete and the confirm only re-sends events from the WAL.
+
+use std::time::Duration;
+
+use sqlx::{AssertSqlSafe, PgPool};
+
+use crate::config::DatabaseConfig;
+use crate::error::{Result, db_call};
+use crate::event::OutboxEvent;
+use crate::source::polling::ClaimRow;
+
+/// SQL on the outbox tables of one schema, for the WAL relay.
+#[derive(Debug, Clone)]
+pub struct WalRows {
+    pool: PgPool,
+    timeout: Duration,
+    delete: String,
+    dead_letter: String,
+    high_water: String,
+    page: String,
+}
+
+impl WalRows {
+    /// Statements for `database`'s schema, run on `pool`.
+    pub fn new(pool: PgPool, database: &DatabaseConfig) -> Self {
+        let outbox = database.schema.qualify("outbox");
+        let dead = database.schema.qualify("outbox_dead_letter");
+        WalRows {
+            pool,
+            timeout: database.statement_timeout + Duration::from_secs(5),
+            delete: format!("delete from {outbox} where sequence = any($1::int8[])"),
+            dead_letter: format!(
+                "with moved as (delete from {outbox} where sequence = $1 and $2) \
+                 insert into {dead} (sequence, event_id, aggregate_type, aggregate_id, event_type, partition_key, \
+                                     destination, payload, headers, created_at, attempts, last_error, \
+                                     first_failed_at, last_failed_at) \
+                 values ($1, $3, $4, $5, $6, $7, $8, $9::text::jsonb, $10, $11, $12, $13, now(), now()) \
+                 on conflict (event_id) do update set attempts = excluded.attempts, \
+                        last_error = excluded.last_error, last_failed_at = excluded.last_failed_at, \
+                        dead_lettered_at = now()"
+            ),
+            high_water: format!("select coalesce(max(sequence), 0) from {outbox}"),
+            page: format!(
+                "select o.sequence, o.event_id, o.aggregate_type, o.aggregate_id, o.event_type, o.partition_key, \
+                        o.destination, o.payload::text as payload, o.headers, o.created_at, o.attempts, \
+                        0::int8 as partition \
+                 from {outbox} o \
+                 where o.sequence > $1 and o.sequence <= $2 and o.published_at is null \
+                 order by o.sequence limit $3"
+            ),
+        }
+    }
+
+    /// Delete the rows of confirmed events.
+    pub async fn delete(&self, sequences: &[i64]) -> Result<u64> {
+        if sequences.is_empty() {
+            return Ok(0);
+        }
+        Ok(db_call(
+            "deleting relayed outbox rows",
+            self.timeout,
+            sqlx::query(AssertSqlSafe(self.delete.as_str()))
+                .bind(sequences)
+                .execute(&self.pool),
+        )
+        .await?
+        .rows_affected())
+    }
+
+    /// Move `event` to the dead-letter table with its last error; its row, if it
+    /// has one (`has_row`), is deleted in the same statement.
+    pub async fn dead_letter(
+        &self,
+        event: &OutboxEvent,
+        has_row: bool,
+        attempts: u32,
+        error: &str,
+    ) -> Result<()> {
+        let headers = serde_json::to_value(&event.headers).unwrap_or(serde_json::Value::Null);
+        let payload = String::from_utf8_lossy(&event.payload);
+        db_call(
+            "dead-lettering an event",
+            self.timeout,
+            sqlx::query(AssertSqlSafe(self.dead_letter.as_str()))
+                .bind(event.sequence)
+                .bind(has_row)
+                .bind(event.event_id.as_uuid())
+                .bind(&event.aggregate_type)
+                .bind(&event.aggregate_id)
+                .bind(&event.event_type)
+                .bind(&event.partition_key)
+                .bind(&event.destination)
+                .bind(payload.as_ref())
+                .bind(headers)
+                .bind(event.created_at)
+                .bind(i32::try_from(attempts).unwrap_or(i32::MAX))
+                .bind(error)
+                .execute(&self.pool),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// The highest sequence in the table now: after a slot was created, rows at
+    /// or below it that are visible now committed before the slot's start.
+    pub async fn high_water(&self) -> Result<i64> {
+        db_call(
+            "reading the outbox high-water mark",
+            self.timeout,
+            sqlx::query_scalar(AssertSqlSafe(self.high_water.as_str())).fetch_one(&self.pool),
+        )
+        .await
+    }
+
+    /// Up to `limit` rows with `after < sequence <= upto`, in sequence order.
+    pub async fn page(&self, after: i64, upto: i64, limit: usize) -> Result<Vec<OutboxEvent>> {
+        let rows: Vec<ClaimRow> = db_call(
+            "reading outbox rows the slot cannot see",
+            self.timeout,
+            sqlx::query_as(AssertSqlSafe(self.page.as_str()))
+                .bind(after)
+                .bind(upto)
+                .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+                .fetch_all(&self.pool),
+        )
+        .await?;
+        rows.into_iter()
+            .map(|row| row.into_claimed().map(|claimed| claimed.event))
+            .collect()
+    }
+
+    /// Drop the replication slot `slot` once no session streams from it, and the
+    /// recorded position `position_row` with it (a new slot starts afresh).
+    pub async fn drop_slot(
+        &self,
+        slot: &str,
+        position_row: &str,
+        leases_table: &str,
+    ) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        loop {
+            let dropped = db_call(
+                "dropping the replication slot",
+                self.timeout,
+                sqlx::query_scalar::<_, i64>(
+                    "select count(pg_drop_replication_slot(slot_name)) from pg_replication_slots \
+                     where slot_name = $1 and active_pid is null",
+                )
+                .bind(slot)
+                .fetch_one(&self.pool),
+            )
+            .await;
+            let gone: bool = db_call(
+                "checking the replication slot",
+                self.timeout,
+                sqlx::query_scalar(
+                    "select not exists (select 1 from pg_replication_slots where slot_name = $1)",
+                )
+                .bind(slot)
+                .fetch_one(&self.pool),
+            )
+            .await?;
+            if gone {
+                break;
+            }
+            if tokio::time::Instant::now() > deadline {
+                dropped?;
+                return Err(crate::error::RelayError::DatabaseTimeout {
+                    operation: "dropping the replication slot (a session still streams from it)",
+                    timeout_ms: self.timeout.as_millis() as u64,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        db_call(
+            "forgetting the slot's recorded position",
+            self.timeout,
+            sqlx::query(AssertSqlSafe(format!(
+                "delete from {leases_table} where name = $1"
+            )))
+            .bind(position_row)
+            .execute(&self.pool),
+        )
+        .await?;
+        Ok(())
+    }
+}

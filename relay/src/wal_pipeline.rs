@@ -1,0 +1,923 @@
+//! The relay loop of the WAL source: one leader per slot streams committed
+//! transactions, publishes their events in per-key lanes and confirms the slot
+//! position over a contiguous prefix of fully delivered transactions.
+//!
+//! * **Leader**: an advisory lock per slot ([`Leadership`]); standbys retry it.
+//! * **Start**: a healthy slot streams from its recorded confirmed position. A
+//!   slot the source had to create (first start) or re-create (it was dropped
+//!   or invalidated: reported loudly, never silent) cannot see rows already in
+//!   the table, so those are published from the table first (the *table
+//!   drain*, in sequence order), then the stream follows. Rows committed after
+//!   the new slot's start may come twice, never not at all.
+//! * **Lanes**: events of one partition key are published one after another in
+//!   commit order; keys publish concurrently up to `pipeline.max_in_flight`.
+//!   Broker trouble is retried in place (the lane's key waits, with backoff and
+//!   the circuit breaker); an event the broker rejects is retried up to
+//!   `pipeline.max_attempts` and then dead-lettered, and its key moves on.
+//! * **Confirming**: a transaction is done when each of its events is delivered
+//!   or dead-lettered. The done prefix of transactions in commit order is
+//!   settled: its table rows are deleted, *then* its end LSN is confirmed to the
+//!   slot. So an unconfirmed event always has its row (table mode), and a crash
+//!   at any point only re-sends events.
+//! * **Window**: at most `wal.max_in_flight_events` received-but-unfinished
+//!   events (one transaction can exceed it; the stream then pauses until it is done).
+//! * **Errors**: a broken stream or lost database ends the session (lanes get a
+//!   short grace to finish) and a new one resumes from the confirmed position.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::config::{OverBudget, PipelineConfig, RelayConfig, WalConfig};
+use crate::error::{RelayError, Result};
+use crate::event::OutboxEvent;
+use crate::pipeline::{RelayStats, RunSummary};
+use crate::resilience::{Backoff, CircuitBreaker};
+use crate::route::Router;
+use crate::sink::{Outcome, Sink};
+use crate::source::leader::Leadership;
+use crate::source::wal::{Lsn, SlotMonitor, WalError, WalSource, WalStart, WalTransaction};
+use crate::source::wal_rows::WalRows;
+
+/// Events handed to one lane task at a time (progress is reported per chunk).
+const LANE_CHUNK: usize = 128;
+/// Settle (delete rows, confirm) at least this often while work is done.
+const SETTLE_INTERVAL: Duration = Duration::from_millis(20);
+/// Settle at once when this many rows wait.
+const SETTLE_MAX_ROWS: usize = 2_000;
+/// How often the leader checks that its lock session is alive.
+const LEADER_CHECK_INTERVAL: Duration = Duration::from_secs(2);
+/// Longest time lanes get to finish when a session ends because of an error.
+const RESTART_GRACE: Duration = Duration::from_secs(5);
+/// Rows read per page of the table drain.
+const DRAIN_PAGE: usize = 1_000;
+
+/// The WAL relay of one instance.
+pub(crate) struct WalRelay<S: Sink> {
+    pub(crate) config: RelayConfig,
+    pub(crate) wal: WalConfig,
+    pub(crate) sink: Arc<S>,
+    pub(crate) rows: WalRows,
+    pub(crate) stats: Arc<RelayStats>,
+}
+
+/// How a streaming session ended.
+#[derive(Debug)]
+pub(crate) enum SessionEnd {
+    /// Shutdown requested; everything possible was settled.
+    Shutdown,
+    /// The retained-WAL budget was exceeded with `over_budget = "fallback-polling"`.
+    Fallback,
+    /// Something went wrong that a new session can get past.
+    Restart(String),
+}
+
+/// One event on its way through a lane.
+#[derive(Debug)]
+struct Item {
+    unit: u64,
+    event: OutboxEvent,
+    has_row: bool,
+    attempts: u32,
+}
+
+/// What a lane task finished: per event, its unit and whether it was delivered
+/// (`false`: dead-lettered).
+#[derive(Debug)]
+struct LaneDone {
+    key: String,
+    finished: Vec<(u64, bool)>,
+}
+
+/// One transaction (or one page of the table drain) in flight.
+#[derive(Debug)]
+struct Unit {
+    end_lsn: Option<Lsn>,
+    remaining: usize,
+    delivered: u64,
+    rows: Vec<i64>,
+}
+
+/// Units in commit order; the done prefix is settled.
+#[derive(Debug, Default)]
+struct Tracker {
+    base: u64,
+    units: VecDeque<Unit>,
+    in_flight: usize,
+}
+
+/// The done prefix of the tracker, to settle.
+#[derive(Debug, Default)]
+struct DonePrefix {
+    units: usize,
+    rows: Vec<i64>,
+    end_lsn: Option<Lsn>,
+    delivered: u64,
+}
+
+impl Tracker {
+    fn push(&mut self, end_lsn: Option<Lsn>, events: usize, rows: Vec<i64>) -> u64 {
+        let index = self.base + self.units.len() as u64;
+        self.units.push_back(Unit {
+            end_lsn,
+            remaining: events,
+            delivered: 0,
+            rows,
+        });
+        self.in_flight += events;
+        index
+    }
+
+    fn finish(&mut self, unit: u64, delivered: bool) {
+        let Some(entry) = unit
+            .checked_sub(self.base)
+            .and_then(|offset| self.units.get_mut(offset as usize))
+        else {
+            tracing::error!(unit, "a lane finished an event of an unknown transaction");
+            return;
+        };
+        entry.remaining = entry.remaining.saturating_sub(1);
+        if delivered {
+            entry.delivered += 1;
+        }
+        self.in_flight = self.in_flight.saturating_sub(1);
+    }
+
+    fn done_prefix(&self) -> DonePrefix {
+        let mut prefix = DonePrefix::default();
+        for unit in self.units.iter().take_while(|unit| unit.remaining == 0) {
+            prefix.units += 1;
+            prefix.rows.extend_from_slice(&unit.rows);
+            prefix.end_lsn = unit.end_lsn.or(prefix.end_lsn);
+            prefix.delivered += unit.delivered;
+        }
+        prefix
+    }
+
+    fn pop(&mut self, units: usize) {
+        for _ in 0..units {
+            self.units.pop_front();
+        }
+        self.base += units as u64;
+    }
+
+    fn done_rows(&self) -> usize {
+        self.units
+            .iter()
+            .take_while(|unit| unit.remaining == 0)
+            .map(|unit| unit.rows.len().max(1))
+            .sum()
+    }
+}
+
+/// Shared by the lane tasks of a session.
+struct LaneContext<S: Sink> {
+    publishing: tokio::sync::Semaphore,
+    sink: Arc<S>,
+    router: Router,
+    config: PipelineConfig,
+    rows: WalRows,
+    breaker: std::sync::Mutex<CircuitBreaker>,
+    stats: Arc<RelayStats>,
+}
+
+/// What woke the session loop.
+enum Step {
+    Shutdown,
+    OverBudget,
+    Lane(Option<LaneDone>),
+    Tick,
+    CheckLeader,
+    Transaction(std::result::Result<Option<WalTransaction>, WalError>),
+}
+
+/// The table drain: rows `after < sequence <= upto` still to publish.
+#[derive(Debug, Clone, Copy)]
+struct Drain {
+    after: i64,
+    upto: i64,
+}
+
+fn is_retryable(error: &RelayError) -> bool {
+    match error {
+        RelayError::Database { source, .. } => {
+            !matches!(source, sqlx::Error::Configuration(_) | sqlx::Error::Tls(_))
+        }
+        RelayError::DatabaseTimeout { .. } => true,
+        RelayError::Wal(error) => error.is_retryable(),
+        _ => false,
+    }
+}
+
+/// A WAL error as a session end: retryable ones restart the session.
+fn wal_end(error: WalError) -> Result<SessionEnd> {
+    if error.is_retryable() {
+        Ok(SessionEnd::Restart(error.to_string()))
+    } else {
+        Err(error.into())
+    }
+}
+
+impl<S: Sink> WalRelay<S> {
+    /// Elect, stream, restart after errors; on fallback, drop the slot and poll.
+    pub(crate) async fn run(
+        self,
+        mut shutdown: watch::Receiver<bool>,
+        settle_pool: sqlx::PgPool,
+    ) -> Result<RunSummary> {
+        let source_config = self.wal.source_config(&self.config.database);
+        let lock_name = format!(
+            "{}:{}",
+            self.config.database.schema,
+            source_config.leader_lease_name()
+        );
+        let mut backoff = Backoff::new(
+            self.config.pipeline.retry_backoff_initial,
+            self.config.pipeline.retry_backoff_max,
+        );
+        self.stats.wal_mode.store(true, Ordering::Relaxed);
+        self.stats.beat();
+        tracing::info!(
+            instance = %self.config.instance_id,
+            schema = %self.config.database.schema,
+            slot = %self.wal.slot,
+            publication = %self.wal.publication,
+            "relay starting with the WAL source"
+        );
+        let end = loop {
+            let Some(mut leadership) = Leadership::acquire(
+                &self.config.database,
+                &lock_name,
+                self.wal.leader_retry,
+                &self.stats,
+                &mut shutdown,
+            )
+            .await?
+            else {
+                break SessionEnd::Shutdown;
+            };
+            self.stats.wal_leader.store(true, Ordering::Relaxed);
+            let started = Instant::now();
+            let result = self.session(&mut leadership, &mut shutdown).await;
+            self.stats.wal_leader.store(false, Ordering::Relaxed);
+            leadership.release().await;
+            let reason = match result {
+                Ok(SessionEnd::Restart(reason)) => reason,
+                Ok(end) => break end,
+                Err(error) if is_retryable(&error) => error.to_string(),
+                Err(error) => {
+                    self.sink.close().await;
+                    return Err(error);
+                }
+            };
+            if started.elapsed() > Duration::from_secs(60) {
+                backoff.reset();
+            }
+            let delay = backoff.next_delay();
+            self.stats
+                .database_reachable
+                .store(false, Ordering::Relaxed);
+            tracing::warn!(
+                reason,
+                retry_in_ms = delay.as_millis() as u64,
+                "WAL session ended; starting a new one"
+            );
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = shutdown.changed() => {}
+            }
+            if *shutdown.borrow() {
+                break SessionEnd::Shutdown;
+            }
+        };
+        if let SessionEnd::Fallback = end {
+            let source_config = self.wal.source_config(&self.config.database);
+            self.rows
+                .drop_slot(
+                    &self.wal.slot,
+                    &source_config.position_row_name(),
+                    &self.config.database.schema.qualify("relay_lease"),
+                )
+                .await?;
+            tracing::error!(
+                slot = %self.wal.slot,
+                "retained-WAL budget exceeded: dropped the replication slot and switched to the polling source \
+                 for the rest of this run (every table row is still there; wal-message events not yet relayed are lost). \
+                 Restarting the relay starts the WAL source again with a new slot."
+            );
+            self.stats.wal_mode.store(false, Ordering::Relaxed);
+            return crate::run_polling(&self.config, self.sink, settle_pool, self.stats, shutdown)
+                .await;
+        }
+        self.sink.close().await;
+        let summary = self.stats.summary();
+        tracing::info!(?summary, "relay stopped");
+        Ok(summary)
+    }
+
+    /// Start the source (recovering a lost slot), run the stream, close it.
+    async fn session(
+        &self,
+        leadership: &mut Leadership,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<SessionEnd> {
+        let source_config = self.wal.source_config(&self.config.database);
+        let mut source = match WalSource::start(source_config).await {
+            Ok(WalStart::Ready(source)) => source,
+            Ok(WalStart::SlotLost(lost)) => {
+                self.stats.wal_slot_losses.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(
+                    slot = %self.wal.slot,
+                    reason = %lost.reason,
+                    last_confirmed_lsn = %lost.last_confirmed_lsn,
+                    "the replication slot was lost; recovering: a new slot is created first, then every row \
+                     still in the outbox table is published, then the stream. Events written in wal-message mode \
+                     after the last confirmed position cannot be recovered."
+                );
+                match lost.recreate_slot().await {
+                    Ok(source) => source,
+                    Err(error) => return wal_end(error),
+                }
+            }
+            Err(error) => return wal_end(error),
+        };
+        self.stats.database_reachable.store(true, Ordering::Relaxed);
+        let drain = if source.created_slot() {
+            let upto = match self.rows.high_water().await {
+                Ok(upto) => upto,
+                Err(error) => {
+                    let _ = source.shutdown().await;
+                    return if is_retryable(&error) {
+                        Ok(SessionEnd::Restart(error.to_string()))
+                    } else {
+                        Err(error)
+                    };
+                }
+            };
+            tracing::info!(
+                slot = %self.wal.slot,
+                up_to_sequence = upto,
+                "new slot: publishing the rows already in the outbox table before the stream"
+            );
+            (upto > 0).then_some(Drain { after: 0, upto })
+        } else {
+            None
+        };
+        let (over_tx, over_rx) = watch::channel(false);
+        let sampler = tokio::spawn(sample_slot(
+            source.monitor(),
+            self.stats.clone(),
+            self.wal.clone(),
+            over_tx,
+        ));
+        let result = self
+            .stream(&mut source, drain, leadership, shutdown, over_rx)
+            .await;
+        sampler.abort();
+        let graceful = matches!(result, Ok(SessionEnd::Shutdown | SessionEnd::Fallback));
+        match source.shutdown().await {
+            Ok(position) => {
+                tracing::info!(slot = %self.wal.slot, %position, "replication stream closed")
+            }
+            Err(error) if graceful => {
+                tracing::warn!(%error, "could not record the final position; the last transactions will be sent again")
+            }
+            Err(error) => tracing::debug!(%error, "closing the broken stream"),
+        }
+        result
+    }
+
+    /// The session loop: read, dispatch to lanes, settle the done prefix.
+    async fn stream(
+        &self,
+        source: &mut WalSource,
+        mut drain: Option<Drain>,
+        leadership: &mut Leadership,
+        shutdown: &mut watch::Receiver<bool>,
+        mut over_budget: watch::Receiver<bool>,
+    ) -> Result<SessionEnd> {
+        let context = Arc::new(LaneContext {
+            publishing: tokio::sync::Semaphore::new(self.config.pipeline.max_in_flight),
+            sink: self.sink.clone(),
+            router: self.config.router.clone(),
+            config: self.config.pipeline.clone(),
+            rows: self.rows.clone(),
+            breaker: std::sync::Mutex::new(CircuitBreaker::new(
+                self.config.pipeline.breaker_failure_threshold,
+                self.config.pipeline.retry_backoff_initial,
+                self.config.pipeline.retry_backoff_max,
+            )),
+            stats: self.stats.clone(),
+        });
+        let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<LaneDone>();
+        let mut lanes = Lanes::default();
+        let mut tracker = Tracker::default();
+        let mut settle_tick = tokio::time::interval(SETTLE_INTERVAL);
+        settle_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut leader_tick = tokio::time::interval(LEADER_CHECK_INTERVAL);
+        leader_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let status_interval = self.wal.status_interval;
+        let mut last_flush = Instant::now();
+        // Set when the session is ending: why, and since when.
+        let mut ending: Option<(Result<SessionEnd>, Instant, Duration)> = None;
+        let fallback_enabled = self.wal.over_budget == OverBudget::FallbackPolling;
+
+        loop {
+            self.stats.beat();
+            if let Some(error) = lanes.reap() {
+                lanes.abort_all();
+                return Ok(SessionEnd::Restart(error));
+            }
+            if ending.is_none() && *shutdown.borrow() {
+                ending = Some((
+                    Ok(SessionEnd::Shutdown),
+                    Instant::now(),
+                    self.config.pipeline.shutdown_grace,
+                ));
+            }
+            if let Some((_, since, grace)) = &ending {
+                let idle = lanes.is_idle();
+                if idle || since.elapsed() >= *grace {
+                    if !idle {
+                        tracing::warn!(
+                            lanes = lanes.running(),
+                            "grace period over with publishes in flight; they will be sent again"
+                        );
+                        lanes.abort_all();
+                        while let Ok(done) = done_rx.try_recv() {
+                            lanes.finished(done, &mut tracker);
+                        }
+                    }
+                    self.settle(source, &mut tracker).await;
+                    let (end, _, _) = ending.take().unwrap_or((
+                        Ok(SessionEnd::Shutdown),
+                        Instant::now(),
+                        Duration::ZERO,
+                    ));
+                    return end;
+                }
+            }
+            let room = ending.is_none() && tracker.in_flight < self.wal.max_in_flight_events;
+
+            // The table drain goes first, page by page, before any streamed transaction.
+            if room && let Some(current) = drain {
+                match self
+                    .rows
+                    .page(current.after, current.upto, DRAIN_PAGE)
+                    .await
+                {
+                    Ok(page) if page.is_empty() => {
+                        tracing::info!(slot = %self.wal.slot, "table drain dispatched; streaming");
+                        drain = None;
+                    }
+                    Ok(page) => {
+                        let last = page.last().map_or(current.upto, |e| e.sequence);
+                        drain = Some(Drain {
+                            after: last,
+                            upto: current.upto,
+                        });
+                        let rows: Vec<i64> = page.iter().map(|e| e.sequence).collect();
+                        let unit = tracker.push(None, page.len(), rows);
+                        for event in page {
+                            lanes.add(Item {
+                                unit,
+                                event,
+                                has_row: true,
+                                attempts: 0,
+                            });
+                        }
+                        lanes.spawn_ready(&context, &done_tx);
+                    }
+                    Err(error) => {
+                        ending = Some((
+                            Ok(SessionEnd::Restart(error.to_string())),
+                            Instant::now(),
+                            RESTART_GRACE,
+                        ));
+                    }
+                }
+                continue;
+            }
+
+            let read = room && drain.is_none();
+            let step = tokio::select! {
+                biased;
+                _ = shutdown.changed(), if ending.is_none() => Step::Shutdown,
+                _ = over_budget.changed(), if ending.is_none() && fallback_enabled => Step::OverBudget,
+                done = done_rx.recv() => Step::Lane(done),
+                _ = settle_tick.tick() => Step::Tick,
+                _ = leader_tick.tick() => Step::CheckLeader,
+                transaction = source.next_transaction(), if read => Step::Transaction(transaction),
+            };
+            match step {
+                Step::Shutdown => {}
+                Step::OverBudget => {
+                    if *over_budget.borrow() {
+                        ending = Some((
+                            Ok(SessionEnd::Fallback),
+                            Instant::now(),
+                            self.config.pipeline.shutdown_grace,
+                        ));
+                    }
+                }
+                Step::Lane(Some(done)) => {
+                    lanes.finished(done, &mut tracker);
+                    lanes.spawn_ready(&context, &done_tx);
+                    if tracker.done_rows() >= SETTLE_MAX_ROWS {
+                        self.settle(source, &mut tracker).await;
+                    }
+                }
+                Step::Lane(None) => {}
+                Step::Tick => {
+                    self.settle(source, &mut tracker).await;
+                    // While the stream is not read, record and report the position here.
+                    if (!read || ending.is_some()) && last_flush.elapsed() >= status_interval {
+                        last_flush = Instant::now();
+                        if let Err(error) = source.flush().await {
+                            tracing::warn!(%error, "could not record the confirmed position");
+                        }
+                    }
+                }
+                Step::CheckLeader => {
+                    if !leadership.check().await {
+                        lanes.abort_all();
+                        return Ok(SessionEnd::Restart(
+                            "the leader lock's database session was lost".into(),
+                        ));
+                    }
+                }
+                Step::Transaction(Ok(Some(transaction))) => {
+                    last_flush = Instant::now();
+                    self.dispatch(transaction, &mut tracker, &mut lanes);
+                    lanes.spawn_ready(&context, &done_tx);
+                }
+                Step::Transaction(Ok(None)) => {
+                    ending = Some((
+                        Ok(SessionEnd::Restart("the replication stream ended".into())),
+                        Instant::now(),
+                        RESTART_GRACE,
+                    ));
+                }
+                Step::Transaction(Err(error)) => {
+                    let end = wal_end(error);
+                    if let Ok(SessionEnd::Restart(reason)) = &end {
+                        tracing::warn!(
+                            reason,
+                            "replication stream failed; finishing in-flight publishes"
+                        );
+                    }
+                    ending = Some((end, Instant::now(), RESTART_GRACE));
+                }
+            }
+        }
+    }
+
+    fn dispatch(&self, transaction: WalTransaction, tracker: &mut Tracker, lanes: &mut Lanes) {
+        let mut rows = transaction.row_sequences;
+        rows.sort_unstable();
+        let unit = tracker.push(
+            Some(transaction.end_lsn),
+            transaction.events.len(),
+            rows.clone(),
+        );
+        for event in transaction.events {
+            let has_row = rows.binary_search(&event.sequence).is_ok();
+            lanes.add(Item {
+                unit,
+                event,
+                has_row,
+                attempts: 0,
+            });
+        }
+    }
+
+    /// Delete the rows of the done prefix, then confirm its end position.
+    async fn settle(&self, source: &mut WalSource, tracker: &mut Tracker) {
+        let prefix = tracker.done_prefix();
+        if prefix.units == 0 {
+            return;
+        }
+        match self.rows.delete(&prefix.rows).await {
+            Ok(_) => {
+                tracker.pop(prefix.units);
+                if let Some(lsn) = prefix.end_lsn {
+                    source.confirm(lsn);
+                    self.stats
+                        .wal_confirmed_lsn
+                        .store(lsn.as_u64(), Ordering::Relaxed);
+                }
+                self.stats
+                    .published
+                    .fetch_add(prefix.delivered, Ordering::Relaxed);
+                self.stats.database_reachable.store(true, Ordering::Relaxed);
+            }
+            Err(error) => {
+                self.stats.database_errors.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .database_reachable
+                    .store(false, Ordering::Relaxed);
+                tracing::warn!(%error, rows = prefix.rows.len(), "deleting relayed rows failed; the position is not confirmed until it succeeds");
+            }
+        }
+    }
+}
+
+/// Per-key queues and the lane tasks publishing them.
+#[derive(Default)]
+struct Lanes {
+    queued: HashMap<String, VecDeque<Item>>,
+    busy: HashSet<String>,
+    /// Keys with queued events and no running lane.
+    ready: Vec<String>,
+    tasks: tokio::task::JoinSet<()>,
+}
+
+impl Lanes {
+    fn add(&mut self, item: Item) {
+        let key = item.event.partition_key.clone();
+        let queue = self.queued.entry(key.clone()).or_default();
+        if queue.is_empty() && !self.busy.contains(&key) {
+            self.ready.push(key);
+        }
+        queue.push_back(item);
+    }
+
+    fn spawn_ready<S: Sink>(
+        &mut self,
+        context: &Arc<LaneContext<S>>,
+        done_tx: &tokio::sync::mpsc::UnboundedSender<LaneDone>,
+    ) {
+        for key in std::mem::take(&mut self.ready) {
+            let Some(queue) = self.queued.get_mut(&key) else {
+                continue;
+            };
+            let take = queue.len().min(LANE_CHUNK);
+            let items: Vec<Item> = queue.drain(..take).collect();
+            if queue.is_empty() {
+                self.queued.remove(&key);
+            }
+            if items.is_empty() {
+                continue;
+            }
+            self.busy.insert(key.clone());
+            let (context, done_tx) = (context.clone(), done_tx.clone());
+            self.tasks.spawn(async move {
+                let done = context.publish_lane(key, items).await;
+                let _ = done_tx.send(done);
+            });
+        }
+    }
+
+    fn finished(&mut self, done: LaneDone, tracker: &mut Tracker) {
+        for (unit, delivered) in done.finished {
+            tracker.finish(unit, delivered);
+        }
+        self.busy.remove(&done.key);
+        if self.queued.contains_key(&done.key) {
+            self.ready.push(done.key);
+        }
+    }
+
+    /// Reap finished tasks; a panicked lane loses track of its events, which ends the session.
+    fn reap(&mut self) -> Option<String> {
+        while let Some(joined) = self.tasks.try_join_next() {
+            if let Err(error) = joined
+                && error.is_panic()
+            {
+                tracing::error!(%error, "a publishing lane failed; restarting the stream from the confirmed position");
+                return Some(format!("a publishing lane failed: {error}"));
+            }
+        }
+        None
+    }
+
+    fn is_idle(&self) -> bool {
+        self.tasks.is_empty()
+    }
+
+    fn running(&self) -> usize {
+        self.tasks.len()
+    }
+
+    fn abort_all(&mut self) {
+        self.tasks.abort_all();
+    }
+}
+
+impl<S: Sink> LaneContext<S> {
+    /// Publish one key's events in order; each is retried until it is delivered
+    /// or dead-lettered (the session aborts lanes that must stop).
+    async fn publish_lane(&self, key: String, items: Vec<Item>) -> LaneDone {
+        let _permit = self.publishing.acquire().await.ok();
+        let mut done = LaneDone {
+            key,
+            finished: Vec::with_capacity(items.len()),
+        };
+        for mut item in items {
+            let delivered = self.publish_until_done(&mut item).await;
+            done.finished.push((item.unit, delivered));
+        }
+        done
+    }
+
+    /// True when delivered, false when dead-lettered.
+    async fn publish_until_done(&self, item: &mut Item) -> bool {
+        let mut backoff = Backoff::new(
+            self.config.retry_backoff_initial,
+            self.config.retry_backoff_max,
+        );
+        loop {
+            let wait = self
+                .breaker
+                .lock()
+                .map(|mut breaker| breaker.wait())
+                .unwrap_or_default();
+            if !wait.is_zero() {
+                self.stats.breaker_state.store(1, Ordering::Relaxed);
+                tokio::time::sleep(wait).await;
+                continue;
+            }
+            let route = self.router.route(&item.event);
+            match self.sink.publish(&item.event, &route).await {
+                Outcome::Delivered => {
+                    if let Ok(mut breaker) = self.breaker.lock() {
+                        breaker.record_success();
+                        self.stats
+                            .breaker_state
+                            .store(breaker.state().as_gauge() as u64, Ordering::Relaxed);
+                    }
+                    return true;
+                }
+                Outcome::Retry(error) => {
+                    self.stats
+                        .transient_failures
+                        .fetch_add(1, Ordering::Relaxed);
+                    if let Ok(mut breaker) = self.breaker.lock() {
+                        let state = breaker.record_failure();
+                        self.stats
+                            .breaker_state
+                            .store(state.as_gauge() as u64, Ordering::Relaxed);
+                    }
+                    let delay = backoff.next_delay();
+                    tracing::debug!(sequence = item.event.sequence, %error, retry_in_ms = delay.as_millis() as u64, "publish failed transiently");
+                    tokio::time::sleep(delay).await;
+                }
+                Outcome::Rejected(error) => {
+                    self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                    item.attempts += 1;
+                    if item.attempts >= self.config.max_attempts {
+                        self.dead_letter(item, &error.message).await;
+                        return false;
+                    }
+                    let delay = Backoff::delay_for(
+                        self.config.retry_backoff_initial,
+                        self.config.retry_backoff_max,
+                        item.attempts - 1,
+                    );
+                    tracing::warn!(
+                        sequence = item.event.sequence,
+                        event_id = %item.event.event_id,
+                        attempts = item.attempts,
+                        retry_in_ms = delay.as_millis() as u64,
+                        %error,
+                        "broker rejected the event; its key waits for the retry"
+                    );
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+
+    /// Move a poison event to the dead-letter table, retrying database trouble.
+    async fn dead_letter(&self, item: &Item, error: &str) {
+        let mut backoff = Backoff::new(
+            self.config.retry_backoff_initial,
+            self.config.retry_backoff_max,
+        );
+        loop {
+            match self
+                .rows
+                .dead_letter(&item.event, item.has_row, item.attempts, error)
+                .await
+            {
+                Ok(()) => {
+                    self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(
+                        sequence = item.event.sequence,
+                        event_id = %item.event.event_id,
+                        event_type = %item.event.event_type,
+                        attempts = item.attempts,
+                        error,
+                        "event dead-lettered; its key continues"
+                    );
+                    return;
+                }
+                Err(db_error) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(%db_error, retry_in_ms = delay.as_millis() as u64, "could not dead-letter the event; retrying");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+}
+
+/// Sample the slot's lag and retained WAL into the stats; enforce the budget.
+async fn sample_slot(
+    monitor: SlotMonitor,
+    stats: Arc<RelayStats>,
+    wal: WalConfig,
+    over_budget: watch::Sender<bool>,
+) {
+    let mut last_warning: Option<Instant> = None;
+    loop {
+        match monitor.status().await {
+            Ok(Some(status)) => {
+                let lag = status.lag_bytes.unwrap_or(0);
+                let retained = status.retained_bytes.unwrap_or(0);
+                stats.wal_lag_bytes.store(lag, Ordering::Relaxed);
+                stats.wal_retained_bytes.store(retained, Ordering::Relaxed);
+                if let Some(budget) = wal.retained_wal_budget_bytes
+                    && u64::try_from(retained).unwrap_or(0) > budget
+                {
+                    match wal.over_budget {
+                        OverBudget::Warn => {
+                            if last_warning.is_none_or(|at| at.elapsed() > Duration::from_secs(60))
+                            {
+                                last_warning = Some(Instant::now());
+                                tracing::warn!(
+                                    slot = %wal.slot,
+                                    retained_bytes = retained,
+                                    budget_bytes = budget,
+                                    lag_bytes = lag,
+                                    "the replication slot holds back more WAL than its budget: is the broker reachable?"
+                                );
+                            }
+                        }
+                        OverBudget::FallbackPolling => {
+                            tracing::error!(
+                                slot = %wal.slot,
+                                retained_bytes = retained,
+                                budget_bytes = budget,
+                                "the replication slot holds back more WAL than its budget: falling back to polling"
+                            );
+                            let _ = over_budget.send(true);
+                            return;
+                        }
+                    }
+                }
+            }
+            Ok(None) => {}
+            Err(error) => tracing::debug!(%error, "sampling the slot failed"),
+        }
+        tokio::time::sleep(wal.lag_sample_interval).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn done_prefix_stops_at_the_first_unfinished_unit() {
+        let mut tracker = Tracker::default();
+        let a = tracker.push(Some(Lsn(10)), 2, vec![1, 2]);
+        let b = tracker.push(Some(Lsn(20)), 1, vec![3]);
+        let c = tracker.push(Some(Lsn(30)), 1, vec![]);
+        assert_eq!(tracker.in_flight, 4);
+        tracker.finish(b, true);
+        tracker.finish(c, false);
+        assert_eq!(tracker.done_prefix().units, 0, "a is not done");
+        tracker.finish(a, true);
+        assert_eq!(tracker.done_prefix().units, 0);
+        tracker.finish(a, true);
+        let prefix = tracker.done_prefix();
+        assert_eq!(prefix.units, 3);
+        assert_eq!(prefix.rows, vec![1, 2, 3]);
+        assert_eq!(prefix.end_lsn, Some(Lsn(30)));
+        assert_eq!(
+            prefix.delivered, 3,
+            "the dead-lettered event is not counted as published"
+        );
+        tracker.pop(prefix.units);
+        assert_eq!(tracker.in_flight, 0);
+        let d = tracker.push(Some(Lsn(40)), 1, vec![4]);
+        assert_eq!(d, 3, "unit indexes keep counting after a pop");
+        tracker.finish(d, true);
+        assert_eq!(tracker.done_prefix().end_lsn, Some(Lsn(40)));
+    }
+
+    #[test]
+    fn drain_units_confirm_no_position() {
+        let mut tracker = Tracker::default();
+        let page = tracker.push(None, 1, vec![7]);
+        tracker.finish(page, true);
+        let prefix = tracker.done_prefix();
+        assert_eq!(prefix.end_lsn, None);
+        assert_eq!(prefix.rows, vec![7]);
+    }
+}
