@@ -12,6 +12,7 @@ pub mod kafka;
 pub mod load;
 pub mod ops;
 pub mod relay;
+pub mod wal;
 
 use outbox_core::SchemaName;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -85,6 +86,8 @@ pub struct TestSchema {
     pub pool: PgPool,
     /// The schema this test owns.
     pub schema: SchemaName,
+    /// URL of the database the schema lives in.
+    pub database_url: String,
 }
 
 impl TestSchema {
@@ -103,6 +106,7 @@ impl TestSchema {
         TestSchema {
             pool,
             schema: unique_schema(),
+            database_url: test_database_url(),
         }
     }
 
@@ -113,6 +117,21 @@ impl TestSchema {
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(30))
             .connect_with(options(TEST_DATABASE))
+            .await
+            .expect("connect to the test database")
+    }
+
+    /// Another pool on this schema's database (writers acting as other service instances).
+    pub async fn connect(&self, max_connections: u32) -> PgPool {
+        let options: PgConnectOptions = self
+            .database_url
+            .parse::<PgConnectOptions>()
+            .expect("the test database URL parses")
+            .disable_statement_logging();
+        PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with(options)
             .await
             .expect("connect to the test database")
     }

@@ -30,7 +30,7 @@ pub async fn run_counter_writers(
     events: usize,
     keys: usize,
 ) {
-    let pool = TestSchema::pool(writers as u32).await;
+    let pool = test.connect(writers as u32).await;
     let mut tasks = tokio::task::JoinSet::new();
     for writer in 0..writers {
         let (pool, counters) = (pool.clone(), counters.to_owned());

@@ -17,7 +17,7 @@ pub fn raw_config(test: &TestSchema, exchange: &str) -> RawConfig {
         sink: Some("rabbitmq".into()),
         source: None,
         database: RawDatabase {
-            url: Some(crate::test_database_url()),
+            url: Some(test.database_url.clone()),
             schema: Some(test.schema.to_string()),
             ..Default::default()
         },
