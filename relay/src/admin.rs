@@ -249,6 +249,23 @@ pub struct Status {
     pub dead_lettered: i64,
     /// Live relay instances with the number of partitions each holds.
     pub instances: Vec<(String, i64)>,
+    /// Logical replication slots (pgoutput) of this database, for the WAL source.
+    pub slots: Vec<SlotSummary>,
+}
+
+/// A pgoutput replication slot of the outbox's database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotSummary {
+    /// Slot name.
+    pub name: String,
+    /// Whether a session streams from it now.
+    pub active: bool,
+    /// WAL written after its confirmed position, in bytes.
+    pub lag_bytes: Option<i64>,
+    /// WAL it keeps on the server, in bytes.
+    pub retained_bytes: Option<i64>,
+    /// `reserved`, `extended`, `unreserved` or `lost`.
+    pub wal_status: Option<String>,
 }
 
 impl std::fmt::Display for Status {
@@ -264,6 +281,21 @@ impl std::fmt::Display for Status {
         writeln!(f, "live relays:         {}", self.instances.len())?;
         for (instance, partitions) in &self.instances {
             writeln!(f, "  {instance}: {partitions} partitions")?;
+        }
+        if !self.slots.is_empty() {
+            writeln!(f, "replication slots:   {}", self.slots.len())?;
+        }
+        for slot in &self.slots {
+            let bytes = |b: Option<i64>| b.map_or_else(|| "-".to_owned(), |b| format!("{b} bytes"));
+            writeln!(
+                f,
+                "  {}: {}, lag {}, retained {}, wal_status {}",
+                slot.name,
+                if slot.active { "streaming" } else { "idle" },
+                bytes(slot.lag_bytes),
+                bytes(slot.retained_bytes),
+                slot.wal_status.as_deref().unwrap_or("-")
+            )?;
         }
         Ok(())
     }
@@ -297,6 +329,28 @@ pub async fn status(pool: &PgPool, schema: &SchemaName) -> Result<Status> {
     .fetch_all(pool)
     .await
     .map_err(RelayError::database("reading relay leases"))?;
+    type SlotRow = (String, bool, Option<i64>, Option<i64>, Option<String>);
+    let slots: Vec<SlotRow> = sqlx::query_as(
+        "select slot_name::text, active, (pg_current_wal_lsn() - confirmed_flush_lsn)::int8, \
+                (pg_current_wal_lsn() - restart_lsn)::int8, wal_status \
+         from pg_replication_slots \
+         where plugin = 'pgoutput' and database = current_database() order by slot_name",
+    )
+    .fetch_all(pool)
+    .await
+    .map_err(RelayError::database("reading replication slots"))?;
+    let slots = slots
+        .into_iter()
+        .map(
+            |(name, active, lag_bytes, retained_bytes, wal_status)| SlotSummary {
+                name,
+                active,
+                lag_bytes,
+                retained_bytes,
+                wal_status,
+            },
+        )
+        .collect();
     Ok(Status {
         pending,
         oldest_pending_secs: oldest,
@@ -304,5 +358,6 @@ pub async fn status(pool: &PgPool, schema: &SchemaName) -> Result<Status> {
         blocked,
         dead_lettered,
         instances,
+        slots,
     })
 }

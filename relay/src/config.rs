@@ -1075,4 +1075,116 @@ mod tests {
         let missing = RawConfig::load(Some(&dir.join("nope.toml"))).unwrap_err();
         assert_eq!(missing.field, "--config");
     }
+
+    #[test]
+    fn wal_source_settings_default_and_validate() {
+        let mut c = raw();
+        c.source = Some("wal".into());
+        let config = c.validate().unwrap();
+        let wal = config.wal.expect("source = wal gives WAL settings");
+        assert_eq!(wal.slot, "outbox_relay_outbox");
+        assert_eq!(wal.publication, "outbox_relay_outbox");
+        assert_eq!(wal.max_in_flight_events, DEFAULT_BATCH_SIZE);
+        assert_eq!(wal.over_budget, OverBudget::Warn);
+        assert!(raw().validate().unwrap().wal.is_none(), "polling by default");
+
+        let wal_config = |wal: RawWal| {
+            let mut c = raw();
+            c.source = Some("wal".into());
+            c.wal = Some(wal);
+            c.validate()
+        };
+        let e = wal_config(RawWal {
+            slot: Some("Bad-Slot".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert_eq!(e.field, "wal.slot");
+        let e = wal_config(RawWal {
+            over_budget: Some("fallback-polling".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert_eq!(e.field, "wal.over_budget");
+        let e = wal_config(RawWal {
+            retained_wal_budget_bytes: Some(1 << 30),
+            over_budget: Some("panic".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert_eq!(e.field, "wal.over_budget");
+        let ok = wal_config(RawWal {
+            retained_wal_budget_bytes: Some(1 << 30),
+            over_budget: Some("fallback-polling".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(
+            ok.wal.unwrap().over_budget,
+            OverBudget::FallbackPolling
+        );
+
+        let mut c = raw();
+        c.source = Some("wal".into());
+        c.pipeline.poison_policy = Some("block".into());
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.field, "pipeline.poison_policy");
+        assert!(e.fix.contains("skip"), "{e}");
+
+        let mut c = raw();
+        c.wal = Some(RawWal::default());
+        assert_eq!(c.validate().unwrap_err().field, "wal", "[wal] without source = wal");
+
+        let mut c = raw();
+        c.source = Some("logs".into());
+        assert_eq!(c.validate().unwrap_err().field, "source");
+    }
+
+    #[test]
+    fn the_example_file_validates_with_either_source() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("relay.example.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let polling: RawConfig = Figment::from(Toml::string(&text)).extract().unwrap();
+        polling.validate().unwrap();
+        // Uncomment the [wal] section and switch the source.
+        let wal_text: String = text
+            .lines()
+            .map(|line| {
+                let uncommented = line.strip_prefix("# ").unwrap_or(line);
+                if uncommented.starts_with("[wal]")
+                    || (uncommented.contains(" = ")
+                        && !uncommented.starts_with('#')
+                        && line.starts_with("# ")
+                        && text_section_is_wal(&text, line))
+                {
+                    uncommented.to_owned()
+                } else if line.starts_with("source = ") {
+                    "source = \"wal\"".to_owned()
+                } else {
+                    line.to_owned()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let wal: RawConfig = Figment::from(Toml::string(&wal_text)).extract().unwrap();
+        let config = wal.validate().unwrap();
+        let wal = config.wal.unwrap();
+        assert_eq!(wal.retained_wal_budget_bytes, Some(10_737_418_240));
+    }
+
+    /// Whether a commented line lies between `# [wal]` and the next section.
+    fn text_section_is_wal(text: &str, line: &str) -> bool {
+        let mut in_wal = false;
+        for l in text.lines() {
+            if l.starts_with("# [wal]") {
+                in_wal = true;
+            } else if l.starts_with('[') {
+                in_wal = false;
+            }
+            if l == line {
+                return in_wal;
+            }
+        }
+        false
+    }
 }

@@ -46,6 +46,17 @@ pub const OUTBOX_BLOCKED: &str = "outbox_relay_outbox_blocked_events";
 /// Rows in the dead-letter table (gauge, sampled).
 pub const DEAD_LETTER_ROWS: &str = "outbox_relay_dead_letter_events";
 
+/// Whether this instance leads its replication slot: 1 leader, 0 standby (gauge, WAL source).
+pub const WAL_LEADER: &str = "outbox_relay_wal_leader";
+/// WAL written after the slot's confirmed position, in bytes (gauge, sampled, WAL source).
+pub const WAL_SLOT_LAG: &str = "outbox_relay_wal_slot_lag_bytes";
+/// WAL the slot keeps on the server, in bytes (gauge, sampled, WAL source).
+pub const WAL_RETAINED: &str = "outbox_relay_wal_retained_bytes";
+/// The last position confirmed to the slot, as a number (gauge, WAL source).
+pub const WAL_CONFIRMED_LSN: &str = "outbox_relay_wal_confirmed_lsn";
+/// Times the slot was found lost and recovered from the table (counter, WAL source).
+pub const WAL_SLOT_LOSSES: &str = "outbox_relay_wal_slot_losses_total";
+
 /// Gauges sampled from the outbox tables.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct OutboxSample {
@@ -153,6 +164,48 @@ pub fn render(stats: &RelayStats, sample: Option<OutboxSample>) -> String {
         "Work partitions this instance holds.",
         counter(&stats.partitions_held),
     );
+    if stats.wal_mode.load(Ordering::Relaxed) {
+        let gauge_i64 = |g: &std::sync::atomic::AtomicI64| g.load(Ordering::Relaxed) as f64;
+        metric(
+            &mut out,
+            WAL_LEADER,
+            "gauge",
+            "1 when this instance leads its replication slot, 0 on a standby.",
+            if stats.wal_leader.load(Ordering::Relaxed) {
+                1.0
+            } else {
+                0.0
+            },
+        );
+        metric(
+            &mut out,
+            WAL_SLOT_LAG,
+            "gauge",
+            "WAL written after the slot's confirmed position, in bytes.",
+            gauge_i64(&stats.wal_lag_bytes),
+        );
+        metric(
+            &mut out,
+            WAL_RETAINED,
+            "gauge",
+            "WAL the replication slot keeps on the server, in bytes.",
+            gauge_i64(&stats.wal_retained_bytes),
+        );
+        metric(
+            &mut out,
+            WAL_CONFIRMED_LSN,
+            "gauge",
+            "The last WAL position confirmed to the slot.",
+            counter(&stats.wal_confirmed_lsn),
+        );
+        metric(
+            &mut out,
+            WAL_SLOT_LOSSES,
+            "counter",
+            "Times the slot was found lost and recovered from the outbox table.",
+            counter(&stats.wal_slot_losses),
+        );
+    }
     if let Some(sample) = sample {
         metric(
             &mut out,
@@ -218,5 +271,12 @@ mod tests {
         assert!(text.contains("# TYPE outbox_relay_events_published_total counter\noutbox_relay_events_published_total 3\n"));
         assert!(text.contains("outbox_relay_outbox_pending_events 7\n"));
         assert!(text.contains("outbox_relay_circuit_breaker_state 0\n"));
+        assert!(!text.contains(WAL_SLOT_LAG), "no WAL metrics with the polling source");
+        stats.wal_mode.store(true, Ordering::Relaxed);
+        stats.wal_leader.store(true, Ordering::Relaxed);
+        stats.wal_lag_bytes.store(4096, Ordering::Relaxed);
+        let text = render(&stats, None);
+        assert!(text.contains("outbox_relay_wal_slot_lag_bytes 4096\n"));
+        assert!(text.contains("outbox_relay_wal_leader 1\n"));
     }
 }
