@@ -472,6 +472,14 @@ impl RawConfig {
                         "use poison_policy = \"skip\" (dead-letter table) with the WAL source, or the polling source",
                     ));
                 }
+                if let SettleMode::Mark { .. } = polling.settle {
+                    return Err(invalid(
+                        "polling.settle",
+                        "\"mark\" cannot be used with source = \"wal\": the WAL source deletes a row once \
+                         its transaction is confirmed",
+                        "remove polling.settle (or set \"delete\") with the WAL source",
+                    ));
+                }
                 Some(validate_wal(
                     self.wal.unwrap_or_default(),
                     &database,
@@ -1086,7 +1094,10 @@ mod tests {
         assert_eq!(wal.publication, "outbox_relay_outbox");
         assert_eq!(wal.max_in_flight_events, DEFAULT_BATCH_SIZE);
         assert_eq!(wal.over_budget, OverBudget::Warn);
-        assert!(raw().validate().unwrap().wal.is_none(), "polling by default");
+        assert!(
+            raw().validate().unwrap().wal.is_none(),
+            "polling by default"
+        );
 
         let wal_config = |wal: RawWal| {
             let mut c = raw();
@@ -1119,10 +1130,7 @@ mod tests {
             ..Default::default()
         })
         .unwrap();
-        assert_eq!(
-            ok.wal.unwrap().over_budget,
-            OverBudget::FallbackPolling
-        );
+        assert_eq!(ok.wal.unwrap().over_budget, OverBudget::FallbackPolling);
 
         let mut c = raw();
         c.source = Some("wal".into());
@@ -1133,7 +1141,11 @@ mod tests {
 
         let mut c = raw();
         c.wal = Some(RawWal::default());
-        assert_eq!(c.validate().unwrap_err().field, "wal", "[wal] without source = wal");
+        assert_eq!(
+            c.validate().unwrap_err().field,
+            "wal",
+            "[wal] without source = wal"
+        );
 
         let mut c = raw();
         c.source = Some("logs".into());

@@ -326,7 +326,12 @@ impl<S: Sink> WalRelay<S> {
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<SessionEnd> {
         let source_config = self.wal.source_config(&self.config.database);
-        let mut source = match WalSource::start(source_config).await {
+        // Starting can wait for a busy slot (up to slot_busy_timeout): a shutdown cuts it short.
+        let started = tokio::select! {
+            started = WalSource::start(source_config) => started,
+            _ = shutdown.wait_for(|stop| *stop) => return Ok(SessionEnd::Shutdown),
+        };
+        let mut source = match started {
             Ok(WalStart::Ready(source)) => source,
             Ok(WalStart::SlotLost(lost)) => {
                 self.stats.wal_slot_losses.fetch_add(1, Ordering::Relaxed);

@@ -271,7 +271,10 @@ mod tests {
         assert!(text.contains("# TYPE outbox_relay_events_published_total counter\noutbox_relay_events_published_total 3\n"));
         assert!(text.contains("outbox_relay_outbox_pending_events 7\n"));
         assert!(text.contains("outbox_relay_circuit_breaker_state 0\n"));
-        assert!(!text.contains(WAL_SLOT_LAG), "no WAL metrics with the polling source");
+        assert!(
+            !text.contains(WAL_SLOT_LAG),
+            "no WAL metrics with the polling source"
+        );
         stats.wal_mode.store(true, Ordering::Relaxed);
         stats.wal_leader.store(true, Ordering::Relaxed);
         stats.wal_lag_bytes.store(4096, Ordering::Relaxed);

@@ -829,9 +829,18 @@ struct SlotRow {
 }
 
 enum SlotState {
-    Healthy { resume_from: Lsn },
+    /// `adopted`: the slot had no recorded position (made by an operator, or the
+    /// relay crashed right after creating it), so rows already in the table may
+    /// not be in its stream: treat it like a slot created now.
+    Healthy {
+        resume_from: Lsn,
+        adopted: bool,
+    },
     Missing,
-    Lost { reason: SlotLossReason, last: Lsn },
+    Lost {
+        reason: SlotLossReason,
+        last: Lsn,
+    },
 }
 
 impl WalSource {
@@ -851,8 +860,11 @@ impl WalSource {
         check_server(&pool, &config, &sql).await?;
         ensure_publication(&pool, &config, &sql).await?;
         match inspect_slot(&pool, &config, &sql).await? {
-            SlotState::Healthy { resume_from } => Ok(WalStart::Ready(
-                WalSource::open(config, pool, sql, resume_from, false).await?,
+            SlotState::Healthy {
+                resume_from,
+                adopted,
+            } => Ok(WalStart::Ready(
+                WalSource::open(config, pool, sql, resume_from, adopted).await?,
             )),
             SlotState::Missing => {
                 let start = create_slot(&pool, &config, &sql).await?;
@@ -1032,7 +1044,7 @@ impl WalSource {
             tracing::warn!(%error, "could not record the confirmed position before reconnecting");
         }
         let resume_from = match inspect_slot(&self.pool, &self.config, &self.sql).await? {
-            SlotState::Healthy { resume_from } => resume_from,
+            SlotState::Healthy { resume_from, .. } => resume_from,
             SlotState::Missing => {
                 return Err(WalError::SlotLost {
                     slot: self.config.slot.clone(),
@@ -1083,7 +1095,7 @@ impl WalSource {
     }
 
     /// True when this source created its slot (first start, or
-    /// [`SlotLost::recreate_slot`]): rows already in the outbox table committed
+    /// [`SlotLost::recreate_slot`]) or adopted one without a recorded position: rows already in the outbox table committed
     /// before the slot's start and are not in the stream. Publish and settle them
     /// from the table before what [`WalSource::next_transaction`] returns.
     pub fn created_slot(&self) -> bool {
@@ -1530,6 +1542,7 @@ async fn inspect_slot(pool: &PgPool, config: &WalSourceConfig, sql: &WalSql) -> 
             write_position(pool, config, &sql.reset_position, slot_confirmed).await?;
             Ok(SlotState::Healthy {
                 resume_from: slot_confirmed,
+                adopted: true,
             })
         }
         // Positions are recorded before they are reported, so a slot of ours is never ahead.
@@ -1539,7 +1552,10 @@ async fn inspect_slot(pool: &PgPool, config: &WalSourceConfig, sql: &WalSql) -> 
             },
             last,
         }),
-        Some(last) => Ok(SlotState::Healthy { resume_from: last }),
+        Some(last) => Ok(SlotState::Healthy {
+            resume_from: last,
+            adopted: false,
+        }),
     }
 }
 
