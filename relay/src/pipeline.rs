@@ -62,7 +62,7 @@ pub struct RelayStats {
     pub wal_lag_bytes: std::sync::atomic::AtomicI64,
     /// WAL the slot keeps on the server, in bytes (sampled).
     pub wal_retained_bytes: std::sync::atomic::AtomicI64,
-    /// The last position confirmed to the slot.
+    /// The last position recorded and reported to the slot.
     pub wal_confirmed_lsn: AtomicU64,
     /// Times the slot was found lost and recovered from the table.
     pub wal_slot_losses: AtomicU64,

@@ -539,6 +539,9 @@ impl<S: Sink> WalRelay<S> {
                 Step::Lane(None) => {}
                 Step::Tick => {
                     self.settle(source, &mut tracker).await;
+                    self.stats
+                        .wal_confirmed_lsn
+                        .store(source.positions().reported.as_u64(), Ordering::Relaxed);
                     // While the stream is not read, record and report the position here.
                     if (!read || ending.is_some()) && last_flush.elapsed() >= status_interval {
                         last_flush = Instant::now();
@@ -611,9 +614,6 @@ impl<S: Sink> WalRelay<S> {
                 tracker.pop(prefix.units);
                 if let Some(lsn) = prefix.end_lsn {
                     source.confirm(lsn);
-                    self.stats
-                        .wal_confirmed_lsn
-                        .store(lsn.as_u64(), Ordering::Relaxed);
                 }
                 self.stats
                     .published

@@ -195,7 +195,7 @@ pub fn render(stats: &RelayStats, sample: Option<OutboxSample>) -> String {
             &mut out,
             WAL_CONFIRMED_LSN,
             "gauge",
-            "The last WAL position confirmed to the slot.",
+            "The last WAL position recorded and reported to the slot.",
             counter(&stats.wal_confirmed_lsn),
         );
         metric(
