@@ -9,6 +9,12 @@
 //! across retries, restarts and several relay instances. Consumers get
 //! exactly-once *effects* with `outbox_core::Inbox`.
 //!
+//! Two sources: polling the outbox table (default; several instances share the
+//! work by partition leases) or tailing the WAL through a logical replication
+//! slot (`source = "wal"`; one leader per slot, standbys take over). With the WAL
+//! source the slot's position is confirmed only over a contiguous prefix of
+//! transactions whose events the broker confirmed, after their rows were deleted.
+//!
 //! ```no_run
 //! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
 //! use outbox_relay::config::RawConfig;
