@@ -1000,31 +1000,82 @@ impl WalSource {
         Ok(self.reported)
     }
 
-    /// Flush, wait (up to `status_interval` plus `connect_timeout`) until the
-    /// server was told the position, and close the stream. Returns the position.
+    /// Flush, close the stream, and make sure the slot knows the position.
+    /// Returns the position.
+    ///
+    /// The replication client reports a position at most every
+    /// `status_interval` and not when it closes; rather than wait for its next
+    /// report, the stream is closed at once and the slot moved to the recorded
+    /// position with `pg_replication_slot_advance` (a restart resumes from the
+    /// recorded position either way; the slot's position only decides how much
+    /// WAL the server keeps meanwhile).
     pub async fn shutdown(mut self) -> Result<Lsn> {
         let flushed = self.flush().await?;
-        let metrics = self.client.metrics();
-        let deadline = Instant::now() + self.config.status_interval + self.config.connect_timeout;
-        while self.client.is_running()
-            && metrics.last_applied_lsn() < flushed.to_pgwire()
-            && Instant::now() < deadline
-        {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        if metrics.last_applied_lsn() < flushed.to_pgwire() {
-            tracing::warn!(
-                slot = %self.config.slot, position = %flushed,
-                "stream closed before the server was told the confirmed position; \
-                 transactions after the server's position will be sent again"
-            );
-        }
         match tokio::time::timeout(self.config.connect_timeout, self.client.shutdown()).await {
             Ok(Ok(())) => {}
             Ok(Err(error)) => tracing::debug!(%error, "replication stream ended with an error"),
-            Err(_) => tracing::debug!("replication stream did not close in time"),
+            Err(_) => {
+                tracing::debug!("replication stream did not close in time");
+                self.client.abort();
+            }
+        }
+        if self.client.metrics().last_applied_lsn() < flushed.to_pgwire() {
+            self.advance_slot(flushed).await;
         }
         Ok(flushed)
+    }
+
+    /// Move the (now idle) slot's confirmed position to `to`, waiting briefly for
+    /// the walsender of the closed stream to go. Best effort: a failure only
+    /// means the server keeps some WAL until the next start confirms it.
+    async fn advance_slot(&self, to: Lsn) {
+        let deadline = Instant::now() + self.config.connect_timeout;
+        loop {
+            let state: Result<Option<(bool, bool)>> = db_call(
+                "reading the slot before advancing it",
+                self.config.db_timeout(),
+                sqlx::query_as(
+                    "select active, coalesce(confirmed_flush_lsn < $2::pg_lsn, false) \
+                     from pg_replication_slots where slot_name = $1",
+                )
+                .bind(&self.config.slot)
+                .bind(to.to_string())
+                .fetch_optional(&self.pool),
+            )
+            .await;
+            match state {
+                Ok(Some((false, true))) => {
+                    let advanced: Result<Option<String>> = db_call(
+                        "advancing the slot",
+                        self.config.db_timeout(),
+                        sqlx::query_scalar(
+                            "select end_lsn::text from pg_replication_slot_advance($1, $2::pg_lsn)",
+                        )
+                        .bind(&self.config.slot)
+                        .bind(to.to_string())
+                        .fetch_optional(&self.pool),
+                    )
+                    .await;
+                    match advanced {
+                        Ok(_) => {
+                            tracing::debug!(slot = %self.config.slot, position = %to, "slot advanced to the confirmed position")
+                        }
+                        Err(error) => {
+                            tracing::debug!(%error, "could not advance the slot; the next start confirms the position")
+                        }
+                    }
+                    return;
+                }
+                Ok(Some((true, true))) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Ok(_) => return,
+                Err(error) => {
+                    tracing::debug!(%error, "could not read the slot; the next start confirms the position");
+                    return;
+                }
+            }
+        }
     }
 
     /// Restart the stream after an error: record the confirmed position (if the
