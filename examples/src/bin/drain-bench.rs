@@ -421,7 +421,7 @@ impl Bench {
         let started = Instant::now();
         loop {
             let ready = match args.source {
-                Source::Wal => slot_state(&self.pool, slot).await? == Some(true),
+                Source::Wal => slot_streaming(&self.pool, slot).await?,
                 Source::Polling => {
                     sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(leases_sql.as_str()))
                         .fetch_one(&self.pool)
@@ -496,7 +496,7 @@ impl Bench {
         );
         let path = match args.source {
             Source::Polling => "polling source",
-            Source::Wal => "WAL source, streamed",
+            Source::Wal => "WAL source, WAL stream",
         };
         println!(
             "drain-bench: [streamed, {path}] relay drained {} events to {} in {:.2} s from the first commit: \
@@ -593,6 +593,18 @@ impl Bench {
         }
         result
     }
+}
+
+/// Whether a walsender streams from `slot` (it has left the `startup` state of slot creation).
+async fn slot_streaming(pool: &PgPool, slot: &str) -> anyhow::Result<bool> {
+    Ok(sqlx::query_scalar(
+        "select coalesce(bool_or(r.state in ('catchup', 'streaming')), false) \
+         from pg_replication_slots s join pg_stat_replication r on r.pid = s.active_pid \
+         where s.slot_name = $1",
+    )
+    .bind(slot)
+    .fetch_one(pool)
+    .await?)
 }
 
 /// `Some(active)` when the slot exists.
