@@ -542,8 +542,9 @@ impl<S: Sink> WalRelay<S> {
                     self.stats
                         .wal_confirmed_lsn
                         .store(source.positions().reported.as_u64(), Ordering::Relaxed);
-                    // While the stream is not read, record and report the position here.
-                    if (!read || ending.is_some()) && last_flush.elapsed() >= status_interval {
+                    // Record and report the position here, outside the select: a flush
+                    // inside `next_transaction` can be cut short when another branch wins.
+                    if last_flush.elapsed() >= status_interval {
                         last_flush = Instant::now();
                         if let Err(error) = source.flush().await {
                             tracing::warn!(%error, "could not record the confirmed position");
@@ -559,7 +560,6 @@ impl<S: Sink> WalRelay<S> {
                     }
                 }
                 Step::Transaction(Ok(Some(transaction))) => {
-                    last_flush = Instant::now();
                     self.dispatch(transaction, &mut tracker, &mut lanes);
                     lanes.spawn_ready(&context, &done_tx);
                 }

@@ -470,6 +470,59 @@ async fn a_ten_thousand_event_transaction_arrives_complete() {
     db.cleanup().await;
 }
 
+/// `next_transaction` is raced against other work in the relay loop; a call cut
+/// short (here: by a timeout of a few hundred microseconds, with a status flush
+/// due on almost every call) must never lose a transaction it had decoded.
+#[tokio::test]
+async fn cancelled_calls_lose_no_transaction_even_while_flushing() {
+    const TRANSACTIONS: usize = 300;
+    let db = WalDb::new().await;
+    let mut config = db.config();
+    config.status_interval = Duration::from_millis(1);
+    let mut source = match WalSource::start(config).await.unwrap() {
+        WalStart::Ready(source) => source,
+        WalStart::SlotLost(lost) => panic!("unexpected slot loss: {lost:?}"),
+    };
+    let outbox = db.outbox();
+    for i in 0..TRANSACTIONS {
+        let mut tx = db.pool.begin().await.unwrap();
+        outbox
+            .enqueue(&mut tx, &event(&format!("c-{i}")))
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+    }
+    let mut received = Vec::new();
+    let mut cancelled = 0_usize;
+    let until = Instant::now() + DEADLINE;
+    while received.len() < TRANSACTIONS && Instant::now() < until {
+        match tokio::time::timeout(Duration::from_micros(300), source.next_transaction()).await {
+            Ok(transaction) => {
+                let transaction = transaction.unwrap().expect("the stream is open");
+                // Confirming keeps a flush due, so calls are often cut short inside it.
+                source.confirm(transaction.end_lsn);
+                received.push(transaction);
+            }
+            Err(_) => cancelled += 1,
+        }
+    }
+    eprintln!(
+        "{} transactions, {cancelled} calls cancelled",
+        received.len()
+    );
+    assert_eq!(
+        received.len(),
+        TRANSACTIONS,
+        "a cancelled call lost a transaction"
+    );
+    assert!(
+        received.windows(2).all(|w| w[0].end_lsn < w[1].end_lsn),
+        "each transaction once, in commit order"
+    );
+    source.shutdown().await.unwrap();
+    db.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_restart_the_confirmed_transaction_is_not_resent_and_the_rest_are() {
     let db = WalDb::new().await;

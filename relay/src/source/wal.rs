@@ -759,6 +759,8 @@ pub struct WalSource {
     server_wal_end: Lsn,
     last_flush: Instant,
     created_slot: bool,
+    /// A transaction decoded but not yet returned (its call was cancelled).
+    ready: Option<WalTransaction>,
 }
 
 impl fmt::Debug for WalSource {
@@ -912,6 +914,7 @@ impl WalSource {
             server_wal_end: resume_from,
             last_flush: Instant::now(),
             created_slot,
+            ready: None,
         })
     }
 
@@ -928,6 +931,10 @@ impl WalSource {
     pub async fn next_transaction(&mut self) -> Result<Option<WalTransaction>> {
         if self.broken {
             return Err(WalError::NeedsReconnect);
+        }
+        // A transaction completed by a call that was cancelled while flushing.
+        if let Some(transaction) = self.ready.take() {
+            return Ok(Some(transaction));
         }
         loop {
             let flush_at = self.last_flush + self.config.status_interval;
@@ -957,11 +964,16 @@ impl WalSource {
                     return Err(error);
                 }
             };
-            // Under steady traffic the timer branch above never wins.
+            // Under steady traffic the timer branch above never wins. The
+            // transaction is kept in `ready` across the flush's await: if this
+            // call is cancelled there, the next one returns it (cancel safety).
             if self.flush_pending() && Instant::now() >= flush_at {
+                self.ready = transaction;
                 self.flush_quietly().await;
-            }
-            if let Some(transaction) = transaction {
+                if let Some(transaction) = self.ready.take() {
+                    return Ok(Some(transaction));
+                }
+            } else if let Some(transaction) = transaction {
                 return Ok(Some(transaction));
             }
         }
@@ -1112,6 +1124,7 @@ impl WalSource {
         self.client = start_streaming(&self.config, resume_from).await?;
         self.relations.clear();
         self.open = None;
+        self.ready = None;
         self.broken = false;
         self.reported = self.reported.max(resume_from);
         self.confirmed = self.confirmed.max(resume_from);
