@@ -552,7 +552,7 @@ impl<S: Sink> WalRelay<S> {
                     }
                 }
                 Step::CheckLeader => {
-                    if !leadership.check().await {
+                    if ending.is_none() && !leadership.check().await {
                         lanes.abort_all();
                         return Ok(SessionEnd::Restart(
                             "the leader lock's database session was lost".into(),
