@@ -475,7 +475,7 @@ async fn a_ten_thousand_event_transaction_arrives_complete() {
 /// due on almost every call) must never lose a transaction it had decoded.
 #[tokio::test]
 async fn cancelled_calls_lose_no_transaction_even_while_flushing() {
-    const TRANSACTIONS: usize = 300;
+    const TRANSACTIONS: usize = 150;
     let db = WalDb::new().await;
     let mut config = db.config();
     config.status_interval = Duration::from_millis(1);
@@ -494,16 +494,25 @@ async fn cancelled_calls_lose_no_transaction_even_while_flushing() {
     }
     let mut received = Vec::new();
     let mut cancelled = 0_usize;
-    let until = Instant::now() + DEADLINE;
-    while received.len() < TRANSACTIONS && Instant::now() < until {
-        match tokio::time::timeout(Duration::from_micros(300), source.next_transaction()).await {
+    // Cut calls short for a while; on a loaded machine, then read the rest with
+    // plain calls: a lost transaction never comes (the stream moved past it), a
+    // slow one does.
+    let cutting_until = Instant::now() + Duration::from_secs(10);
+    while received.len() < TRANSACTIONS {
+        let limit = if Instant::now() < cutting_until {
+            Duration::from_micros(300)
+        } else {
+            DEADLINE
+        };
+        match tokio::time::timeout(limit, source.next_transaction()).await {
             Ok(transaction) => {
                 let transaction = transaction.unwrap().expect("the stream is open");
                 // Confirming keeps a flush due, so calls are often cut short inside it.
                 source.confirm(transaction.end_lsn);
                 received.push(transaction);
             }
-            Err(_) => cancelled += 1,
+            Err(_) if limit < DEADLINE => cancelled += 1,
+            Err(_) => break,
         }
     }
     eprintln!(
