@@ -103,11 +103,26 @@ struct Unit {
 }
 
 /// Units in commit order; the done prefix is settled.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Tracker {
     base: u64,
     units: VecDeque<Unit>,
     in_flight: usize,
+    /// After a failed settle: not before this instant.
+    retry_settle_at: Option<Instant>,
+    settle_backoff: Backoff,
+}
+
+impl Default for Tracker {
+    fn default() -> Self {
+        Tracker {
+            base: 0,
+            units: VecDeque::new(),
+            in_flight: 0,
+            retry_settle_at: None,
+            settle_backoff: Backoff::new(Duration::from_millis(50), Duration::from_secs(2)),
+        }
+    }
 }
 
 /// The done prefix of the tracker, to settle.
@@ -513,9 +528,11 @@ impl<S: Sink> WalRelay<S> {
                 biased;
                 _ = shutdown.changed(), if ending.is_none() => Step::Shutdown,
                 _ = over_budget.changed(), if ending.is_none() && fallback_enabled => Step::OverBudget,
+                // Before the settle tick: failing settles take longer than the tick,
+                // which would otherwise always be ready and starve the leader check.
+                _ = leader_tick.tick() => Step::CheckLeader,
                 done = done_rx.recv() => Step::Lane(done),
                 _ = settle_tick.tick() => Step::Tick,
-                _ = leader_tick.tick() => Step::CheckLeader,
                 transaction = source.next_transaction(), if read => Step::Transaction(transaction),
             };
             match step {
@@ -604,13 +621,22 @@ impl<S: Sink> WalRelay<S> {
     }
 
     /// Delete the rows of the done prefix, then confirm its end position.
+    /// After a failure, waits a backoff delay before trying again.
     async fn settle(&self, source: &mut WalSource, tracker: &mut Tracker) {
+        if tracker
+            .retry_settle_at
+            .is_some_and(|at| Instant::now() < at)
+        {
+            return;
+        }
         let prefix = tracker.done_prefix();
         if prefix.units == 0 {
             return;
         }
         match self.rows.delete(&prefix.rows).await {
             Ok(_) => {
+                tracker.settle_backoff.reset();
+                tracker.retry_settle_at = None;
                 tracker.pop(prefix.units);
                 if let Some(lsn) = prefix.end_lsn {
                     source.confirm(lsn);
@@ -621,6 +647,8 @@ impl<S: Sink> WalRelay<S> {
                 self.stats.database_reachable.store(true, Ordering::Relaxed);
             }
             Err(error) => {
+                tracker.retry_settle_at =
+                    Some(Instant::now() + tracker.settle_backoff.next_delay());
                 self.stats.database_errors.fetch_add(1, Ordering::Relaxed);
                 self.stats
                     .database_reachable

@@ -1022,7 +1022,9 @@ impl WalSource {
     /// recorded position either way; the slot's position only decides how much
     /// WAL the server keeps meanwhile).
     pub async fn shutdown(mut self) -> Result<Lsn> {
-        let flushed = self.flush().await?;
+        // Close the stream even when the position cannot be recorded (database
+        // going down): an open walsender would hold up the server's shutdown.
+        let flushed = self.flush().await;
         match tokio::time::timeout(self.config.connect_timeout, self.client.shutdown()).await {
             Ok(Ok(())) => {}
             Ok(Err(error)) => tracing::debug!(%error, "replication stream ended with an error"),
@@ -1031,6 +1033,7 @@ impl WalSource {
                 self.client.abort();
             }
         }
+        let flushed = flushed?;
         if self.client.metrics().last_applied_lsn() < flushed.to_pgwire() {
             self.advance_slot(flushed).await;
         }
