@@ -217,6 +217,32 @@ struct Drain {
     upto: i64,
 }
 
+/// What a settle attempt did.
+#[derive(Debug, PartialEq, Eq)]
+enum Settled {
+    /// Nothing to do, or the done prefix was settled.
+    Done,
+    /// Backing off after a failure; try again later.
+    Later,
+    /// It failed; try again later.
+    Failed,
+    /// The server is shutting down.
+    ServerGoingDown,
+}
+
+const SERVER_GOING_DOWN: &str = "PostgreSQL is shutting down";
+
+/// SQLSTATE class 57P (admin, crash or immediate shutdown; cannot connect now).
+fn server_going_down(error: &RelayError) -> bool {
+    let RelayError::Database { source, .. } = error else {
+        return false;
+    };
+    source
+        .as_database_error()
+        .and_then(|e| e.code())
+        .is_some_and(|code| code.starts_with("57P"))
+}
+
 fn is_retryable(error: &RelayError) -> bool {
     match error {
         RelayError::Database { source, .. } => {
@@ -549,13 +575,32 @@ impl<S: Sink> WalRelay<S> {
                 Step::Lane(Some(done)) => {
                     lanes.finished(done, &mut tracker);
                     lanes.spawn_ready(&context, &done_tx);
-                    if tracker.done_rows() >= SETTLE_MAX_ROWS {
-                        self.settle(source, &mut tracker).await;
+                    if tracker.done_rows() >= SETTLE_MAX_ROWS
+                        && self.settle(source, &mut tracker).await == Settled::ServerGoingDown
+                    {
+                        lanes.abort_all();
+                        return Ok(SessionEnd::Restart(SERVER_GOING_DOWN.into()));
                     }
                 }
                 Step::Lane(None) => {}
                 Step::Tick => {
-                    self.settle(source, &mut tracker).await;
+                    // PostgreSQL's shutdown waits for this stream to confirm everything
+                    // it sent, which cannot happen now: close the stream at once.
+                    match self.settle(source, &mut tracker).await {
+                        Settled::ServerGoingDown => {
+                            lanes.abort_all();
+                            return Ok(SessionEnd::Restart(SERVER_GOING_DOWN.into()));
+                        }
+                        // A shutdown often shows as connections refused or a pool timeout:
+                        // the lock session tells at once whether the server is still there.
+                        Settled::Failed if ending.is_none() && !leadership.check().await => {
+                            lanes.abort_all();
+                            return Ok(SessionEnd::Restart(
+                                "the leader lock's database session was lost".into(),
+                            ));
+                        }
+                        _ => {}
+                    }
                     self.stats
                         .wal_confirmed_lsn
                         .store(source.positions().reported.as_u64(), Ordering::Relaxed);
@@ -622,16 +667,16 @@ impl<S: Sink> WalRelay<S> {
 
     /// Delete the rows of the done prefix, then confirm its end position.
     /// After a failure, waits a backoff delay before trying again.
-    async fn settle(&self, source: &mut WalSource, tracker: &mut Tracker) {
+    async fn settle(&self, source: &mut WalSource, tracker: &mut Tracker) -> Settled {
         if tracker
             .retry_settle_at
             .is_some_and(|at| Instant::now() < at)
         {
-            return;
+            return Settled::Later;
         }
         let prefix = tracker.done_prefix();
         if prefix.units == 0 {
-            return;
+            return Settled::Done;
         }
         match self.rows.delete(&prefix.rows).await {
             Ok(_) => {
@@ -645,6 +690,11 @@ impl<S: Sink> WalRelay<S> {
                     .published
                     .fetch_add(prefix.delivered, Ordering::Relaxed);
                 self.stats.database_reachable.store(true, Ordering::Relaxed);
+                Settled::Done
+            }
+            Err(error) if server_going_down(&error) => {
+                tracing::warn!(%error, "PostgreSQL is shutting down; closing the replication stream");
+                Settled::ServerGoingDown
             }
             Err(error) => {
                 tracker.retry_settle_at =
@@ -654,6 +704,7 @@ impl<S: Sink> WalRelay<S> {
                     .database_reachable
                     .store(false, Ordering::Relaxed);
                 tracing::warn!(%error, rows = prefix.rows.len(), "deleting relayed rows failed; the position is not confirmed until it succeeds");
+                Settled::Failed
             }
         }
     }
