@@ -8,6 +8,7 @@
 //! no consumer group, so it works the same on Kafka and on tansu, and a test never
 //! waits for a group rebalance.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -380,6 +381,74 @@ impl Drop for PrivateBroker {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// The payload counter `n` of a test event.
+pub fn n_of(message: &Received) -> i64 {
+    let payload: serde_json::Value =
+        serde_json::from_slice(message.payload.as_deref().expect("a payload"))
+            .expect("a JSON payload");
+    payload["n"].as_i64().expect("a payload with a counter n")
+}
+
+/// Distinct events (by `outbox-event-id`) among the received messages.
+pub fn distinct(received: &[Received]) -> usize {
+    received
+        .iter()
+        .filter_map(|m| m.header("outbox-event-id"))
+        .collect::<HashSet<_>>()
+        .len()
+}
+
+/// First deliveries per key whose `n` does not increase (the first five are printed).
+pub fn order_violations(received: &[Received]) -> usize {
+    let mut seen = HashSet::new();
+    let mut last: HashMap<String, i64> = HashMap::new();
+    let mut violations = 0;
+    for m in received {
+        if !seen.insert(
+            m.header("outbox-event-id")
+                .expect("an outbox-event-id header"),
+        ) {
+            continue;
+        }
+        let n = n_of(m);
+        if let Some(&previous) = last.get(&m.key_text())
+            && n <= previous
+        {
+            violations += 1;
+            if violations <= 5 {
+                eprintln!(
+                    "order violation on key {}: {n} first-delivered after {previous}",
+                    m.key_text()
+                );
+            }
+        }
+        last.insert(m.key_text(), n);
+    }
+    violations
+}
+
+/// Wait until `want` distinct events arrived, or panic at the deadline; returns all received.
+pub async fn wait_distinct(
+    consumer: &TopicConsumer,
+    want: usize,
+    deadline: Duration,
+) -> Vec<Received> {
+    let until = tokio::time::Instant::now() + deadline;
+    loop {
+        let received = consumer.received();
+        let have = distinct(&received);
+        if have >= want {
+            return received;
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "only {have} of {want} distinct events within {deadline:?} (consumer errors: {:?})",
+            consumer.errors()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

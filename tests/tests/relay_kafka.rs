@@ -4,14 +4,15 @@
 
 #![allow(clippy::unwrap_used)] // a test should fail loudly at the broken step
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::time::Duration;
 
 use outbox_core::{Event, Outbox, OutboxConfig};
 use outbox_relay::config::{RawConfig, RawKafka};
 use outbox_tests::TestSchema;
 use outbox_tests::kafka::{
-    PrivateBroker, Received, TopicConsumer, create_topic_on, java_partition,
+    PrivateBroker, Received, TopicConsumer, create_topic_on, distinct, java_partition,
+    order_violations, wait_distinct,
 };
 use outbox_tests::relay::{RunningRelay, raw_config, wait_for_empty_outbox};
 
@@ -27,56 +28,6 @@ fn kafka_config(test: &TestSchema, brokers: &str, topic: &str) -> RawConfig {
         ..Default::default()
     });
     raw
-}
-
-fn n_of(message: &Received) -> i64 {
-    let payload: serde_json::Value =
-        serde_json::from_slice(message.payload.as_deref().unwrap()).unwrap();
-    payload["n"].as_i64().unwrap()
-}
-
-fn distinct(received: &[Received]) -> usize {
-    received
-        .iter()
-        .filter_map(|m| m.header("outbox-event-id"))
-        .collect::<HashSet<_>>()
-        .len()
-}
-
-/// Per key, first deliveries must have increasing `n`.
-fn order_violations(received: &[Received]) -> usize {
-    let mut seen = HashSet::new();
-    let mut last: HashMap<String, i64> = HashMap::new();
-    let mut violations = 0;
-    for m in received {
-        if !seen.insert(m.header("outbox-event-id").unwrap()) {
-            continue;
-        }
-        let n = n_of(m);
-        if let Some(&previous) = last.get(&m.key_text())
-            && n <= previous
-        {
-            violations += 1;
-        }
-        last.insert(m.key_text(), n);
-    }
-    violations
-}
-
-async fn wait_distinct(consumer: &TopicConsumer, want: usize, deadline: Duration) -> Vec<Received> {
-    let until = tokio::time::Instant::now() + deadline;
-    loop {
-        let received = consumer.received();
-        let have = distinct(&received);
-        if have >= want {
-            return received;
-        }
-        assert!(
-            tokio::time::Instant::now() < until,
-            "only {have} of {want} distinct events within {deadline:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 #[tokio::test]

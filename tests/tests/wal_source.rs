@@ -18,6 +18,7 @@ use outbox_relay::event::OutboxEvent;
 use outbox_relay::source::wal::{
     Lsn, SlotLossReason, WalError, WalSource, WalSourceConfig, WalStart, WalTransaction,
 };
+use outbox_tests::wal::drop_database;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{AssertSqlSafe, ConnectOptions, Connection, PgConnection, PgPool};
 use tokio::time::Instant;
@@ -160,47 +161,6 @@ impl Drop for WalDb {
         })
         .join();
     }
-}
-
-/// Drop the slots of database `name` (ending the sessions that hold them), then the database.
-async fn drop_database(name: &str) {
-    let Ok(mut admin) = PgConnection::connect_with(&server_options().database("postgres")).await
-    else {
-        return;
-    };
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        let _ = sqlx::query(
-            "select pg_terminate_backend(active_pid) from pg_replication_slots \
-             where database = $1 and active_pid is not null",
-        )
-        .bind(name)
-        .execute(&mut admin)
-        .await;
-        let _ = sqlx::query(
-            "select pg_drop_replication_slot(slot_name) from pg_replication_slots \
-             where database = $1 and not active",
-        )
-        .bind(name)
-        .execute(&mut admin)
-        .await;
-        let left: i64 =
-            sqlx::query_scalar("select count(*) from pg_replication_slots where database = $1")
-                .bind(name)
-                .fetch_one(&mut admin)
-                .await
-                .unwrap_or(0);
-        if left == 0 || Instant::now() > deadline {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let _ = sqlx::raw_sql(AssertSqlSafe(format!(
-        "drop database if exists {name} with (force)"
-    )))
-    .execute(&mut admin)
-    .await;
-    let _ = admin.close().await;
 }
 
 /// The next transaction, within the deadline.
