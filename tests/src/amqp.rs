@@ -253,3 +253,70 @@ pub fn first_delivery_order_violations(
     }
     violations
 }
+
+/// An order event with a payload, a trace context, a correlation id and a custom
+/// header: what [`assert_detailed_order_message`] checks on the wire.
+pub fn detailed_order_event() -> outbox_core::Event {
+    outbox_core::Event::builder("order", "2", "order.placed")
+        .payload(&serde_json::json!({ "order_id": 2, "total_cents": 1999 }))
+        .header("schema-version", "3")
+        .header(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        )
+        .header("correlation-id", "req-77")
+        .build()
+        .expect("a valid event")
+}
+
+/// Check every AMQP property and header the relay sets for
+/// [`detailed_order_event`], published with outbox sequence `sequence`.
+pub fn assert_detailed_order_message(
+    message: &Received,
+    event: &outbox_core::Event,
+    sequence: i64,
+) {
+    let p = &message.properties;
+    assert_eq!(message.routing_key, "order.placed");
+    assert_eq!(message.kind.as_deref(), Some("order.placed"));
+    assert_eq!(
+        p.content_type().as_ref().map(|s| s.as_str()),
+        Some("application/json")
+    );
+    assert_eq!(*p.delivery_mode(), Some(2), "persistent");
+    assert_eq!(message.app_id.as_deref(), Some("outbox-relay"));
+    assert!(p.timestamp().is_some(), "publish timestamp set");
+    assert_eq!(
+        p.correlation_id().as_ref().map(|s| s.as_str()),
+        Some("req-77")
+    );
+    assert_eq!(
+        message.json(),
+        serde_json::json!({ "order_id": 2, "total_cents": 1999 })
+    );
+    assert_eq!(message.header("schema-version"), Some("3"));
+    assert_eq!(
+        message.header("traceparent"),
+        Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+    );
+    assert_eq!(
+        message.header("outbox-event-id"),
+        Some(event.id().to_string().as_str())
+    );
+    assert_eq!(message.header("outbox-event-type"), Some("order.placed"));
+    assert_eq!(message.header("outbox-aggregate-type"), Some("order"));
+    assert_eq!(message.header("outbox-aggregate-id"), Some("2"));
+    assert_eq!(message.header("outbox-partition-key"), Some("order:2"));
+    assert_eq!(
+        message.header("outbox-sequence"),
+        Some(sequence.to_string().as_str()),
+        "the outbox sequence of the row"
+    );
+    let created_at = chrono::DateTime::parse_from_rfc3339(
+        message
+            .header("outbox-created-at")
+            .expect("an outbox-created-at header"),
+    )
+    .expect("an RFC 3339 time");
+    assert_eq!(created_at, event.created_at());
+}

@@ -288,16 +288,7 @@ async fn rolled_back_events_are_never_published_and_committed_ones_arrive_with_t
     outbox.enqueue(&mut tx, &rolled_back).await.unwrap();
     tx.rollback().await.unwrap();
 
-    let committed = Event::builder("order", "2", "order.placed")
-        .payload(&serde_json::json!({ "order_id": 2, "total_cents": 1999 }))
-        .header("schema-version", "3")
-        .header(
-            "traceparent",
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-        )
-        .header("correlation-id", "req-77")
-        .build()
-        .unwrap();
+    let committed = outbox_tests::amqp::detailed_order_event();
     let mut tx = db.test.pool.begin().await.unwrap();
     let enqueued = outbox.enqueue(&mut tx, &committed).await.unwrap();
     tx.commit().await.unwrap();
@@ -330,45 +321,7 @@ async fn rolled_back_events_are_never_published_and_committed_ones_arrive_with_t
         .iter()
         .find(|m| m.message_id == committed.id().to_string())
         .unwrap();
-    let p = &message.properties;
-    assert_eq!(message.routing_key, "order.placed");
-    assert_eq!(message.kind.as_deref(), Some("order.placed"));
-    assert_eq!(
-        p.content_type().as_ref().map(|s| s.as_str()),
-        Some("application/json")
-    );
-    assert_eq!(*p.delivery_mode(), Some(2), "persistent");
-    assert_eq!(message.app_id.as_deref(), Some("outbox-relay"));
-    assert!(p.timestamp().is_some(), "publish timestamp set");
-    assert_eq!(
-        p.correlation_id().as_ref().map(|s| s.as_str()),
-        Some("req-77")
-    );
-    assert_eq!(
-        message.json(),
-        serde_json::json!({ "order_id": 2, "total_cents": 1999 })
-    );
-    assert_eq!(message.header("schema-version"), Some("3"));
-    assert_eq!(
-        message.header("traceparent"),
-        Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
-    );
-    assert_eq!(
-        message.header("outbox-event-id"),
-        Some(committed.id().to_string().as_str())
-    );
-    assert_eq!(message.header("outbox-event-type"), Some("order.placed"));
-    assert_eq!(message.header("outbox-aggregate-type"), Some("order"));
-    assert_eq!(message.header("outbox-aggregate-id"), Some("2"));
-    assert_eq!(message.header("outbox-partition-key"), Some("order:2"));
-    assert_eq!(
-        message.header("outbox-sequence"),
-        Some(enqueued.sequence.to_string().as_str()),
-        "table rows keep their outbox sequence in WAL mode"
-    );
-    let created_at =
-        chrono::DateTime::parse_from_rfc3339(message.header("outbox-created-at").unwrap()).unwrap();
-    assert_eq!(created_at, committed.created_at());
+    outbox_tests::amqp::assert_detailed_order_message(message, &committed, enqueued.sequence);
     db.cleanup().await;
 }
 
