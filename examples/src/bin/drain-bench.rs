@@ -22,6 +22,7 @@
 //! cargo run --release -p outbox-examples --bin drain-bench -- --events 100000 --sink kafka
 //! ```
 
+use outbox_examples::{drop_slot, slot_state, slot_streaming};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -592,50 +593,6 @@ impl Bench {
             ),
         }
         result
-    }
-}
-
-/// Whether a walsender streams from `slot` (it has left the `startup` state of slot creation).
-async fn slot_streaming(pool: &PgPool, slot: &str) -> anyhow::Result<bool> {
-    Ok(sqlx::query_scalar(
-        "select coalesce(bool_or(r.state in ('catchup', 'streaming')), false) \
-         from pg_replication_slots s join pg_stat_replication r on r.pid = s.active_pid \
-         where s.slot_name = $1",
-    )
-    .bind(slot)
-    .fetch_one(pool)
-    .await?)
-}
-
-/// `Some(active)` when the slot exists.
-async fn slot_state(pool: &PgPool, slot: &str) -> anyhow::Result<Option<bool>> {
-    Ok(
-        sqlx::query_scalar("select active from pg_replication_slots where slot_name = $1")
-            .bind(slot)
-            .fetch_optional(pool)
-            .await?,
-    )
-}
-
-/// Drop `slot` once no session streams from it (so it does not pin WAL); nothing if it is gone.
-async fn drop_slot(pool: &PgPool, slot: &str) -> anyhow::Result<()> {
-    let started = Instant::now();
-    loop {
-        match slot_state(pool, slot).await? {
-            None => return Ok(()),
-            Some(false) => {
-                sqlx::query("select pg_drop_replication_slot($1)")
-                    .bind(slot)
-                    .execute(pool)
-                    .await
-                    .with_context(|| format!("dropping replication slot {slot}"))?;
-                return Ok(());
-            }
-            Some(true) if started.elapsed() > READY_TIMEOUT => {
-                anyhow::bail!("replication slot {slot} is still active after {READY_TIMEOUT:?}")
-            }
-            Some(true) => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
     }
 }
 
