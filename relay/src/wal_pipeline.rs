@@ -53,6 +53,9 @@ const SETTLE_MAX_ROWS: usize = 2_000;
 const LEADER_CHECK_INTERVAL: Duration = Duration::from_secs(2);
 /// Longest time lanes get to finish when a session ends because of an error.
 const RESTART_GRACE: Duration = Duration::from_secs(5);
+/// How often rows a delete did not find are tried again, and for how long.
+const STRAY_RETRY_INTERVAL: Duration = Duration::from_millis(200);
+const STRAY_RETRY_FOR: Duration = Duration::from_secs(30);
 /// Rows read per page of the table drain.
 const DRAIN_PAGE: usize = 1_000;
 
@@ -111,6 +114,9 @@ struct Tracker {
     /// After a failed settle: not before this instant.
     retry_settle_at: Option<Instant>,
     settle_backoff: Backoff,
+    /// Rows of confirmed events a delete did not find yet, since when.
+    stray_rows: Vec<(i64, Instant)>,
+    last_stray_retry: Instant,
 }
 
 impl Default for Tracker {
@@ -121,6 +127,8 @@ impl Default for Tracker {
             in_flight: 0,
             retry_settle_at: None,
             settle_backoff: Backoff::new(Duration::from_millis(50), Duration::from_secs(2)),
+            stray_rows: Vec::new(),
+            last_stray_retry: Instant::now(),
         }
     }
 }
@@ -674,12 +682,24 @@ impl<S: Sink> WalRelay<S> {
         {
             return Settled::Later;
         }
+        self.delete_stray_rows(tracker).await;
         let prefix = tracker.done_prefix();
         if prefix.units == 0 {
             return Settled::Done;
         }
         match self.rows.delete(&prefix.rows).await {
-            Ok(_) => {
+            Ok(deleted) => {
+                if deleted.len() < prefix.rows.len() {
+                    let deleted: HashSet<i64> = deleted.into_iter().collect();
+                    let now = Instant::now();
+                    tracker.stray_rows.extend(
+                        prefix
+                            .rows
+                            .iter()
+                            .filter(|sequence| !deleted.contains(sequence))
+                            .map(|&sequence| (sequence, now)),
+                    );
+                }
                 tracker.settle_backoff.reset();
                 tracker.retry_settle_at = None;
                 tracker.pop(prefix.units);
@@ -706,6 +726,33 @@ impl<S: Sink> WalRelay<S> {
                 tracing::warn!(%error, rows = prefix.rows.len(), "deleting relayed rows failed; the position is not confirmed until it succeeds");
                 Settled::Failed
             }
+        }
+    }
+}
+
+impl<S: Sink> WalRelay<S> {
+    /// Retry deleting rows a settle did not find (see [`WalRows::delete`]) every
+    /// [`STRAY_RETRY_INTERVAL`], for [`STRAY_RETRY_FOR`]; rows still not found by
+    /// then were gone already. Their events were delivered and confirmed either way.
+    async fn delete_stray_rows(&self, tracker: &mut Tracker) {
+        if tracker.stray_rows.is_empty()
+            || tracker.last_stray_retry.elapsed() < STRAY_RETRY_INTERVAL
+        {
+            return;
+        }
+        tracker.last_stray_retry = Instant::now();
+        tracker
+            .stray_rows
+            .retain(|(_, since)| since.elapsed() < STRAY_RETRY_FOR);
+        let sequences: Vec<i64> = tracker.stray_rows.iter().map(|(s, _)| *s).collect();
+        match self.rows.delete(&sequences).await {
+            Ok(deleted) => {
+                let deleted: HashSet<i64> = deleted.into_iter().collect();
+                tracker
+                    .stray_rows
+                    .retain(|(sequence, _)| !deleted.contains(sequence));
+            }
+            Err(error) => tracing::debug!(%error, "retrying the delete of relayed rows failed"),
         }
     }
 }

@@ -35,7 +35,9 @@ impl WalRows {
         WalRows {
             pool,
             timeout: database.statement_timeout + Duration::from_secs(5),
-            delete: format!("delete from {outbox} where sequence = any($1::int8[])"),
+            delete: format!(
+                "delete from {outbox} where sequence = any($1::int8[]) returning sequence"
+            ),
             dead_letter: format!(
                 "with moved as (delete from {outbox} where sequence = $1 and $2) \
                  insert into {dead} (sequence, event_id, aggregate_type, aggregate_id, event_type, partition_key, \
@@ -58,20 +60,25 @@ impl WalRows {
         }
     }
 
-    /// Delete the rows of confirmed events.
-    pub async fn delete(&self, sequences: &[i64]) -> Result<u64> {
+    /// Delete the rows of confirmed events; returns the sequences deleted.
+    ///
+    /// A row can be missing for two reasons: it is gone already (dead-lettered,
+    /// or deleted after the table drain), or its transaction's commit reached the
+    /// WAL stream before it became visible to other sessions (a window of
+    /// microseconds the relay can be faster than). The caller retries the missing
+    /// ones for a while.
+    pub async fn delete(&self, sequences: &[i64]) -> Result<Vec<i64>> {
         if sequences.is_empty() {
-            return Ok(0);
+            return Ok(Vec::new());
         }
-        Ok(db_call(
+        db_call(
             "deleting relayed outbox rows",
             self.timeout,
-            sqlx::query(AssertSqlSafe(self.delete.as_str()))
+            sqlx::query_scalar(AssertSqlSafe(self.delete.as_str()))
                 .bind(sequences)
-                .execute(&self.pool),
+                .fetch_all(&self.pool),
         )
-        .await?
-        .rows_affected())
+        .await
     }
 
     /// Move `event` to the dead-letter table with its last error; its row, if it
