@@ -75,3 +75,18 @@ pub async fn drop_slot(pool: &PgPool, slot: &str) -> anyhow::Result<()> {
         }
     }
 }
+
+/// Delete a benchmark's RabbitMQ queue and exchange (both named `name`); best effort.
+pub async fn delete_queue_and_exchange(amqp_url: &str, name: &str) -> anyhow::Result<()> {
+    use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+    let connection =
+        lapin::Connection::connect(amqp_url, lapin::ConnectionProperties::default()).await?;
+    let channel = connection.create_channel().await?;
+    let _ = channel
+        .queue_delete(name.into(), QueueDeleteOptions::default())
+        .await;
+    let _ = channel
+        .exchange_delete(name.into(), ExchangeDeleteOptions::default())
+        .await;
+    Ok(())
+}

@@ -203,17 +203,22 @@ impl Drop for WalDatabase {
             return;
         }
         // The test failed: clean up from a runtime of our own.
-        let name = self.name.clone();
-        let _ = std::thread::spawn(move || {
-            if let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                runtime.block_on(drop_database(&name));
-            }
-        })
-        .join();
+        drop_database_blocking(&self.name);
     }
+}
+
+/// [`drop_database`] from a `Drop` impl: on a thread with a runtime of its own.
+pub fn drop_database_blocking(name: &str) {
+    let name = name.to_owned();
+    let _ = std::thread::spawn(move || {
+        if let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            runtime.block_on(drop_database(&name));
+        }
+    })
+    .join();
 }
 
 /// Drop the slots of database `name` (ending the sessions that hold them), then the database.

@@ -18,7 +18,7 @@ use outbox_relay::event::OutboxEvent;
 use outbox_relay::source::wal::{
     Lsn, SlotLossReason, WalError, WalSource, WalSourceConfig, WalStart, WalTransaction,
 };
-use outbox_tests::wal::drop_database;
+use outbox_tests::wal::{drop_database, drop_database_blocking};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{AssertSqlSafe, ConnectOptions, Connection, PgConnection, PgPool};
 use tokio::time::Instant;
@@ -150,16 +150,7 @@ impl Drop for WalDb {
             return;
         }
         // The test failed: clean up from a runtime of our own.
-        let name = self.name.clone();
-        let _ = std::thread::spawn(move || {
-            if let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                runtime.block_on(drop_database(&name));
-            }
-        })
-        .join();
+        drop_database_blocking(&self.name);
     }
 }
 

@@ -28,8 +28,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Parser;
 use lapin::options::{
-    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
-    QueueDeleteOptions, QueuePurgeOptions,
+    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueuePurgeOptions,
 };
 use lapin::types::FieldTable;
 use outbox_core::{Event, Outbox, OutboxConfig, SchemaName};
@@ -571,26 +570,13 @@ impl Bench {
                 result = Err(error.into());
             }
         }
-        match lapin::Connection::connect(
-            &self.args.amqp_url,
-            lapin::ConnectionProperties::default(),
-        )
-        .await
+        if let Err(error) =
+            outbox_examples::delete_queue_and_exchange(&self.args.amqp_url, &self.exchange).await
         {
-            Ok(connection) => {
-                let channel = connection.create_channel().await?;
-                let name = self.exchange.as_str();
-                let _ = channel
-                    .queue_delete(name.into(), QueueDeleteOptions::default())
-                    .await;
-                let _ = channel
-                    .exchange_delete(name.into(), ExchangeDeleteOptions::default())
-                    .await;
-            }
-            Err(error) => eprintln!(
+            eprintln!(
                 "drain-bench: could not delete queue {}: {error}",
                 self.exchange
-            ),
+            );
         }
         result
     }

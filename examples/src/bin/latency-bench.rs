@@ -30,8 +30,7 @@ use anyhow::Context;
 use clap::Parser;
 use futures_util::StreamExt;
 use lapin::options::{
-    BasicConsumeOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
-    QueueDeclareOptions, QueueDeleteOptions,
+    BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
 use outbox_core::{Event, Outbox, OutboxConfig, SchemaName};
@@ -689,26 +688,16 @@ impl Bench {
         }
         match self.args.sink {
             SinkKind::Rabbitmq => {
-                match lapin::Connection::connect(
+                if let Err(error) = outbox_examples::delete_queue_and_exchange(
                     &self.args.amqp_url,
-                    lapin::ConnectionProperties::default(),
+                    &self.destination,
                 )
                 .await
                 {
-                    Ok(connection) => {
-                        let channel = connection.create_channel().await?;
-                        let name = self.destination.as_str();
-                        let _ = channel
-                            .queue_delete(name.into(), QueueDeleteOptions::default())
-                            .await;
-                        let _ = channel
-                            .exchange_delete(name.into(), ExchangeDeleteOptions::default())
-                            .await;
-                    }
-                    Err(error) => eprintln!(
+                    eprintln!(
                         "latency-bench: could not delete queue {}: {error}",
                         self.destination
-                    ),
+                    );
                 }
             }
             SinkKind::Kafka => {
