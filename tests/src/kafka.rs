@@ -2,11 +2,10 @@
 //! message (partition, offset, key, headers, payload) in arrival order, and the
 //! Java client's default partitioner to check where keys land.
 //!
-//! The broker is `KAFKA_BROKERS` (default `127.0.0.1:9092`, the tansu broker that
+//! The broker is `KAFKA_BROKERS` (default `127.0.0.1:9092`, the Apache Kafka node that
 //! `scripts/dev-services` starts). The consumer reads with a manual partition
 //! assignment from the beginning of every partition and commits nothing: it needs
-//! no consumer group, so it works the same on Kafka and on tansu, and a test never
-//! waits for a group rebalance.
+//! no consumer group, so a test never waits for a group rebalance.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -308,54 +307,73 @@ pub fn java_partition(key: &[u8], partitions: i32) -> i32 {
     (murmur2(key) & 0x7fff_ffff) % partitions
 }
 
-/// A tansu broker of one test's own, on a free port, with in-memory storage: a
-/// test can stop it (SIGSTOP: connections stall, nothing is lost) and let it go on
-/// (SIGCONT) without disturbing other tests. Killed when dropped.
+/// How long a private broker may take to start (a JVM, on a 2-core machine running
+/// other tests).
+const PRIVATE_BROKER_START_DEADLINE: Duration = Duration::from_secs(120);
+
+/// An Apache Kafka node of one test's own (`scripts/kafka/broker`: broker and KRaft
+/// controller in one JVM, small heap, fresh storage in a temporary directory), on free
+/// ports: a test can stop it (SIGSTOP: connections stall, nothing is lost) and let it go
+/// on (SIGCONT) without disturbing other tests. Killed and its storage removed when dropped.
 pub struct PrivateBroker {
     /// `127.0.0.1:<port>`.
     pub brokers: String,
+    data_dir: std::path::PathBuf,
     child: std::process::Child,
 }
 
 impl PrivateBroker {
-    /// Start `tansu broker` (from PATH or ~/.cargo/bin) and wait until it answers metadata.
+    /// Start a private Kafka node and wait until it answers metadata requests.
     pub async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    /// [`PrivateBroker::start`] with extra `server.properties` lines (`key=value`; a
+    /// `listeners+=…` line adds a listener, see `scripts/kafka/broker`).
+    pub async fn start_with(extra_properties: &[&str]) -> Self {
         let port = crate::ops::free_local_addr().port();
+        let controller_port = crate::ops::free_local_addr().port();
         let brokers = format!("127.0.0.1:{port}");
-        let home = std::env::var("HOME").unwrap_or_default();
-        let path = format!(
-            "{}:{home}/.cargo/bin",
-            std::env::var("PATH").unwrap_or_default()
-        );
-        let child = std::process::Command::new("tansu")
-            .env("PATH", path)
-            .args([
-                "broker",
-                "--listener-url",
-                &format!("tcp://{brokers}"),
-                "--advertised-listener-url",
-                &format!("tcp://{brokers}"),
-                "--storage-engine",
-                &format!("memory://tansu-{port}/"),
-            ])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+        let data_dir = std::env::temp_dir().join(format!(
+            "outbox-kafka-{port}-{}",
+            uuid::Uuid::new_v4().simple()
+        ));
+        std::fs::create_dir_all(&data_dir).expect("create the private broker's directory");
+        let log = std::fs::File::create(data_dir.with_extension("log"))
+            .expect("create the private broker's log file");
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/kafka/broker");
+        let child = std::process::Command::new(script)
+            .arg(&data_dir)
+            .arg(port.to_string())
+            .arg(controller_port.to_string())
+            .arg("--")
+            .args(extra_properties)
+            .stdout(log.try_clone().expect("clone the log file handle"))
+            .stderr(log)
             .spawn()
-            .expect("tansu must be installed: run scripts/dev-services");
-        let broker = PrivateBroker { brokers, child };
-        let deadline = tokio::time::Instant::now() + BROKER_DEADLINE;
-        while tokio::net::TcpStream::connect(&broker.brokers)
-            .await
-            .is_err()
-        {
+            .expect("start scripts/kafka/broker (a JDK is needed: run scripts/dev-services)");
+        let broker = PrivateBroker {
+            brokers,
+            data_dir,
+            child,
+        };
+        let deadline = tokio::time::Instant::now() + PRIVATE_BROKER_START_DEADLINE;
+        loop {
+            if tokio::net::TcpStream::connect(&broker.brokers)
+                .await
+                .is_ok()
+                && broker_answers(&broker.brokers).await
+            {
+                return broker;
+            }
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "private tansu did not listen on {}",
-                broker.brokers
+                "private Kafka did not answer on {} within {PRIVATE_BROKER_START_DEADLINE:?} (log: {})",
+                broker.brokers,
+                broker.data_dir.with_extension("log").display()
             );
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        broker
     }
 
     fn signal(&self, signal: &str) {
@@ -363,7 +381,7 @@ impl PrivateBroker {
             .args([signal, &self.child.id().to_string()])
             .status()
             .expect("run kill");
-        assert!(status.success(), "kill {signal} tansu");
+        assert!(status.success(), "kill {signal} the private Kafka");
     }
 
     /// Stop the broker process (SIGSTOP): it neither answers nor refuses.
@@ -381,7 +399,27 @@ impl Drop for PrivateBroker {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.data_dir);
+        let _ = std::fs::remove_file(self.data_dir.with_extension("log"));
     }
+}
+
+/// Whether the broker at `brokers` answers a metadata request with at least one broker.
+async fn broker_answers(brokers: &str) -> bool {
+    let brokers = brokers.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let Ok(consumer) = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .create::<rdkafka::consumer::BaseConsumer>()
+        else {
+            return false;
+        };
+        consumer
+            .fetch_metadata(None, Duration::from_secs(2))
+            .is_ok_and(|metadata| !metadata.brokers().is_empty())
+    })
+    .await
+    .unwrap_or(false)
 }
 
 /// The payload counter `n` of a test event.
