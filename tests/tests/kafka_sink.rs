@@ -313,8 +313,8 @@ async fn an_oversized_event_is_rejected_without_being_sent_while_other_events_de
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_event_for_a_missing_topic_is_rejected_as_the_events_own_failure() {
-    // tansu (like Kafka with auto.create.topics.enable=false) does not create topics
-    // on produce: librdkafka holds the record until message_timeout, then the sink
+    // The dev broker runs with auto.create.topics.enable=false (as most production
+    // clusters do): librdkafka holds the record until message_timeout, then the sink
     // asks the broker whether the topic exists.
     let mut config = config();
     config.message_timeout = Duration::from_secs(2);

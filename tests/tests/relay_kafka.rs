@@ -1,4 +1,4 @@
-//! The polling relay publishing to Kafka (tansu): G1-G4 with Kafka's semantics,
+//! The polling relay publishing to Apache Kafka: G1-G4 with Kafka's semantics,
 //! read back with a Kafka consumer. Per-key order is per-partition order, and keys
 //! land on the partitions a Java client would choose.
 
@@ -11,8 +11,8 @@ use outbox_core::{Event, Outbox, OutboxConfig};
 use outbox_relay::config::{RawConfig, RawKafka};
 use outbox_tests::TestSchema;
 use outbox_tests::kafka::{
-    PrivateBroker, Received, TopicConsumer, create_topic_on, distinct, java_partition,
-    order_violations, wait_distinct,
+    PrivateBroker, Received, TopicConsumer, brokers as kafka_brokers, create_topic_on, distinct,
+    java_partition, order_violations, wait_distinct,
 };
 use outbox_tests::relay::{RunningRelay, raw_config, wait_for_empty_outbox};
 
@@ -36,16 +36,12 @@ async fn concurrent_writers_events_arrive_complete_in_commit_order_on_java_parti
     const EVENTS: usize = 20_000;
     const KEYS: usize = 200;
     const PARTITIONS: i32 = 6;
-    let broker = PrivateBroker::start().await;
+    let brokers = kafka_brokers();
     let test = TestSchema::new().await;
-    let topic = create_topic_on(&broker.brokers, PARTITIONS).await;
-    let consumer = TopicConsumer::start_on(&broker.brokers, &topic, PARTITIONS);
+    let topic = create_topic_on(&brokers, PARTITIONS).await;
+    let consumer = TopicConsumer::start_on(&brokers, &topic, PARTITIONS);
     let counters = outbox_tests::load::create_counters(&test, KEYS).await;
-    let relay = RunningRelay::start(
-        kafka_config(&test, &broker.brokers, &topic)
-            .validate()
-            .unwrap(),
-    );
+    let relay = RunningRelay::start(kafka_config(&test, &brokers, &topic).validate().unwrap());
     outbox_tests::load::run_counter_writers(&test, &counters, WRITERS, EVENTS, KEYS).await;
     let received = wait_distinct(&consumer, EVENTS, Duration::from_secs(180)).await;
     wait_for_empty_outbox(&test, Duration::from_secs(30)).await;
@@ -67,11 +63,11 @@ async fn concurrent_writers_events_arrive_complete_in_commit_order_on_java_parti
 
 #[tokio::test]
 async fn oversized_event_is_dead_lettered_with_the_reason_while_others_flow() {
-    let broker = PrivateBroker::start().await;
+    let brokers = kafka_brokers();
     let test = TestSchema::new().await;
-    let topic = create_topic_on(&broker.brokers, 3).await;
-    let consumer = TopicConsumer::start_on(&broker.brokers, &topic, 3);
-    let mut raw = kafka_config(&test, &broker.brokers, &topic);
+    let topic = create_topic_on(&brokers, 3).await;
+    let consumer = TopicConsumer::start_on(&brokers, &topic, 3);
+    let mut raw = kafka_config(&test, &brokers, &topic);
     raw.pipeline.max_attempts = Some(2);
     let relay = RunningRelay::start(raw.validate().unwrap());
 
@@ -188,12 +184,12 @@ async fn broker_stopped_under_load_then_continued_loses_nothing_and_dead_letters
 #[tokio::test]
 async fn relay_killed_mid_stream_and_restarted_loses_nothing() {
     const EVENTS: usize = 6_000;
-    let broker = PrivateBroker::start().await;
+    let brokers = kafka_brokers();
     let test = TestSchema::new().await;
-    let topic = create_topic_on(&broker.brokers, 3).await;
-    let consumer = TopicConsumer::start_on(&broker.brokers, &topic, 3);
+    let topic = create_topic_on(&brokers, 3).await;
+    let consumer = TopicConsumer::start_on(&brokers, &topic, 3);
     outbox_tests::load::enqueue_backlog(&test, EVENTS, 50).await;
-    let mut raw = kafka_config(&test, &broker.brokers, &topic);
+    let mut raw = kafka_config(&test, &brokers, &topic);
     raw.polling.batch_size = Some(200);
     raw.polling.lease_ms = Some(14_000);
 

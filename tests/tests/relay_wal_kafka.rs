@@ -1,4 +1,4 @@
-//! The WAL-source relay publishing to Kafka (tansu): G1 (a rolled-back event is
+//! The WAL-source relay publishing to Apache Kafka: G1 (a rolled-back event is
 //! never published; committed ones arrive with their key and wire headers), G2/G3
 //! under concurrent writers (everything arrives, per-key first deliveries keep
 //! commit order, keys land on the Java client's partitions), and a relay killed
@@ -6,7 +6,7 @@
 //! nothing lost, order kept).
 //!
 //! Every test owns a database (with its slot and publication, see
-//! [`outbox_tests::wal::WalDatabase`]), a private tansu broker and a topic, and
+//! [`outbox_tests::wal::WalDatabase`]) and a topic on the shared Apache Kafka broker, and
 //! starts writing only once the relay streams from its slot, so events come
 //! through the replication stream, not the table drain of a new slot.
 
@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use outbox_core::{Event, Outbox, OutboxConfig};
 use outbox_relay::config::{RawConfig, RawKafka};
 use outbox_tests::kafka::{
-    PrivateBroker, Received, TopicConsumer, create_topic_on, distinct, java_partition,
+    Received, TopicConsumer, brokers as kafka_brokers, create_topic_on, distinct, java_partition,
     order_violations, wait_distinct,
 };
 use outbox_tests::relay::{RunningRelay, wait_for_empty_outbox};
@@ -96,11 +96,11 @@ async fn dead_letters(db: &WalDatabase) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rolled_back_event_never_arrives_and_committed_ones_carry_key_and_headers() {
     const PARTITIONS: i32 = 3;
-    let broker = PrivateBroker::start().await;
+    let brokers = kafka_brokers();
     let db = WalDatabase::new().await;
-    let topic = create_topic_on(&broker.brokers, PARTITIONS).await;
-    let consumer = TopicConsumer::start_on(&broker.brokers, &topic, PARTITIONS);
-    let relay = start_streaming(&db, kafka_config(&db, &broker.brokers, &topic)).await;
+    let topic = create_topic_on(&brokers, PARTITIONS).await;
+    let consumer = TopicConsumer::start_on(&brokers, &topic, PARTITIONS);
+    let relay = start_streaming(&db, kafka_config(&db, &brokers, &topic)).await;
     let outbox = Outbox::new(OutboxConfig {
         schema: db.test.schema.clone(),
         ..OutboxConfig::default()
@@ -215,13 +215,13 @@ async fn concurrent_writers_events_arrive_complete_in_commit_order_on_java_parti
     const EVENTS: usize = 20_000;
     const KEYS: usize = 200;
     const PARTITIONS: i32 = 6;
-    let broker = PrivateBroker::start().await;
+    let brokers = kafka_brokers();
     let db = WalDatabase::new().await;
-    let topic = create_topic_on(&broker.brokers, PARTITIONS).await;
-    let consumer = TopicConsumer::start_on(&broker.brokers, &topic, PARTITIONS);
+    let topic = create_topic_on(&brokers, PARTITIONS).await;
+    let consumer = TopicConsumer::start_on(&brokers, &topic, PARTITIONS);
     let counters = outbox_tests::load::create_counters(&db.test, KEYS).await;
     fast_commits(&db).await;
-    let relay = start_streaming(&db, kafka_config(&db, &broker.brokers, &topic)).await;
+    let relay = start_streaming(&db, kafka_config(&db, &brokers, &topic)).await;
 
     let started = Instant::now();
     outbox_tests::load::run_counter_writers(&db.test, &counters, WRITERS, EVENTS, KEYS).await;
@@ -262,13 +262,13 @@ async fn relay_killed_mid_stream_and_restarted_loses_nothing_and_keeps_order() {
     const EVENTS: usize = 8_000;
     const KEYS: usize = 50;
     const PARTITIONS: i32 = 3;
-    let broker = PrivateBroker::start().await;
+    let brokers = kafka_brokers();
     let db = WalDatabase::new().await;
-    let topic = create_topic_on(&broker.brokers, PARTITIONS).await;
-    let consumer = TopicConsumer::start_on(&broker.brokers, &topic, PARTITIONS);
+    let topic = create_topic_on(&brokers, PARTITIONS).await;
+    let consumer = TopicConsumer::start_on(&brokers, &topic, PARTITIONS);
     let counters = outbox_tests::load::create_counters(&db.test, KEYS).await;
     fast_commits(&db).await;
-    let raw = kafka_config(&db, &broker.brokers, &topic);
+    let raw = kafka_config(&db, &brokers, &topic);
 
     let first = start_streaming(&db, raw.clone()).await;
     let writers = {
