@@ -79,9 +79,46 @@ pub async fn connect_pool(database: &DatabaseConfig, max_connections: u32) -> Re
         .acquire_timeout(database.connect_timeout)
         .connect_with(options)
         .await
-        .map_err(E::database(
-            "connecting to PostgreSQL (check database.url and that the server is up)",
-        ))
+        .map_err(|source| E::Database {
+            operation: connect_operation(&source),
+            source,
+        })
+}
+
+/// What a failed connection attempt was, with the setting to check for its cause.
+pub(crate) fn connect_operation(error: &sqlx::Error) -> &'static str {
+    match error {
+        sqlx::Error::Tls(source) => {
+            let text = source.to_string().to_ascii_lowercase();
+            if text.contains("hostname mismatch") || text.contains("ip address mismatch") {
+                "connecting to PostgreSQL over TLS: the host name in database.url is not a name \
+                 in the server's certificate (sslmode=verify-full checks it); connect by a name \
+                 the certificate lists, or use sslmode=verify-ca"
+            } else if text.contains("certificate verify failed") {
+                "connecting to PostgreSQL over TLS: the server's certificate is not signed by the \
+                 CA in database.url's sslrootcert; set sslrootcert to the CA file that signed it"
+            } else {
+                "connecting to PostgreSQL over TLS (check sslmode, sslrootcert, and sslcert/sslkey \
+                 for a client certificate, in database.url)"
+            }
+        }
+        sqlx::Error::Database(db) => match db.code().as_deref() {
+            Some("28P01") => {
+                "connecting to PostgreSQL: the password was refused; check the user and \
+                 password in database.url"
+            }
+            Some("28000") => {
+                "connecting to PostgreSQL: the server refused this user, host or TLS combination \
+                 (pg_hba.conf); check the user in database.url, sslmode, and sslcert/sslkey \
+                 if the server wants a client certificate"
+            }
+            Some("3D000") => {
+                "connecting to PostgreSQL: the database in database.url does not exist"
+            }
+            _ => "connecting to PostgreSQL (check database.url and that the server is up)",
+        },
+        _ => "connecting to PostgreSQL (check database.url and that the server is up)",
+    }
 }
 
 async fn check_schema(pool: &PgPool, database: &DatabaseConfig) -> Result<()> {

@@ -40,6 +40,11 @@ pub async fn create_topic(partitions: i32) -> String {
 
 /// [`create_topic`] on the broker at `brokers`.
 pub async fn create_topic_on(brokers: &str, partitions: i32) -> String {
+    create_topic_with(brokers, partitions, &[]).await
+}
+
+/// [`create_topic_on`] with topic configs (`max.message.bytes`, …).
+pub async fn create_topic_with(brokers: &str, partitions: i32, configs: &[(&str, &str)]) -> String {
     let topic = unique_topic();
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", brokers)
@@ -48,10 +53,9 @@ pub async fn create_topic_on(brokers: &str, partitions: i32) -> String {
     let options = AdminOptions::new().operation_timeout(Some(BROKER_DEADLINE));
     let results = admin
         .create_topics(
-            &[NewTopic::new(
-                &topic,
-                partitions,
-                TopicReplication::Fixed(1),
+            &[configs.iter().fold(
+                NewTopic::new(&topic, partitions, TopicReplication::Fixed(1)),
+                |new, (key, value)| new.set(key, value),
             )],
             &options,
         )

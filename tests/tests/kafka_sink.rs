@@ -3,7 +3,7 @@
 //! and keep their order; an oversized event is rejected without being sent while
 //! other events flow; a wrong address or an unsafe setting fails at start.
 //!
-//! The broker comes from `scripts/dev-services` (tansu) or `docker compose up -d`;
+//! The broker comes from `scripts/dev-services` (Apache Kafka) or `docker compose up -d`;
 //! its address is `KAFKA_BROKERS`, defaulting to `127.0.0.1:9092`. Every test uses
 //! its own topics (`test-<uuid>`), so tests run in parallel.
 #![allow(clippy::unwrap_used)] // a test should fail loudly at the broken step
@@ -20,7 +20,7 @@ use outbox_relay::route::Route;
 use outbox_relay::sink::kafka::{KafkaConfig, KafkaSink};
 use outbox_relay::sink::{Outcome, Sink};
 use outbox_tests::kafka::{
-    Received, TopicConsumer, brokers, create_topic, java_partition, unique_topic,
+    Received, TopicConsumer, brokers, create_topic, create_topic_with, java_partition, unique_topic,
 };
 
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -309,6 +309,37 @@ async fn an_oversized_event_is_rejected_without_being_sent_while_other_events_de
             .all(|m| m.payload.as_ref().unwrap().len() < 1000)
     );
     assert_eq!(received.len(), others.len() + 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_event_over_the_topics_own_max_message_bytes_is_rejected_before_it_is_sent() {
+    // The sink's max_message_bytes is 1,000,000; this topic takes at most 2,000 bytes,
+    // which the sink learns from the brokers (DescribeConfigs).
+    let topic = create_topic_with(&brokers(), 1, &[("max.message.bytes", "2000")]).await;
+    let consumer = TopicConsumer::start(&topic, 1);
+    let sink = sink().await;
+    let mut big = event(1, "o-1");
+    big.payload = format!(r#"{{"pad":"{}"}}"#, "x".repeat(2_500)).into_bytes();
+    let message = expect_rejected(sink.publish(&big, &route(&topic, &big)).await);
+    assert!(
+        message.contains(&format!(
+            "topic '{topic}''s max.message.bytes of 2000 bytes"
+        )),
+        "{message}"
+    );
+
+    let small = event(2, "o-2");
+    publish_until_settled(&sink, &small, &route(&topic, &small)).await;
+    let received = consumer.wait_for(1, DEADLINE).await;
+    assert_eq!(
+        received[0].header(wire::EVENT_ID),
+        Some(small.event_id.to_string())
+    );
+    // Nothing else arrives: the big event was never sent.
+    let sentinel = event(3, "o-3");
+    publish_until_settled(&sink, &sentinel, &route(&topic, &sentinel)).await;
+    let received = consumer.wait_for(2, DEADLINE).await;
+    assert_eq!(received.len(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -50,6 +50,7 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 
 use crate::event::{OutboxEvent, wire};
 use crate::route::Route;
+use crate::sink::kafka_topic_limits::{TopicLimit, TopicLimits, batch_bytes};
 use crate::sink::{Outcome, Sink, SinkError};
 
 /// Default partitioner: librdkafka's Java-compatible murmur2 hash of the key
@@ -238,6 +239,8 @@ pub struct KafkaSink {
     client_config: ClientConfig,
     producer: RwLock<Current>,
     topic_checks: tokio::sync::Mutex<TopicChecks>,
+    /// Each topic's `max.message.bytes`, where the brokers tell it.
+    topic_limits: TopicLimits,
     closed: AtomicBool,
 }
 
@@ -360,9 +363,11 @@ impl KafkaSink {
             max_message_bytes = config.max_message_bytes,
             "connected to Kafka"
         );
+        let topic_limits = TopicLimits::new(&client_config);
         Ok(KafkaSink {
             config,
             client_config,
+            topic_limits,
             producer: RwLock::new(Current {
                 producer,
                 generation: 1,
@@ -576,6 +581,19 @@ impl Sink for KafkaSink {
                 &route.destination,
                 self.config.max_message_bytes,
             )));
+        }
+        if let TopicLimit::MaxMessageBytes(topic_max) =
+            self.topic_limits.limit(&route.destination).await
+        {
+            let batch = batch_bytes(record.size, record.headers.len());
+            if batch > topic_max {
+                return Outcome::Rejected(SinkError::new(topic_oversize_message(
+                    &record,
+                    batch,
+                    &route.destination,
+                    topic_max,
+                )));
+            }
         }
         let (producer, generation) = self.current();
         let delivery = match self.enqueue(&producer, event, route, &record) {
@@ -889,6 +907,21 @@ fn oversize_message(record: &Record<'_>, topic: &str, max_message_bytes: usize) 
          not sent to topic '{topic}': make the event smaller (e.g. publish a reference to the \
          data instead of the data), or raise max_message_bytes together with the topic's \
          max.message.bytes and the brokers' message.max.bytes",
+        record.size, record.key_bytes, record.payload_bytes, record.header_bytes
+    )
+}
+
+fn topic_oversize_message(
+    record: &Record<'_>,
+    batch: usize,
+    topic: &str,
+    topic_max: usize,
+) -> String {
+    format!(
+        "event is {} bytes (key {}, payload {}, headers {}; {batch} bytes as a record batch), \
+         over topic '{topic}''s max.message.bytes of {topic_max} bytes (read from the brokers); \
+         it was not sent: make the event smaller (e.g. publish a reference to the data instead \
+         of the data), or raise the topic's max.message.bytes",
         record.size, record.key_bytes, record.payload_bytes, record.header_bytes
     )
 }

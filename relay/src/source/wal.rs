@@ -1747,11 +1747,14 @@ fn replication_config(config: &WalSourceConfig, resume_from: Lsn) -> Result<Repl
         .get_database()
         .unwrap_or(options.get_username())
         .to_owned();
-    let root_cert = url
-        .query_pairs()
-        .find(|(key, _)| key == "sslrootcert")
-        .map(|(_, value)| std::path::PathBuf::from(value.into_owned()));
-    let tls = match options.get_ssl_mode() {
+    let file_of = |name: &str| {
+        url.query_pairs()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| certificate_file(name, &value))
+            .transpose()
+    };
+    let root_cert = file_of("sslrootcert")?;
+    let mut tls = match options.get_ssl_mode() {
         PgSslMode::Disable => TlsConfig::disabled(),
         PgSslMode::Allow | PgSslMode::Prefer => TlsConfig {
             mode: pgwire_replication::SslMode::Prefer,
@@ -1761,6 +1764,18 @@ fn replication_config(config: &WalSourceConfig, resume_from: Lsn) -> Result<Repl
         PgSslMode::VerifyCa => TlsConfig::verify_ca(root_cert),
         PgSslMode::VerifyFull => TlsConfig::verify_full(root_cert),
     };
+    // The replication connection presents the same client certificate as the pools.
+    match (file_of("sslcert")?, file_of("sslkey")?) {
+        (Some(cert), Some(key)) => tls = tls.with_client_cert(cert, key),
+        (None, None) => {}
+        _ => {
+            return Err(WalError::InvalidConfig {
+                field: "database.url",
+                problem: "it sets only one of sslcert and sslkey".into(),
+                fix: "a client certificate needs both: set sslcert=<file> and sslkey=<file>".into(),
+            });
+        }
+    }
     Ok(ReplicationConfig::new(
         host,
         options.get_username(),
@@ -1780,6 +1795,24 @@ fn replication_config(config: &WalSourceConfig, resume_from: Lsn) -> Result<Repl
     .with_buffer_size(config.buffer_messages)
     .with_options(REPLICATION_SESSION_OPTIONS)
     .with_application_name(format!("outbox-relay-wal:{}", config.slot)))
+}
+
+/// The file a certificate setting of the database URL names. sqlx writes a file as
+/// `file: <path>` in the URLs it builds; a certificate given inline (PEM in the URL)
+/// cannot be handed to the replication client.
+fn certificate_file(setting: &str, value: &str) -> Result<std::path::PathBuf> {
+    let path = value.strip_prefix("file: ").unwrap_or(value);
+    if path.starts_with("-----BEGIN") {
+        return Err(WalError::InvalidConfig {
+            field: "database.url",
+            problem: format!("it gives {setting} inline (PEM text)"),
+            fix: format!(
+                "the WAL source's replication connection needs a file: set \
+                 {setting}=<path to a PEM file>"
+            ),
+        });
+    }
+    Ok(std::path::PathBuf::from(path))
 }
 
 /// The SQLSTATE in a replication client's server error text: `… (SQLSTATE 55006)`.
@@ -1989,6 +2022,32 @@ mod tests {
         assert_eq!(replication.start_lsn.0, 42);
         assert_eq!(replication.ack_lsn.map(|l| l.0), Some(42));
         assert_eq!(replication.tls.mode, pgwire_replication::SslMode::Disable);
+    }
+
+    #[test]
+    fn the_replication_connection_verifies_with_the_urls_ca_and_client_certificate() {
+        let config = WalSourceConfig::new(
+            "postgres://relay@db.example/app?sslmode=verify-full&sslrootcert=/tls/ca.pem\
+             &sslcert=/tls/client.pem&sslkey=/tls/client.key",
+            SchemaName::default(),
+            "slot_a",
+            "pub_a",
+        );
+        let tls = replication_config(&config, Lsn(42)).unwrap().tls;
+        assert_eq!(tls.mode, pgwire_replication::SslMode::VerifyFull);
+        let path = |p: &str| Some(std::path::PathBuf::from(p));
+        assert_eq!(tls.ca_pem_path, path("/tls/ca.pem"));
+        assert_eq!(tls.client_cert_pem_path, path("/tls/client.pem"));
+        assert_eq!(tls.client_key_pem_path, path("/tls/client.key"));
+
+        let half = WalSourceConfig::new(
+            "postgres://relay@db.example/app?sslmode=require&sslcert=/tls/client.pem",
+            SchemaName::default(),
+            "slot_a",
+            "pub_a",
+        );
+        let error = replication_config(&half, Lsn(42)).unwrap_err().to_string();
+        assert!(error.contains("sslcert and sslkey"), "{error}");
     }
 
     #[test]
