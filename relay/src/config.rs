@@ -217,6 +217,8 @@ pub struct RawRabbitMq {
     /// Exchanges to declare at start.
     #[serde(default)]
     pub declare_exchanges: Vec<RawExchange>,
+    /// PEM file of the CA that signed the broker's certificate (amqps).
+    pub tls_ca_file: Option<String>,
 }
 
 /// `[kafka]`
@@ -920,6 +922,18 @@ fn validate_rabbitmq(raw: RawRabbitMq) -> Result<(SinkConfig, Router), ConfigErr
             300_000,
         )?,
         declare_exchanges,
+        tls_ca_file: match raw.tls_ca_file {
+            Some(path) if path.trim().is_empty() => {
+                return Err(invalid(
+                    "rabbitmq.tls_ca_file",
+                    "is empty",
+                    "set it to the PEM file of the CA that signed the broker's certificate, or \
+                     leave it out to use the system's trust store",
+                ));
+            }
+            Some(path) => Some(std::path::PathBuf::from(path)),
+            None => None,
+        },
     };
     Ok((
         SinkConfig::RabbitMq(config),

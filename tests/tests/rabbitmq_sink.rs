@@ -52,6 +52,7 @@ fn config(app_id: &str, exchanges: &[&str]) -> RabbitMqConfig {
                 durable: false,
             })
             .collect(),
+        tls_ca_file: None,
     }
 }
 

@@ -7,6 +7,8 @@
 //!   `outbox_tls` proves that its pools **and** the WAL source's replication
 //!   connection verify the server and present the certificate; `pg_stat_ssl`
 //!   confirms it for every session.
+//! * RabbitMQ over `amqps://` (port 5671), the broker's certificate verified against
+//!   `rabbitmq.tls_ca_file` and its host name.
 //! * Kafka over `SASL_SSL` with SCRAM-SHA-512 (the listener on `localhost:9094`).
 //! * A wrong CA, host name or password fails at start with an error that names the
 //!   setting to fix.
@@ -24,6 +26,7 @@ use outbox_core::{Event, Outbox, OutboxConfig};
 use outbox_relay::event::OutboxEvent;
 use outbox_relay::route::Route;
 use outbox_relay::sink::kafka::{KafkaConfig, KafkaSink};
+use outbox_relay::sink::rabbitmq::RabbitMqSink;
 use outbox_relay::sink::{Outcome, Sink};
 use outbox_tests::TestSchema;
 use outbox_tests::amqp::RabbitFixture;
@@ -194,6 +197,72 @@ async fn a_wrong_ca_or_host_name_for_postgresql_fails_at_start_naming_the_settin
 
     let wrong_host = start_error(&test, tls_url(&test.database_url, "127.0.0.1", "ca.pem")).await;
     assert!(wrong_host.contains("host name"), "{wrong_host}");
+}
+
+/// The test AMQP url with `amqps://` on the TLS port and `host`.
+fn amqps_url(host: &str) -> String {
+    let port = std::env::var("OUTBOX_TEST_AMQPS_PORT").unwrap_or_else(|_| "5671".to_owned());
+    let url = outbox_tests::amqp::amqp_url();
+    let (userinfo, rest) = url
+        .trim_start_matches("amqp://")
+        .split_once('@')
+        .expect("AMQP_URL has user:password@host");
+    let vhost = rest.split_once('/').map_or("%2f", |(_, vhost)| vhost);
+    format!("amqps://{userinfo}@{host}:{port}/{vhost}")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_polling_relay_publishes_over_amqps_verifying_the_brokers_certificate() {
+    let test = TestSchema::new().await;
+    let rabbit = RabbitFixture::new().await;
+    let mut raw = raw_config(&test, &rabbit.exchange);
+    let rabbitmq = raw.rabbitmq.as_mut().unwrap();
+    rabbitmq.url = Some(amqps_url("localhost"));
+    rabbitmq.tls_ca_file = Some(tls_file("ca.pem"));
+    let relay = RunningRelay::start(raw.validate().unwrap());
+
+    enqueue_events(&test).await;
+    rabbit.wait_for_distinct(EVENTS, DEADLINE).await;
+    wait_for_empty_outbox(&test, DEADLINE).await;
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wrong_ca_or_host_name_for_rabbitmq_fails_at_start_naming_the_setting() {
+    let config = |host: &str, ca: &str| {
+        let test_config = outbox_relay::config::RawRabbitMq {
+            url: Some(amqps_url(host)),
+            exchange: Some("unused".into()),
+            tls_ca_file: Some(tls_file(ca)),
+            ..Default::default()
+        };
+        let mut raw = outbox_relay::config::RawConfig {
+            sink: Some("rabbitmq".into()),
+            rabbitmq: Some(test_config),
+            ..Default::default()
+        };
+        raw.database.url = Some("postgres://unused@127.0.0.1/unused".into());
+        match raw.validate().unwrap().sink {
+            outbox_relay::config::SinkConfig::RabbitMq(config) => config,
+            #[allow(unreachable_patterns)]
+            other => panic!("not a RabbitMQ sink: {other:?}"),
+        }
+    };
+    for (host, ca) in [("localhost", "other-ca.pem"), ("127.0.0.1", "ca.pem")] {
+        let error = RabbitMqSink::connect(config(host, ca))
+            .await
+            .unwrap_err()
+            .message;
+        assert!(
+            error.contains("rabbitmq.tls_ca_file"),
+            "{host} with {ca}: {error}"
+        );
+        assert!(error.contains("host"), "{host} with {ca}: {error}");
+        assert!(
+            !error.contains("guest:guest"),
+            "shows the password: {error}"
+        );
+    }
 }
 
 fn sasl_config(password: &str, ca: &str) -> KafkaConfig {

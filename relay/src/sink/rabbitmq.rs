@@ -62,6 +62,9 @@ pub struct RabbitMqConfig {
     pub publish_timeout: Duration,
     /// Exchanges declared on every (re)connect.
     pub declare_exchanges: Vec<ExchangeDeclaration>,
+    /// PEM file of the CA(s) that signed the broker's certificate, for `amqps://`
+    /// (`None`: the system's trust store). The broker's host name is always verified.
+    pub tls_ca_file: Option<std::path::PathBuf>,
 }
 
 impl fmt::Debug for RabbitMqConfig {
@@ -72,6 +75,7 @@ impl fmt::Debug for RabbitMqConfig {
             .field("connect_timeout", &self.connect_timeout)
             .field("publish_timeout", &self.publish_timeout)
             .field("declare_exchanges", &self.declare_exchanges)
+            .field("tls_ca_file", &self.tls_ca_file)
             .finish()
     }
 }
@@ -542,6 +546,35 @@ impl Sink for RabbitMqSink {
     }
 }
 
+/// The TLS settings of `config`: the CA file's certificates, read now so that a
+/// missing or unreadable file is named at start.
+fn tls_config(config: &RabbitMqConfig) -> Result<lapin::tcp::OwnedTLSConfig, String> {
+    let cert_chain = match &config.tls_ca_file {
+        None => None,
+        Some(path) => {
+            let pem = std::fs::read_to_string(path).map_err(|error| {
+                format!(
+                    "cannot read rabbitmq.tls_ca_file {}: {error}; set it to the PEM file of the \
+                     CA that signed the broker's certificate",
+                    path.display()
+                )
+            })?;
+            if !pem.contains("-----BEGIN CERTIFICATE-----") {
+                return Err(format!(
+                    "rabbitmq.tls_ca_file {} holds no PEM certificate; set it to the PEM file \
+                     of the CA that signed the broker's certificate",
+                    path.display()
+                ));
+            }
+            Some(pem)
+        }
+    };
+    Ok(lapin::tcp::OwnedTLSConfig {
+        identity: None,
+        cert_chain,
+    })
+}
+
 async fn confirm_channel(connection: &Connection) -> Result<Channel, lapin::Error> {
     let channel = connection.create_channel().await?;
     channel
@@ -559,8 +592,11 @@ async fn open(
     let password = uri.authority.userinfo.password.as_str();
     let properties = ConnectionProperties::default()
         .with_connection_name(LongString::from(format!("outbox-relay {}", config.app_id)));
+    let tls = tls_config(config).map_err(|reason| format!("{shown_url}: {reason}"))?;
+    let runtime = lapin::runtime::default_runtime()
+        .map_err(|error| format!("{shown_url}: no async runtime for the AMQP client: {error}"))?;
     let work = async {
-        let connection = Connection::connect_uri(uri.clone(), properties)
+        let connection = Connection::connect_uri_with_config(uri.clone(), properties, tls, runtime)
             .await
             .map_err(|error| {
                 format!(
@@ -642,6 +678,10 @@ fn connect_hint(text: &str, error: &lapin::Error) -> String {
         ErrorKind::IOError(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
             format!("connection refused ({text}); is RabbitMQ running and the url right?")
         }
+        ErrorKind::IOError(_) if text.contains("certificate") => format!(
+            "TLS to the broker failed ({text}); with amqps the broker's certificate must be signed \
+             by a CA in rabbitmq.tls_ca_file (or the system's trust store) and name the url's host"
+        ),
         ErrorKind::IOError(_) => {
             format!(
                 "{text}; check the host and port in the url, the network, and TLS settings for amqps"
@@ -832,6 +872,7 @@ mod tests {
             connect_timeout: Duration::from_secs(5),
             publish_timeout: Duration::from_secs(5),
             declare_exchanges: vec![],
+            tls_ca_file: None,
         };
         let shown = format!("{config:?}");
         assert!(
