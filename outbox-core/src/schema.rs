@@ -54,7 +54,7 @@ impl SchemaName {
         format!("\"{}\".\"{table}\"", self.0)
     }
 
-    /// The channel on which the outbox trigger notifies inserts: `"<schema>.outbox"`.
+    /// The channel relays LISTEN on, where the opt-in insert trigger notifies: `"<schema>.outbox"`.
     pub fn notify_channel(&self) -> String {
         format!("{}.outbox", self.0)
     }

@@ -11,7 +11,7 @@
 //!
 //! [polling]
 //! batch_size = 500
-//! poll_interval_ms = 1000
+//! poll_interval_ms = 250
 //!
 //! [rabbitmq]
 //! url = "amqp://guest:guest@127.0.0.1:5672/%2f"
@@ -34,8 +34,9 @@ pub const ENV_PREFIX: &str = "OUTBOX_RELAY__";
 
 /// Default rows claimed per batch.
 pub const DEFAULT_BATCH_SIZE: usize = 1_000;
-/// Default fallback poll interval when no NOTIFY arrives, in milliseconds.
-pub const DEFAULT_POLL_INTERVAL_MS: u64 = 1_000;
+/// Default longest wait between claims when the outbox is idle, in milliseconds
+/// (while events flow the relay polls every few milliseconds).
+pub const DEFAULT_POLL_INTERVAL_MS: u64 = 250;
 /// Default number of work partitions the relays of one schema share.
 pub const DEFAULT_PARTITIONS: u32 = 64;
 /// Default partition lease, in milliseconds: a dead relay's work moves within about this long.
@@ -140,7 +141,7 @@ pub struct RawDatabase {
 pub struct RawPolling {
     /// Rows claimed per batch.
     pub batch_size: Option<usize>,
-    /// Fallback poll interval.
+    /// Longest wait between claims when idle.
     pub poll_interval_ms: Option<u64>,
     /// Work partitions shared by all relays of the schema.
     pub partitions: Option<u32>,
@@ -298,7 +299,7 @@ pub struct DatabaseConfig {
 pub struct PollingConfig {
     /// Rows claimed per batch.
     pub batch_size: usize,
-    /// Fallback poll interval.
+    /// Longest wait between claims when idle (the adaptive poll backs off to it).
     pub poll_interval: Duration,
     /// Work partitions.
     pub partitions: u32,

@@ -338,6 +338,7 @@ impl<S: Sink> Pipeline<S> {
                                 self.stats.database_reachable.store(true, Ordering::Relaxed);
                                 if !batch.events.is_empty() {
                                     claimed_any = true;
+                                    wakeup.found_work();
                                     self.stats.batches.fetch_add(1, Ordering::Relaxed);
                                     let fences = Arc::new(batch.fences);
                                     for lane in lanes_by_key(batch.events) {

@@ -351,10 +351,7 @@ async fn missing_tables_are_named_with_the_fix() {
     assert!(error.to_string().contains("run the migrations"), "{error}");
 }
 
-#[tokio::test]
-async fn insert_notifies_listeners_only_on_commit() {
-    let test = TestSchema::new().await;
-    let outbox = outbox_for(&test);
+async fn listener_on(test: &TestSchema) -> sqlx::postgres::PgListener {
     let mut listener = sqlx::postgres::PgListener::connect_with(&test.pool)
         .await
         .unwrap();
@@ -362,31 +359,67 @@ async fn insert_notifies_listeners_only_on_commit() {
         .listen(&test.schema.notify_channel())
         .await
         .unwrap();
+    listener
+}
 
-    let recv = async |listener: &mut sqlx::postgres::PgListener| {
-        tokio::time::timeout(Duration::from_secs(10), listener.recv())
-            .await
-            .expect("a notification within 10 s")
-            .unwrap()
-    };
+async fn next_notification(listener: &mut sqlx::postgres::PgListener) -> String {
+    tokio::time::timeout(Duration::from_secs(10), listener.recv())
+        .await
+        .expect("a notification within 10 s")
+        .unwrap()
+        .payload()
+        .to_owned()
+}
+
+async fn send_marker(test: &TestSchema, marker: &str) {
+    sqlx::query("select pg_notify($1, $2)")
+        .bind(test.schema.notify_channel())
+        .bind(marker)
+        .execute(&test.pool)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn committed_inserts_send_no_notify_by_default_so_commits_do_not_serialise() {
+    let test = TestSchema::new().await;
+    let outbox = outbox_for(&test);
+    let mut listener = listener_on(&test).await;
+
+    let mut tx = test.pool.begin().await.unwrap();
+    outbox.enqueue(&mut tx, &event("1")).await.unwrap();
+    tx.commit().await.unwrap();
+    // A marker sent after the commit: had the insert notified, that would arrive first.
+    send_marker(&test, "marker").await;
+    assert_eq!(next_notification(&mut listener).await, "marker");
+}
+
+#[tokio::test]
+async fn with_the_opt_in_trigger_inserts_notify_listeners_only_on_commit() {
+    let test = TestSchema::new().await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "create trigger outbox_notify_insert after insert on {} for each statement \
+         execute function {}()",
+        test.table("outbox"),
+        test.table("outbox_notify_insert")
+    )))
+    .execute(&test.pool)
+    .await
+    .unwrap();
+    let outbox = outbox_for(&test);
+    let mut listener = listener_on(&test).await;
 
     let mut tx = test.pool.begin().await.unwrap();
     outbox.enqueue(&mut tx, &event("1")).await.unwrap();
     tx.rollback().await.unwrap();
     // A marker sent after the rollback: if the rolled-back insert had notified, that would arrive first.
-    sqlx::query("select pg_notify($1, 'marker')")
-        .bind(test.schema.notify_channel())
-        .execute(&test.pool)
-        .await
-        .unwrap();
-    assert_eq!(recv(&mut listener).await.payload(), "marker");
+    send_marker(&test, "marker").await;
+    assert_eq!(next_notification(&mut listener).await, "marker");
 
     let mut tx = test.pool.begin().await.unwrap();
     outbox.enqueue(&mut tx, &event("2")).await.unwrap();
     tx.commit().await.unwrap();
-    let notification = recv(&mut listener).await;
-    assert_eq!(notification.channel(), test.schema.notify_channel());
-    assert_eq!(notification.payload(), "");
+    assert_eq!(next_notification(&mut listener).await, "");
 }
 
 /// With KeyOrdering::AdvisoryLock and no row lock of their own, concurrent writers on few

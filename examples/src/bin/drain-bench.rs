@@ -44,7 +44,7 @@ const READY_TIMEOUT: Duration = Duration::from_secs(120);
 /// Which source the relay reads with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum Source {
-    /// Claim rows from the table (LISTEN/NOTIFY wakeups, fallback poll).
+    /// Claim rows from the table (adaptive polling; LISTEN for the opt-in NOTIFY trigger).
     Polling,
     /// Stream committed inserts through a logical replication slot.
     Wal,

@@ -46,7 +46,7 @@ const KAFKA_PARTITIONS: i32 = 6;
 /// Which source the relay reads with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum Source {
-    /// Claim rows from the table (LISTEN/NOTIFY wakeups, fallback poll).
+    /// Claim rows from the table (adaptive polling; LISTEN for the opt-in NOTIFY trigger).
     Polling,
     /// Stream committed inserts through a logical replication slot.
     Wal,
@@ -340,7 +340,7 @@ impl Bench {
         );
         match &config.wal {
             None => println!(
-                "latency-bench: relay defaults, polling source: LISTEN/NOTIFY wakeups, fallback poll \
+                "latency-bench: relay defaults, polling source: adaptive polling, idle poll \
                  interval {} ms, batch {}, {} partitions, in-flight {}",
                 config.polling.poll_interval.as_millis(),
                 config.polling.batch_size,
