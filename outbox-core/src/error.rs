@@ -132,6 +132,15 @@ pub enum Error {
         source: sqlx::Error,
     },
 
+    /// A broker call of a consumer helper failed (feature `lapin` or `rdkafka`).
+    #[error("broker error while {operation}: {message}")]
+    Broker {
+        /// What was being done.
+        operation: &'static str,
+        /// The client library's error.
+        message: String,
+    },
+
     /// Running the migrations failed.
     #[error("migrating schema {schema:?} failed: {source}")]
     Migrate {

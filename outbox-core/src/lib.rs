@@ -35,6 +35,8 @@
 //! # Ok(()) }
 //! ```
 
+#[cfg(any(feature = "lapin", feature = "rdkafka"))]
+pub mod consumer;
 pub mod error;
 pub mod inbox;
 pub mod message;
