@@ -540,8 +540,17 @@ impl<S: Sink> LaneContext<S> {
         let _permit = self.publishing.acquire().await.ok();
         for claimed in lane {
             let event = &claimed.event;
-            let route = self.router.route(event);
-            match self.sink.publish(event, &route).await {
+            let outcome = match &claimed.undecodable {
+                // A row that is not an event goes to the dead-letter table as it is.
+                Some(reason) => {
+                    Outcome::Rejected(crate::sink::SinkError::permanent(reason.clone()))
+                }
+                None => {
+                    let route = self.router.route(event);
+                    self.sink.publish(event, &route).await
+                }
+            };
+            match outcome {
                 Outcome::Delivered => done.delivered.push(event.sequence),
                 Outcome::Retry(error) => {
                     self.stats
@@ -566,6 +575,7 @@ impl<S: Sink> LaneContext<S> {
                             &error.message,
                             self.config.max_attempts,
                             backoff,
+                            error.is_permanent(),
                         )
                         .await
                     {
@@ -576,6 +586,7 @@ impl<S: Sink> LaneContext<S> {
                                 event_id = %event.event_id,
                                 event_type = %event.event_type,
                                 attempts = event.attempts + 1,
+                                permanent = error.is_permanent(),
                                 %error,
                                 "event dead-lettered; its key continues"
                             );

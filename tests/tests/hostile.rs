@@ -1,0 +1,213 @@
+//! Hostile input never stops the relay (G4): rows written by other writers with
+//! values no event could have (infinite timestamps, huge or odd headers, names
+//! too long for the protocol) are dead-lettered, with the reason and their raw
+//! values, at the first attempt when no retry could help, while every other key
+//! keeps flowing; `status` and the dead-letter listing never fail because of them.
+
+#![allow(clippy::unwrap_used)] // a test should fail loudly at the broken step
+
+use std::time::Duration;
+
+use outbox_core::{Event, Outbox, OutboxConfig};
+use outbox_relay::admin::{self, DeadLetterFilter};
+use outbox_tests::TestSchema;
+use outbox_tests::amqp::RabbitFixture;
+use outbox_tests::relay::{RunningRelay, raw_config, wait_for_empty_outbox};
+use sqlx::AssertSqlSafe;
+
+const DEADLINE: Duration = Duration::from_secs(60);
+
+/// A row as a writer in another language could insert it; returns its event id.
+async fn insert_raw_row(
+    test: &TestSchema,
+    aggregate_id: &str,
+    event_type: &str,
+    created_at: &str,
+    headers: serde_json::Value,
+) -> uuid::Uuid {
+    let id = uuid::Uuid::now_v7();
+    sqlx::query(AssertSqlSafe(format!(
+        "insert into {} (event_id, aggregate_type, aggregate_id, event_type, partition_key, payload, \
+                         headers, created_at) \
+         values ($1, 'doc', $2, $3, 'doc:' || $2, '{{\"raw\": true}}'::jsonb, $4, $5::text::timestamptz)",
+        test.table("outbox")
+    )))
+    .bind(id)
+    .bind(aggregate_id)
+    .bind(event_type)
+    .bind(headers)
+    .bind(created_at)
+    .execute(&test.pool)
+    .await
+    .unwrap();
+    id
+}
+
+/// `count` ordinary events on keys `other:0..count`, routed with `ok.flow`.
+async fn enqueue_ordinary(test: &TestSchema, count: usize) -> Vec<Event> {
+    let outbox = Outbox::new(OutboxConfig {
+        schema: test.schema.clone(),
+        ..OutboxConfig::default()
+    });
+    let events: Vec<Event> = (0..count)
+        .map(|i| {
+            Event::builder("other", i.to_string(), "ok.flow")
+                .build()
+                .unwrap()
+        })
+        .collect();
+    outbox
+        .enqueue_all(&mut test.pool.acquire().await.unwrap(), &events)
+        .await
+        .unwrap();
+    events
+}
+
+async fn wait_until(what: &str, deadline: Duration, mut check: impl AsyncFnMut() -> bool) {
+    let until = tokio::time::Instant::now() + deadline;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "{what} did not happen within {deadline:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `(attempts, last_error, created_at as text)` of a dead-lettered event.
+async fn dead_letter_row(test: &TestSchema, id: uuid::Uuid) -> Option<(i32, String, String)> {
+    sqlx::query_as(AssertSqlSafe(format!(
+        "select attempts, last_error, created_at::text from {} where event_id = $1",
+        test.table("outbox_dead_letter")
+    )))
+    .bind(id)
+    .fetch_optional(&test.pool)
+    .await
+    .unwrap()
+}
+
+async fn dead_lettered(test: &TestSchema) -> i64 {
+    sqlx::query_scalar(AssertSqlSafe(format!(
+        "select count(*) from {}",
+        test.table("outbox_dead_letter")
+    )))
+    .fetch_one(&test.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn status_and_dead_letter_listing_never_fail_because_of_infinite_timestamps() {
+    let test = TestSchema::new().await;
+    insert_raw_row(&test, "1", "ok.x", "-infinity", serde_json::json!({})).await;
+    insert_raw_row(&test, "2", "ok.x", "infinity", serde_json::json!({})).await;
+    let status = admin::status(&test.pool, &test.schema).await.unwrap();
+    assert_eq!(status.pending, 2);
+    assert_eq!(
+        status.oldest_pending_secs, None,
+        "infinite times have no age"
+    );
+
+    // A dead letter and a blocked row whose failure times are infinite.
+    sqlx::query(AssertSqlSafe(format!(
+        "insert into {} (sequence, event_id, aggregate_type, aggregate_id, event_type, partition_key, \
+                         payload, headers, created_at, attempts, last_error, first_failed_at, last_failed_at) \
+         values (1, $1, 'doc', '3', 'x', 'doc:3', '{{}}', '{{}}', 'infinity', 1, 'e', '-infinity', 'infinity')",
+        test.table("outbox_dead_letter")
+    )))
+    .bind(uuid::Uuid::now_v7())
+    .execute(&test.pool)
+    .await
+    .unwrap();
+    sqlx::query(AssertSqlSafe(format!(
+        "update {} set available_at = 'infinity', attempts = 1, first_failed_at = '-infinity', \
+                last_failed_at = 'infinity' where aggregate_id = '1'",
+        test.table("outbox")
+    )))
+    .execute(&test.pool)
+    .await
+    .unwrap();
+    let listed =
+        admin::list_dead_letters(&test.pool, &test.schema, &DeadLetterFilter::default(), 10)
+            .await
+            .unwrap();
+    assert_eq!(listed.len(), 2);
+    assert!(listed.iter().all(|d| d.last_failed_at.is_none()));
+    let status = admin::status(&test.pool, &test.schema).await.unwrap();
+    assert_eq!((status.blocked, status.dead_lettered), (1, 1));
+}
+
+#[tokio::test]
+async fn rows_with_infinite_created_at_are_dead_lettered_raw_at_once_while_every_other_event_flows()
+{
+    let test = TestSchema::new().await;
+    let rabbit = RabbitFixture::with_binding("ok.#").await;
+    let infinite = insert_raw_row(&test, "1", "ok.bad", "infinity", serde_json::json!({})).await;
+    let minus = insert_raw_row(&test, "2", "ok.bad", "-infinity", serde_json::json!({})).await;
+    // The same keys continue after the undecodable rows.
+    let after = insert_raw_row(
+        &test,
+        "1",
+        "ok.after",
+        "2026-01-01 00:00:00+00",
+        serde_json::json!({}),
+    )
+    .await;
+    let ordinary = enqueue_ordinary(&test, 50).await;
+
+    let mut raw = raw_config(&test, &rabbit.exchange);
+    raw.pipeline.max_attempts = Some(5);
+    // Long backoffs: a retried (not at-once) dead-lettering would miss the deadline below.
+    raw.pipeline.retry_backoff_initial_ms = Some(10_000);
+    raw.pipeline.retry_backoff_max_ms = Some(10_000);
+    let relay = RunningRelay::start(raw.validate().unwrap());
+    rabbit
+        .wait_for_distinct(ordinary.len() + 1, Duration::from_secs(20))
+        .await;
+    wait_for_empty_outbox(&test, Duration::from_secs(20)).await;
+    let summary = relay.stop().await;
+    assert_eq!(summary.dead_lettered, 2);
+
+    let ids: Vec<String> = rabbit
+        .received()
+        .iter()
+        .map(|m| m.message_id.clone())
+        .collect();
+    assert!(ids.contains(&after.to_string()), "the key continued");
+    assert!(!ids.contains(&infinite.to_string()) && !ids.contains(&minus.to_string()));
+    for (id, raw_value) in [(infinite, "infinity"), (minus, "-infinity")] {
+        let (attempts, error, created_at) = dead_letter_row(&test, id).await.unwrap();
+        assert_eq!(attempts, 1, "dead-lettered at the first attempt");
+        assert_eq!(created_at, raw_value, "the raw value is kept");
+        assert!(
+            error.contains(&format!("created_at is '{raw_value}'")) && error.contains("retry"),
+            "{error}"
+        );
+    }
+    let status = admin::status(&test.pool, &test.schema).await.unwrap();
+    assert_eq!(status.dead_lettered, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wal_table_drain_dead_letters_rows_with_infinite_created_at_and_relays_the_rest() {
+    let db = outbox_tests::wal::WalDatabase::new().await;
+    let rabbit = RabbitFixture::with_binding("ok.#").await;
+    // Written before the slot exists: only the table drain reads them.
+    let infinite = insert_raw_row(&db.test, "1", "ok.bad", "infinity", serde_json::json!({})).await;
+    let minus = insert_raw_row(&db.test, "2", "ok.bad", "-infinity", serde_json::json!({})).await;
+    let ordinary = enqueue_ordinary(&db.test, 30).await;
+    let relay = RunningRelay::start(db.raw_config(&rabbit.exchange).validate().unwrap());
+    rabbit.wait_for_distinct(ordinary.len(), DEADLINE).await;
+    wait_until("both rows are dead-lettered", DEADLINE, async || {
+        dead_lettered(&db.test).await == 2
+    })
+    .await;
+    wait_for_empty_outbox(&db.test, DEADLINE).await;
+    relay.stop().await;
+    for (id, raw_value) in [(infinite, "infinity"), (minus, "-infinity")] {
+        let (_, error, created_at) = dead_letter_row(&db.test, id).await.unwrap();
+        assert_eq!(created_at, raw_value);
+        assert!(error.contains("created_at"), "{error}");
+    }
+    db.cleanup().await;
+}
