@@ -214,6 +214,9 @@ pub struct RawRabbitMq {
     pub connect_timeout_ms: Option<u64>,
     /// Publish-until-confirm timeout.
     pub publish_timeout_ms: Option<u64>,
+    /// Largest payload sent, in bytes (the broker's `max_message_size`, default 16 MiB);
+    /// larger events are dead-lettered at the first attempt.
+    pub max_message_bytes: Option<usize>,
     /// Exchanges to declare at start.
     #[serde(default)]
     pub declare_exchanges: Vec<RawExchange>,
@@ -920,6 +923,18 @@ fn validate_rabbitmq(raw: RawRabbitMq) -> Result<(SinkConfig, Router), ConfigErr
             300_000,
         )?,
         declare_exchanges,
+        max_message_bytes: match raw.max_message_bytes {
+            None => crate::sink::rabbitmq::DEFAULT_MAX_MESSAGE_BYTES,
+            // RabbitMQ's own ceiling for max_message_size is 512 MiB.
+            Some(max @ 1..=536_870_912) => max,
+            Some(other) => {
+                return Err(invalid(
+                    "rabbitmq.max_message_bytes",
+                    format!("{other} is out of range"),
+                    "use the broker's max_message_size: 1 to 536870912 (default 16777216)",
+                ));
+            }
+        },
     };
     Ok((
         SinkConfig::RabbitMq(config),

@@ -17,6 +17,16 @@ use sqlx::AssertSqlSafe;
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
+/// Logs to stderr when `RUST_LOG` is set (for debugging a failure).
+fn init_tracing() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
+}
+
 /// A row as a writer in another language could insert it; returns its event id.
 async fn insert_raw_row(
     test: &TestSchema,
@@ -98,6 +108,7 @@ async fn dead_lettered(test: &TestSchema) -> i64 {
 
 #[tokio::test]
 async fn status_and_dead_letter_listing_never_fail_because_of_infinite_timestamps() {
+    init_tracing();
     let test = TestSchema::new().await;
     insert_raw_row(&test, "1", "ok.x", "-infinity", serde_json::json!({})).await;
     insert_raw_row(&test, "2", "ok.x", "infinity", serde_json::json!({})).await;
@@ -140,6 +151,7 @@ async fn status_and_dead_letter_listing_never_fail_because_of_infinite_timestamp
 #[tokio::test]
 async fn rows_with_infinite_created_at_are_dead_lettered_raw_at_once_while_every_other_event_flows()
 {
+    init_tracing();
     let test = TestSchema::new().await;
     let rabbit = RabbitFixture::with_binding("ok.#").await;
     let infinite = insert_raw_row(&test, "1", "ok.bad", "infinity", serde_json::json!({})).await;
@@ -210,4 +222,169 @@ async fn wal_table_drain_dead_letters_rows_with_infinite_created_at_and_relays_t
         assert!(error.contains("created_at"), "{error}");
     }
     db.cleanup().await;
+}
+
+/// Waits for `ordinary` plus `extra` distinct messages, then checks `poison` was
+/// dead-lettered at its first attempt with an error containing `expected`.
+async fn assert_dead_lettered_at_once(
+    test: &TestSchema,
+    rabbit: &RabbitFixture,
+    poison: &[(uuid::Uuid, &str)],
+    delivered: usize,
+    deadline: Duration,
+) {
+    rabbit.wait_for_distinct(delivered, deadline).await;
+    wait_for_empty_outbox(test, deadline).await;
+    let ids: Vec<String> = rabbit
+        .received()
+        .iter()
+        .map(|m| m.message_id.clone())
+        .collect();
+    for (id, expected) in poison {
+        assert!(!ids.contains(&id.to_string()), "{id} was not published");
+        let (attempts, error, _) = dead_letter_row(test, *id).await.unwrap();
+        assert_eq!(
+            attempts, 1,
+            "{id} dead-lettered at the first attempt: {error}"
+        );
+        assert!(error.contains(expected), "{expected:?} not in {error}");
+    }
+}
+
+/// A relay whose retries of a rejected event would take 10 s each.
+fn slow_retry_config(test: &TestSchema, rabbit: &RabbitFixture) -> outbox_relay::RelayConfig {
+    let mut raw = raw_config(test, &rabbit.exchange);
+    raw.pipeline.max_attempts = Some(5);
+    raw.pipeline.retry_backoff_initial_ms = Some(10_000);
+    raw.pipeline.retry_backoff_max_ms = Some(10_000);
+    raw.validate().unwrap()
+}
+
+#[tokio::test]
+async fn an_event_with_headers_over_the_rabbitmq_frame_size_is_dead_lettered_at_once_and_never_stops_other_keys()
+ {
+    init_tracing();
+    let test = TestSchema::new().await;
+    let rabbit = RabbitFixture::with_binding("ok.#").await;
+    let huge = "h".repeat(200 * 1024);
+    let poison = insert_raw_row(
+        &test,
+        "1",
+        "ok.huge",
+        "2026-01-01 00:00:00+00",
+        serde_json::json!({ "big": huge }),
+    )
+    .await;
+    let after = insert_raw_row(
+        &test,
+        "1",
+        "ok.after",
+        "2026-01-01 00:00:00+00",
+        serde_json::json!({}),
+    )
+    .await;
+    let ordinary = enqueue_ordinary(&test, 50).await;
+    let relay = RunningRelay::start(slow_retry_config(&test, &rabbit));
+    assert_dead_lettered_at_once(
+        &test,
+        &rabbit,
+        &[(poison, "frame")],
+        ordinary.len() + 1,
+        Duration::from_secs(20),
+    )
+    .await;
+    assert!(
+        rabbit
+            .received()
+            .iter()
+            .any(|m| m.message_id == after.to_string()),
+        "the key continued"
+    );
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn rejections_no_retry_can_cure_are_dead_lettered_at_the_first_attempt_and_free_their_key_at_once()
+ {
+    init_tracing();
+    let test = TestSchema::new().await;
+    let rabbit = RabbitFixture::with_binding("ok.#").await;
+    let at = "2026-01-01 00:00:00+00";
+    // Routing key = event type: 300 bytes is over AMQP's 255.
+    let long_key = insert_raw_row(
+        &test,
+        "1",
+        &format!("ok.{}", "k".repeat(300)),
+        at,
+        serde_json::json!({}),
+    )
+    .await;
+    let after_key = insert_raw_row(&test, "1", "ok.after", at, serde_json::json!({})).await;
+    // A header name over 255 bytes cannot be an AMQP field-table key.
+    let long_name = insert_raw_row(
+        &test,
+        "2",
+        "ok.x",
+        at,
+        serde_json::json!({ "n".repeat(300): "v" }),
+    )
+    .await;
+    let after_name = insert_raw_row(&test, "2", "ok.after", at, serde_json::json!({})).await;
+    let ordinary = enqueue_ordinary(&test, 20).await;
+    let relay = RunningRelay::start(slow_retry_config(&test, &rabbit));
+    assert_dead_lettered_at_once(
+        &test,
+        &rabbit,
+        &[(long_key, "routing key"), (long_name, "header name")],
+        ordinary.len() + 2,
+        Duration::from_secs(15),
+    )
+    .await;
+    let ids: Vec<String> = rabbit
+        .received()
+        .iter()
+        .map(|m| m.message_id.clone())
+        .collect();
+    assert!(ids.contains(&after_key.to_string()) && ids.contains(&after_name.to_string()));
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn payloads_over_rabbitmq_max_message_bytes_are_dead_lettered_at_the_first_attempt() {
+    init_tracing();
+    let test = TestSchema::new().await;
+    let rabbit = RabbitFixture::with_binding("ok.#").await;
+    let big = Event::builder("doc", "1", "ok.big")
+        .payload(&serde_json::json!({ "blob": "b".repeat(5_000) }))
+        .build()
+        .unwrap();
+    let after = Event::builder("doc", "1", "ok.after").build().unwrap();
+    Outbox::new(OutboxConfig {
+        schema: test.schema.clone(),
+        ..OutboxConfig::default()
+    })
+    .enqueue_all(
+        &mut test.pool.acquire().await.unwrap(),
+        &[big.clone(), after.clone()],
+    )
+    .await
+    .unwrap();
+    let mut raw = raw_config(&test, &rabbit.exchange);
+    raw.pipeline.max_attempts = Some(5);
+    raw.pipeline.retry_backoff_initial_ms = Some(10_000);
+    raw.pipeline.retry_backoff_max_ms = Some(10_000);
+    if let Some(rabbitmq) = raw.rabbitmq.as_mut() {
+        rabbitmq.max_message_bytes = Some(1_000);
+    }
+    let relay = RunningRelay::start(raw.validate().unwrap());
+    assert_dead_lettered_at_once(
+        &test,
+        &rabbit,
+        &[(*big.id().as_uuid(), "max_message_bytes")],
+        1,
+        Duration::from_secs(15),
+    )
+    .await;
+    assert_eq!(rabbit.received()[0].message_id, after.id().to_string());
+    relay.stop().await;
 }
