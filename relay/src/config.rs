@@ -118,8 +118,8 @@ pub struct RawOps {
     pub listen_addr: Option<String>,
 }
 
-/// `[database]`
-#[derive(Debug, Clone, Default, Deserialize)]
+/// `[database]`; its `Debug` masks the password of the url.
+#[derive(Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawDatabase {
     /// PostgreSQL URL.
@@ -198,8 +198,8 @@ pub struct RawPipeline {
     pub breaker_failure_threshold: Option<u32>,
 }
 
-/// `[rabbitmq]`
-#[derive(Debug, Clone, Default, Deserialize)]
+/// `[rabbitmq]`; its `Debug` masks the password of the url.
+#[derive(Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRabbitMq {
     /// AMQP URL.
@@ -222,8 +222,8 @@ pub struct RawRabbitMq {
     pub declare_exchanges: Vec<RawExchange>,
 }
 
-/// `[kafka]`
-#[derive(Debug, Clone, Default, Deserialize)]
+/// `[kafka]`; its `Debug` shows the names of the `extra` settings, not their values.
+#[derive(Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawKafka {
     /// Bootstrap servers, `host:port[,host:port…]`.
@@ -279,8 +279,8 @@ pub enum SettleMode {
     },
 }
 
-/// Validated PostgreSQL settings.
-#[derive(Clone, Debug)]
+/// Validated PostgreSQL settings; its `Debug` masks the password of the url.
+#[derive(Clone)]
 pub struct DatabaseConfig {
     /// PostgreSQL URL.
     pub url: String,
@@ -292,6 +292,97 @@ pub struct DatabaseConfig {
     pub connect_timeout: Duration,
     /// Statement timeout.
     pub statement_timeout: Duration,
+}
+
+impl std::fmt::Debug for DatabaseConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatabaseConfig")
+            .field("url", &redact_url(&self.url))
+            .field("schema", &self.schema)
+            .field("pool_size", &self.pool_size)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("statement_timeout", &self.statement_timeout)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for RawDatabase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawDatabase")
+            .field("url", &self.url.as_deref().map(redact_url))
+            .field("schema", &self.schema)
+            .field("pool_size", &self.pool_size)
+            .field("connect_timeout_ms", &self.connect_timeout_ms)
+            .field("statement_timeout_ms", &self.statement_timeout_ms)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for RawRabbitMq {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawRabbitMq")
+            .field("url", &self.url.as_deref().map(redact_url))
+            .field("exchange", &self.exchange)
+            .field("routing_key", &self.routing_key)
+            .field("app_id", &self.app_id)
+            .field("connect_timeout_ms", &self.connect_timeout_ms)
+            .field("publish_timeout_ms", &self.publish_timeout_ms)
+            .field("max_message_bytes", &self.max_message_bytes)
+            .field("declare_exchanges", &self.declare_exchanges)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for RawKafka {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let extra: Vec<&str> = self.extra.keys().map(String::as_str).collect();
+        f.debug_struct("RawKafka")
+            .field("brokers", &self.brokers)
+            .field("topic", &self.topic)
+            .field("key", &self.key)
+            .field("client_id", &self.client_id)
+            .field("partitioner", &self.partitioner)
+            .field("message_timeout_ms", &self.message_timeout_ms)
+            .field("max_message_bytes", &self.max_message_bytes)
+            .field("partition", &self.partition)
+            .field("extra (values hidden)", &extra)
+            .finish()
+    }
+}
+
+/// `url` with the password of its userinfo and any `password=` parameter replaced
+/// by `***`, for logs, `Debug` and summaries. Masks too much rather than too
+/// little: everything between the first `:` of the userinfo and its last `@`.
+pub fn redact_url(url: &str) -> String {
+    let mut redacted = url.to_owned();
+    if let Some(scheme_end) = redacted.find("://") {
+        let authority_start = scheme_end + 3;
+        let authority_end = redacted[authority_start..]
+            .find(['/', '?', '#'])
+            .map_or(redacted.len(), |i| i + authority_start);
+        // An unencoded '@' or '/' in the password: the userinfo ends at the last '@'.
+        let authority_end = redacted[authority_start..]
+            .rfind('@')
+            .map_or(authority_end, |at| {
+                authority_end.max(authority_start + at + 1)
+            });
+        if let Some(at) = redacted[authority_start..authority_end].rfind('@') {
+            let userinfo = &redacted[authority_start..authority_start + at];
+            if let Some(colon) = userinfo.find(':') {
+                redacted.replace_range(authority_start + colon + 1..authority_start + at, "***");
+            }
+        }
+    }
+    let mut from = 0;
+    while let Some(found) = redacted[from..].to_ascii_lowercase().find("password=") {
+        let value_start = from + found + "password=".len();
+        let value_end = redacted[value_start..]
+            .find('&')
+            .map_or(redacted.len(), |i| i + value_start);
+        redacted.replace_range(value_start..value_end, "***");
+        from = value_start + 3;
+    }
+    redacted
 }
 
 /// Validated polling-source settings.
@@ -1045,6 +1136,35 @@ mod tests {
             },
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn debug_output_never_shows_a_password() {
+        let mut c = raw();
+        c.database.url =
+            Some("postgres://relay:db-Secret-1@db.internal:5432/app?sslmode=require".into());
+        c.rabbitmq = Some(RawRabbitMq {
+            url: Some("amqp://relay:mq-Secret-2@mq.internal:5672/%2f".into()),
+            ..Default::default()
+        });
+        let shown = format!("{c:?}");
+        let config = c.validate().unwrap();
+        let shown = format!("{shown} {config:?} {:?}", config.database);
+        for secret in ["db-Secret-1", "mq-Secret-2"] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        assert!(shown.contains("relay:***@db.internal:5432/app"), "{shown}");
+        let mut k = raw();
+        k.kafka = Some(RawKafka {
+            extra: [("sasl.password".to_owned(), "kafka-Secret-3".to_owned())].into(),
+            ..Default::default()
+        });
+        assert!(!format!("{k:?}").contains("kafka-Secret-3"));
+        assert_eq!(
+            redact_url("postgres://u:p@ss/w@host/db?password=x&sslmode=y"),
+            "postgres://u:***@host/db?password=***&sslmode=y"
+        );
+        assert_eq!(redact_url("postgres://host/db"), "postgres://host/db");
     }
 
     #[test]

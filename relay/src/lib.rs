@@ -54,6 +54,48 @@ pub use pipeline::{RelayStats, RunSummary};
 use config::{DatabaseConfig, SinkConfig};
 use error::RelayError as E;
 
+/// Log directives the relay always applies on top of `RUST_LOG`: libraries that
+/// log message contents (lapin logs every returned message with its headers and
+/// payload at WARN, and whole frames at TRACE) are capped, so no payload or
+/// header value reaches a log at any level. Each replaces a user directive for
+/// the same target.
+pub const LOG_CAPS: &[&str] = &[
+    "lapin=info",
+    "lapin::returned_messages=error",
+    "lapin::channels=info",
+    "lapin::channel=info",
+    "lapin::frames=info",
+    "lapin::io_loop=info",
+    "amq_protocol=info",
+    "pgwire_replication=info",
+];
+
+/// The relay binary's log filter: `RUST_LOG` (default `info`) with [`LOG_CAPS`] applied.
+pub fn log_filter() -> tracing_subscriber::EnvFilter {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    LOG_CAPS
+        .iter()
+        .fold(filter, |filter, cap| match cap.parse() {
+            Ok(directive) => filter.add_directive(directive),
+            // The caps are constants; a typo is caught by the unit test below.
+            Err(_) => filter,
+        })
+}
+
+#[cfg(test)]
+mod log_tests {
+    #[test]
+    fn every_log_cap_is_a_valid_directive() {
+        for cap in super::LOG_CAPS {
+            assert!(
+                cap.parse::<tracing_subscriber::filter::Directive>().is_ok(),
+                "{cap}"
+            );
+        }
+    }
+}
+
 /// The relay's connection settings (timeouts, application name) for `database`.
 pub(crate) fn connect_options(database: &DatabaseConfig) -> Result<PgConnectOptions> {
     Ok(database

@@ -39,10 +39,11 @@ struct RunArgs {
     check_config: bool,
 }
 
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args)]
 struct DatabaseArgs {
     /// PostgreSQL connection URL (default: database.url of --config).
-    #[arg(long, env = "OUTBOX_RELAY__DATABASE__URL")]
+    // hide_env_values: --help must never print the password the variable holds.
+    #[arg(long, env = "OUTBOX_RELAY__DATABASE__URL", hide_env_values = true)]
     database_url: Option<String>,
     /// Schema holding the outbox tables (default: database.schema of --config, else outbox).
     #[arg(long, env = "OUTBOX_RELAY__DATABASE__SCHEMA")]
@@ -50,6 +51,22 @@ struct DatabaseArgs {
     /// Relay configuration file to take the database settings from.
     #[arg(long, short, env = "OUTBOX_RELAY_CONFIG")]
     config: Option<std::path::PathBuf>,
+}
+
+impl std::fmt::Debug for DatabaseArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatabaseArgs")
+            .field(
+                "database_url",
+                &self
+                    .database_url
+                    .as_deref()
+                    .map(outbox_relay::config::redact_url),
+            )
+            .field("schema", &self.schema)
+            .field("config", &self.config)
+            .finish()
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -167,10 +184,7 @@ impl DatabaseArgs {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
+        .with_env_filter(outbox_relay::log_filter())
         .with_writer(std::io::stderr)
         .init();
     match run(Cli::parse()).await {
