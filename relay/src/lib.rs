@@ -83,19 +83,6 @@ pub fn log_filter() -> tracing_subscriber::EnvFilter {
         })
 }
 
-#[cfg(test)]
-mod log_tests {
-    #[test]
-    fn every_log_cap_is_a_valid_directive() {
-        for cap in super::LOG_CAPS {
-            assert!(
-                cap.parse::<tracing_subscriber::filter::Directive>().is_ok(),
-                "{cap}"
-            );
-        }
-    }
-}
-
 /// The relay's connection settings (timeouts, application name) for `database`.
 pub(crate) fn connect_options(database: &DatabaseConfig) -> Result<PgConnectOptions> {
     Ok(database
@@ -260,4 +247,17 @@ pub(crate) async fn run_polling<S: sink::Sink>(
     }
     .run(shutdown)
     .await
+}
+
+#[cfg(test)]
+mod log_tests {
+    #[test]
+    fn every_log_cap_is_a_valid_directive() {
+        for cap in super::LOG_CAPS {
+            assert!(
+                cap.parse::<tracing_subscriber::filter::Directive>().is_ok(),
+                "{cap}"
+            );
+        }
+    }
 }
