@@ -265,6 +265,9 @@ pub struct RawExchange {
 pub struct RawInstance {
     /// Name of this relay instance in leases and logs (default: host-pid-random).
     pub id: Option<String>,
+    /// How long to wait at start for PostgreSQL and the broker to answer before
+    /// giving up; unset: wait as long as it takes (logging every attempt).
+    pub startup_timeout_ms: Option<u64>,
 }
 
 /// How published rows are settled.
@@ -383,6 +386,49 @@ pub fn redact_url(url: &str) -> String {
         from = value_start + 3;
     }
     redacted
+}
+
+/// The password of `url`'s userinfo, as written (still percent-encoded).
+fn url_password(url: &str) -> Option<&str> {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let (userinfo, _) = rest.rsplit_once('@')?;
+    let (_, password) = userinfo.split_once(':')?;
+    Some(password).filter(|p| !p.is_empty())
+}
+
+/// `text` (a library's error message) with `url`'s password, raw and
+/// percent-decoded, replaced by `***`. Passwords shorter than four characters
+/// are left alone: replacing them would garble the message.
+pub fn scrub_password(text: &str, url: &str) -> String {
+    let mut text = text.replace(url, &redact_url(url));
+    if let Some(password) = url_password(url) {
+        let decoded = percent_decode(password);
+        for secret in [password, decoded.as_str()] {
+            if secret.len() >= 4 {
+                text = text.replace(secret, "***");
+            }
+        }
+    }
+    text
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && let Some(hex) = text.get(i + 1..i + 3)
+            && let Ok(byte) = u8::from_str_radix(hex, 16)
+        {
+            out.push(byte);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Validated polling-source settings.
@@ -512,8 +558,41 @@ pub struct RelayConfig {
     pub router: Router,
     /// Name of this instance.
     pub instance_id: String,
-    /// Where to serve `/metrics`, `/healthz` and `/readyz`, if anywhere.
-    pub ops_listen_addr: Option<std::net::SocketAddr>,
+    /// Where to serve `/metrics`, `/healthz` and `/readyz`, if anywhere: `host:port`
+    /// with an IP address or a host name.
+    pub ops_listen_addr: Option<String>,
+    /// Longest wait at start for PostgreSQL and the broker; `None`: no limit.
+    pub startup_timeout: Option<Duration>,
+}
+
+impl RelayConfig {
+    /// One line for `--check-config`: source, sink, and the hosts it will talk to,
+    /// with every password masked.
+    pub fn summary(&self) -> String {
+        let source = match &self.wal {
+            None => "polling".to_owned(),
+            Some(wal) => format!("wal (slot {}, publication {})", wal.slot, wal.publication),
+        };
+        let sink = match &self.sink {
+            #[cfg(feature = "rabbitmq")]
+            SinkConfig::RabbitMq(rabbitmq) => format!("rabbitmq at {}", redact_url(&rabbitmq.url)),
+            #[cfg(feature = "kafka")]
+            SinkConfig::Kafka(kafka) => format!("kafka at {}", kafka.brokers),
+        };
+        format!(
+            "source {source}, sink {sink}, database {} (schema {}), ops endpoint {}, \
+             batch {}, partitions {}, lease {} ms, in-flight {}, max attempts {}, poison policy {:?}",
+            redact_url(&self.database.url),
+            self.database.schema,
+            self.ops_listen_addr.as_deref().unwrap_or("off"),
+            self.polling.batch_size,
+            self.polling.partitions,
+            self.polling.lease.as_millis(),
+            self.pipeline.max_in_flight,
+            self.pipeline.max_attempts,
+            self.pipeline.poison_policy,
+        )
+    }
 }
 
 impl RawConfig {
@@ -589,6 +668,20 @@ impl RawConfig {
             }
         };
         let sink_name = self.sink.as_deref().unwrap_or("rabbitmq");
+        if self.kafka.is_some() && sink_name != "kafka" {
+            return Err(invalid(
+                "kafka",
+                format!("is set but sink is {sink_name:?}"),
+                "set sink = \"kafka\", or remove the [kafka] section",
+            ));
+        }
+        if self.rabbitmq.is_some() && sink_name != "rabbitmq" {
+            return Err(invalid(
+                "rabbitmq",
+                format!("is set but sink is {sink_name:?}"),
+                "set sink = \"rabbitmq\", or remove the [rabbitmq] section",
+            ));
+        }
         let (sink, router) = match sink_name {
             #[cfg(feature = "rabbitmq")]
             "rabbitmq" => validate_rabbitmq(self.rabbitmq.unwrap_or_default())?,
@@ -617,13 +710,17 @@ impl RawConfig {
         };
         let ops_listen_addr = match self.ops.listen_addr.as_deref() {
             None | Some("") => None,
-            Some(addr) => Some(addr.parse().map_err(|_| {
-                invalid(
-                    "ops.listen_addr",
-                    format!("{addr:?} is not an address"),
-                    "use host:port with an IP, e.g. 0.0.0.0:9187 or 127.0.0.1:9187",
-                )
-            })?),
+            Some(addr) => Some(validate_listen_addr(addr)?),
+        };
+        let startup_timeout = match self.instance.startup_timeout_ms {
+            None => None,
+            Some(ms_value) => Some(ms(
+                "instance.startup_timeout_ms",
+                Some(ms_value),
+                0,
+                1_000,
+                86_400_000,
+            )?),
         };
         Ok(RelayConfig {
             database,
@@ -634,8 +731,41 @@ impl RawConfig {
             router,
             instance_id,
             ops_listen_addr,
+            startup_timeout,
         })
     }
+}
+
+/// `host:port` where the host is an IP address (IPv6 in brackets) or a host name;
+/// names are resolved when the endpoint is bound.
+fn validate_listen_addr(addr: &str) -> Result<String, ConfigError> {
+    let bad = |problem: String| {
+        invalid(
+            "ops.listen_addr",
+            problem,
+            "use host:port, e.g. 0.0.0.0:9187, [::]:9187 or localhost:9187",
+        )
+    };
+    if addr.parse::<std::net::SocketAddr>().is_ok() {
+        return Ok(addr.to_owned());
+    }
+    let Some((host, port)) = addr.rsplit_once(':') else {
+        return Err(bad(format!("{addr:?} has no port")));
+    };
+    if port.parse::<u16>().is_err() {
+        return Err(bad(format!("{port:?} in {addr:?} is not a port number")));
+    }
+    let name_ok = !host.is_empty()
+        && host.len() <= 253
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'));
+    if !name_ok {
+        return Err(bad(format!(
+            "{host:?} in {addr:?} is not a host name or IP address"
+        )));
+    }
+    Ok(addr.to_owned())
 }
 
 fn ms(
@@ -669,6 +799,17 @@ fn validate_database(raw: RawDatabase) -> Result<DatabaseConfig, ConfigError> {
             "database.url",
             "is not a postgres:// URL",
             "use postgres://user:password@host:5432/database",
+        ));
+    }
+    if let Err(error) = url.parse::<sqlx::postgres::PgConnectOptions>() {
+        return Err(invalid(
+            "database.url",
+            format!(
+                "{} does not parse: {}",
+                redact_url(&url),
+                scrub_password(&error.to_string(), &url)
+            ),
+            "use postgres://user:password@host:5432/database (percent-encode special characters)",
         ));
     }
     let schema = SchemaName::new(
@@ -956,6 +1097,13 @@ fn validate_rabbitmq(raw: RawRabbitMq) -> Result<(SinkConfig, Router), ConfigErr
             "use amqp://user:password@host:5672/vhost",
         ));
     }
+    if let Err(error) = crate::sink::rabbitmq::parse_url(&url, &redact_url(&url)) {
+        return Err(invalid(
+            "rabbitmq.url",
+            error.message,
+            "use amqp://user:password@host:5672/vhost",
+        ));
+    }
     let exchange = raw
         .exchange
         .unwrap_or_else(|| "{aggregate_type}".to_owned());
@@ -1165,6 +1313,90 @@ mod tests {
             "postgres://u:***@host/db?password=***&sslmode=y"
         );
         assert_eq!(redact_url("postgres://host/db"), "postgres://host/db");
+    }
+
+    #[test]
+    fn a_section_of_the_other_sink_or_source_is_an_error() {
+        let mut c = raw();
+        c.kafka = Some(RawKafka::default());
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.field, "kafka");
+        assert!(e.fix.contains("sink = \"kafka\""), "{e}");
+        let mut c = raw();
+        c.sink = Some("kafka".into());
+        c.rabbitmq = Some(RawRabbitMq::default());
+        assert_eq!(c.validate().unwrap_err().field, "rabbitmq");
+        let mut c = raw();
+        c.sink = Some("kafka".into());
+        c.kafka = Some(RawKafka::default());
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn listen_addr_takes_ip_addresses_and_host_names() {
+        for ok in [
+            "127.0.0.1:9187",
+            "[::1]:9187",
+            "localhost:9187",
+            "relay-0.ops.svc:80",
+        ] {
+            let mut c = raw();
+            c.ops.listen_addr = Some(ok.into());
+            assert_eq!(c.validate().unwrap().ops_listen_addr.as_deref(), Some(ok));
+        }
+        for bad in [
+            "localhost",
+            "localhost:http",
+            ":9187",
+            "a b:1",
+            "host:70000",
+        ] {
+            let mut c = raw();
+            c.ops.listen_addr = Some(bad.into());
+            assert_eq!(c.validate().unwrap_err().field, "ops.listen_addr", "{bad}");
+        }
+    }
+
+    #[test]
+    fn urls_are_parsed_at_validation_and_errors_hide_the_password() {
+        let mut c = raw();
+        c.database.url = Some("postgres://u:Secret-pw-1@host:notaport/db".into());
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.field, "database.url");
+        assert!(!e.to_string().contains("Secret-pw-1"), "{e}");
+        let mut c = raw();
+        c.rabbitmq = Some(RawRabbitMq {
+            url: Some("amqp://u:Secret-pw-2@host:notaport/%2f".into()),
+            ..Default::default()
+        });
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.field, "rabbitmq.url");
+        assert!(!e.to_string().contains("Secret-pw-2"), "{e}");
+        assert_eq!(
+            scrub_password(
+                "auth failed for S%40cret1 / S@cret1",
+                "postgres://u:S%40cret1@h/d"
+            ),
+            "auth failed for *** / ***"
+        );
+    }
+
+    #[test]
+    fn the_summary_names_source_sink_and_hosts_without_secrets() {
+        let mut c = raw();
+        c.database.url = Some("postgres://relay:Secret-3@db.internal:5432/app".into());
+        c.rabbitmq = Some(RawRabbitMq {
+            url: Some("amqp://relay:Secret-4@mq.internal:5672/%2f".into()),
+            ..Default::default()
+        });
+        let summary = c.validate().unwrap().summary();
+        assert!(
+            summary.contains("source polling")
+                && summary.contains("sink rabbitmq at amqp://relay:***@mq.internal:5672/%2f")
+                && summary.contains("db.internal:5432"),
+            "{summary}"
+        );
+        assert!(!summary.contains("Secret"), "{summary}");
     }
 
     #[test]

@@ -54,6 +54,8 @@ pub struct RelayStats {
     pub database_reachable: std::sync::atomic::AtomicBool,
     /// Unix time in milliseconds of the relay loop's last turn.
     pub last_heartbeat_ms: AtomicU64,
+    /// Whether start-up is over (PostgreSQL and the broker answered); `/readyz` says 503 before.
+    pub started: std::sync::atomic::AtomicBool,
     /// Whether the relay runs the WAL source.
     pub wal_mode: std::sync::atomic::AtomicBool,
     /// Whether this instance leads its replication slot (WAL source).

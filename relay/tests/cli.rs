@@ -286,3 +286,52 @@ async fn the_daemon_at_trace_level_never_logs_a_password_a_payload_or_a_header_v
             .collect::<Vec<_>>()
     );
 }
+
+#[test]
+fn check_config_names_source_sink_and_hosts_but_no_secret() {
+    let dir = temp_dir();
+    let path = dir.join("relay.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[database]\nurl = \"postgres://relay:{DB_PASSWORD}@db.internal:5432/app\"\n\
+             [rabbitmq]\nurl = \"amqp://relay:{MQ_PASSWORD}@mq.internal:5672/%2f\"\n"
+        ),
+    )
+    .unwrap();
+    let output = Command::new(binary())
+        .args(["run", "--check-config", "--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{text}");
+    for expected in [
+        "source polling",
+        "sink rabbitmq",
+        "mq.internal:5672",
+        "db.internal:5432",
+    ] {
+        assert!(text.contains(expected), "{expected:?} missing: {text}");
+    }
+    assert!(
+        leaks(&text, &[DB_PASSWORD, MQ_PASSWORD]).is_empty(),
+        "{text}"
+    );
+
+    // A URL that does not parse is refused by the dry run, without the password.
+    std::fs::write(
+        &path,
+        format!("[database]\nurl = \"postgres://relay:{DB_PASSWORD}@db.internal:notaport/app\"\n"),
+    )
+    .unwrap();
+    let output = Command::new(binary())
+        .args(["run", "--check-config", "--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(!output.status.success());
+    assert!(text.contains("database.url"), "{text}");
+    assert!(!text.contains(DB_PASSWORD), "{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

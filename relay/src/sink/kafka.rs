@@ -341,9 +341,12 @@ impl KafkaSink {
     ///
     /// Errors name the brokers and what to check; secret settings are never shown.
     pub async fn connect(config: KafkaConfig) -> Result<Self, SinkError> {
-        let client_config = client_config(&config)?;
+        // Settings errors: no retry can help.
+        let client_config =
+            client_config(&config).map_err(|error| SinkError::permanent(error.message))?;
         let last_error = Arc::new(StdMutex::new(None));
-        let producer = create_producer(&client_config, &config, last_error.clone())?;
+        let producer = create_producer(&client_config, &config, last_error.clone())
+            .map_err(|error| SinkError::permanent(error.message))?;
         let brokers = config.brokers.clone();
         let probe = producer.clone();
         let metadata = tokio::task::spawn_blocking(move || {

@@ -208,12 +208,14 @@ struct Publication {
 impl RabbitMqSink {
     /// Connect, declare the configured exchanges and check that publishing can start.
     ///
-    /// Errors name the problem and what to check; the url's password is masked in them.
+    /// Errors name the problem and what to check; the url's password is masked in
+    /// them. Errors of the configuration itself are [permanent](SinkError::is_permanent):
+    /// retrying cannot help; others (broker down, login refused) may pass.
     pub async fn connect(config: RabbitMqConfig) -> Result<Self, SinkError> {
         let shown_url = mask_url(&config.url);
         let uri = parse_url(&config.url, &shown_url)?;
         let app_id = ShortString::try_new(config.app_id.clone()).map_err(|_| {
-            SinkError::new(format!(
+            SinkError::permanent(format!(
                 "app_id is {} bytes; RabbitMQ allows at most {MAX_SHORT_STRING_BYTES}: shorten it",
                 config.app_id.len()
             ))
@@ -221,7 +223,7 @@ impl RabbitMqSink {
         for declaration in &config.declare_exchanges {
             check_short("exchange name in declare_exchanges", &declaration.name)?;
             if declaration.name.is_empty() {
-                return Err(SinkError::new(
+                return Err(SinkError::permanent(
                     "declare_exchanges has an exchange with an empty name; the default exchange \
                      cannot be declared: remove it or give it a name",
                 ));
@@ -947,11 +949,12 @@ fn check_short(what: &str, value: &str) -> Result<ShortString, SinkError> {
     })
 }
 
-/// Parse the url, keeping an IP-literal host that the url parser would replace by `localhost`.
-fn parse_url(url: &str, shown_url: &str) -> Result<AMQPUri, SinkError> {
+/// Parse the url, keeping an IP-literal host that the url parser would replace by
+/// `localhost`. Errors show `shown_url` and never the password.
+pub(crate) fn parse_url(url: &str, shown_url: &str) -> Result<AMQPUri, SinkError> {
     let mut uri: AMQPUri = url.parse().map_err(|reason: String| {
         let password = password_of(url).unwrap_or_default();
-        SinkError::new(format!(
+        SinkError::permanent(format!(
             "invalid RabbitMQ url {shown_url}: {}; expected amqp://user:password@host:5672/vhost \
              (percent-encode special characters; the default vhost is %2f)",
             scrub(&reason, url, &password)
