@@ -197,6 +197,9 @@ impl Unsettled {
     }
 }
 
+/// Keys skipped by half-open probes at most (beyond that, probes take any key again).
+const MAX_PROBE_SUSPECTS: usize = 64;
+
 /// Settle at most this many delivered events per statement; settle at least this often.
 const SETTLE_MAX_EVENTS: usize = 1_000;
 const SETTLE_INTERVAL: Duration = Duration::from_millis(20);
@@ -245,6 +248,11 @@ impl<S: Sink> Pipeline<S> {
         // Claimed events not yet settled: the window that can be published twice after a crash.
         let mut in_flight_events = 0_usize;
         let mut round_transient = 0_u64;
+        // Keys whose event failed a half-open probe: later probes try other keys, so
+        // one event that the broker keeps refusing (a nack, a closed channel) cannot
+        // keep the breaker open for every key by being the oldest, probe after probe.
+        let mut probe_suspects: Vec<String> = Vec::new();
+        let mut probe_key: Option<String> = None;
 
         let mut breaker = CircuitBreaker::new(
             self.config.breaker_failure_threshold,
@@ -332,7 +340,10 @@ impl<S: Sink> Pipeline<S> {
                         } else {
                             batch_size - in_flight_events
                         };
-                        let busy_keys: Vec<String> = busy.iter().cloned().collect();
+                        let mut busy_keys: Vec<String> = busy.iter().cloned().collect();
+                        if probe {
+                            busy_keys.extend(probe_suspects.iter().cloned());
+                        }
                         self.stats.claim_queries.fetch_add(1, Ordering::Relaxed);
                         match context.source.claim(&owned, Some(limit), &busy_keys).await {
                             Ok(batch) => {
@@ -340,6 +351,8 @@ impl<S: Sink> Pipeline<S> {
                                 self.stats.database_reachable.store(true, Ordering::Relaxed);
                                 if !batch.events.is_empty() {
                                     claimed_any = true;
+                                    probe_key =
+                                        probe.then(|| batch.events[0].event.partition_key.clone());
                                     self.stats.batches.fetch_add(1, Ordering::Relaxed);
                                     let fences = Arc::new(batch.fences);
                                     for lane in lanes_by_key(batch.events) {
@@ -358,7 +371,8 @@ impl<S: Sink> Pipeline<S> {
                                         lane_keys.insert(handle.id(), (task_key, lane_len));
                                     }
                                 } else if probe {
-                                    // Nothing to probe with: the next event decides.
+                                    // Nothing (else) to probe with: the next event decides.
+                                    probe_suspects.clear();
                                     breaker.record_success();
                                 }
                             }
@@ -393,10 +407,23 @@ impl<S: Sink> Pipeline<S> {
                 in_flight_events -= self
                     .settle(&context.source, &mut unsettled, &mut busy)
                     .await;
+                let probed = probe_key.take();
                 if round_delivered > 0 || round_transient == 0 {
+                    probe_suspects.clear();
                     breaker.record_success();
-                } else if breaker.record_failure() == BreakerState::Closed {
-                    claim_wait = claim_wait.max(self.config.retry_backoff_initial);
+                } else {
+                    if let Some(key) = probed
+                        && probe_suspects.len() < MAX_PROBE_SUSPECTS
+                    {
+                        tracing::info!(
+                            partition_key = %key,
+                            "the breaker's probe failed; the next probe tries another key"
+                        );
+                        probe_suspects.push(key);
+                    }
+                    if breaker.record_failure() == BreakerState::Closed {
+                        claim_wait = claim_wait.max(self.config.retry_backoff_initial);
+                    }
                 }
                 round_delivered = 0;
                 round_transient = 0;

@@ -388,3 +388,105 @@ async fn payloads_over_rabbitmq_max_message_bytes_are_dead_lettered_at_the_first
     assert_eq!(rabbit.received()[0].message_id, after.id().to_string());
     relay.stop().await;
 }
+
+/// A queue that refuses every message (max length 0, reject-publish), bound to
+/// `exchange` for `binding`: RabbitMQ nacks what is routed to it.
+async fn bind_refusing_queue(exchange: &str, binding: &str) -> lapin::Connection {
+    use lapin::options::{QueueBindOptions, QueueDeclareOptions};
+    use lapin::types::{AMQPValue, FieldTable, LongString};
+    let connection = lapin::Connection::connect(
+        &outbox_tests::amqp::amqp_url(),
+        lapin::ConnectionProperties::default(),
+    )
+    .await
+    .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let queue = format!("test-q-full-{}", uuid::Uuid::new_v4().simple());
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-max-length".into(), AMQPValue::LongInt(0));
+    arguments.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString(LongString::from("reject-publish")),
+    );
+    let options = QueueDeclareOptions {
+        auto_delete: true,
+        ..Default::default()
+    };
+    channel
+        .queue_declare(queue.as_str().into(), options, arguments)
+        .await
+        .unwrap();
+    channel
+        .queue_bind(
+            queue.as_str().into(),
+            exchange.into(),
+            binding.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    connection
+}
+
+#[tokio::test]
+async fn after_an_outage_an_event_the_broker_keeps_refusing_cannot_keep_the_breaker_open_for_other_keys()
+ {
+    init_tracing();
+    let test = TestSchema::new().await;
+    let rabbit = RabbitFixture::with_binding("ok.#").await;
+    let _refusing = bind_refusing_queue(&rabbit.exchange, "full.#").await;
+    let amqp = outbox_tests::amqp::amqp_url();
+    let host_port = amqp
+        .split_once('@')
+        .unwrap()
+        .1
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    let upstream = tokio::net::lookup_host(host_port.as_str())
+        .await
+        .unwrap()
+        .find(std::net::SocketAddr::is_ipv4)
+        .unwrap();
+    let proxy = outbox_tests::fault_proxy::FaultProxy::start(upstream)
+        .await
+        .unwrap();
+    let mut raw = raw_config(&test, &rabbit.exchange);
+    if let Some(rabbitmq) = raw.rabbitmq.as_mut() {
+        rabbitmq.url = Some(amqp.replacen(&host_port, &proxy.addr().to_string(), 1));
+        rabbitmq.publish_timeout_ms = Some(1_000);
+        rabbitmq.connect_timeout_ms = Some(1_000);
+    }
+    raw.pipeline.breaker_failure_threshold = Some(1);
+    let relay = RunningRelay::start(raw.validate().unwrap());
+    enqueue_ordinary(&test, 1).await;
+    rabbit.wait_for_distinct(1, DEADLINE).await;
+
+    // The broker goes away; meanwhile the oldest event is one it will nack forever.
+    proxy.cut();
+    let accepted = proxy.total_accepted();
+    let outbox = Outbox::new(OutboxConfig {
+        schema: test.schema.clone(),
+        ..OutboxConfig::default()
+    });
+    let refused = Event::builder("full", "1", "full.always").build().unwrap();
+    let others: Vec<Event> = (0..20)
+        .map(|i| {
+            Event::builder("late", i.to_string(), "ok.late")
+                .build()
+                .unwrap()
+        })
+        .collect();
+    let mut conn = test.pool.acquire().await.unwrap();
+    outbox.enqueue(&mut conn, &refused).await.unwrap();
+    outbox.enqueue_all(&mut conn, &others).await.unwrap();
+    wait_until("the relay tries to reconnect", DEADLINE, async || {
+        proxy.total_accepted() >= accepted + 2
+    })
+    .await;
+    proxy.restore();
+    rabbit.wait_for_distinct(1 + others.len(), DEADLINE).await;
+    relay.stop().await;
+}
