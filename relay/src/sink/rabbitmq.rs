@@ -1047,6 +1047,28 @@ mod tests {
     }
 
     #[test]
+    fn only_a_close_about_what_the_client_sent_makes_its_events_suspects() {
+        let hard = |e: AMQPHardError| {
+            lapin::Error::from(ErrorKind::ProtocolError(AMQPError::new(
+                AMQPErrorKind::Hard(e),
+                "FRAME_ERROR - type 2".into(),
+            )))
+        };
+        for fault in [
+            AMQPHardError::FRAMEERROR,
+            AMQPHardError::SYNTAXERROR,
+            AMQPHardError::COMMANDINVALID,
+            AMQPHardError::UNEXPECTEDFRAME,
+        ] {
+            assert!(closed_for_what_the_client_sent(&hard(fault)).is_some());
+        }
+        // A broker restart or an outage is nobody's event's fault.
+        assert!(closed_for_what_the_client_sent(&hard(AMQPHardError::CONNECTIONFORCED)).is_none());
+        let io = lapin::Error::from(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+        assert!(closed_for_what_the_client_sent(&io).is_none());
+    }
+
+    #[test]
     fn ip_hosts_survive_url_parsing() {
         let uri = parse_url("amqp://guest:guest@10.1.2.3:5673/%2f", "-").unwrap();
         assert_eq!(
@@ -1095,5 +1117,6 @@ mod tests {
             err.message.contains("routing key") && err.message.contains("256 bytes"),
             "{err}"
         );
+        assert!(err.is_permanent(), "no retry can make it shorter");
     }
 }
