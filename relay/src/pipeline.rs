@@ -614,7 +614,7 @@ impl<S: Sink> LaneContext<S> {
                                 sequence = event.sequence,
                                 event_id = %event.event_id,
                                 event_type = %event.event_type,
-                                attempts = event.attempts + 1,
+                                attempts = event.attempts.saturating_add(1),
                                 permanent = error.is_permanent(),
                                 %error,
                                 "event dead-lettered; its key continues"

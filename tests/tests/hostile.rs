@@ -500,6 +500,7 @@ struct HostileRow {
     payload: String,
     headers: serde_json::Value,
     created_at: String,
+    attempts: i32,
 }
 
 fn pick<'a, T>(rng: &mut rand::rngs::StdRng, items: &'a [T]) -> &'a T {
@@ -584,6 +585,7 @@ fn hostile_row(rng: &mut rand::rngs::StdRng, n: usize) -> HostileRow {
         1 => format!("hostile:{}", "p".repeat(10_000)),
         _ => format!("hostile:own:{n}"),
     };
+    let attempts = *pick(rng, &[0, 0, 0, -5, i32::MAX]);
     HostileRow {
         aggregate_id,
         event_type,
@@ -592,6 +594,7 @@ fn hostile_row(rng: &mut rand::rngs::StdRng, n: usize) -> HostileRow {
         payload,
         headers,
         created_at,
+        attempts,
     }
 }
 
@@ -599,8 +602,8 @@ async fn insert_hostile(test: &TestSchema, row: &HostileRow) -> uuid::Uuid {
     let id = uuid::Uuid::now_v7();
     sqlx::query(AssertSqlSafe(format!(
         "insert into {} (event_id, aggregate_type, aggregate_id, event_type, partition_key, destination, \
-                         payload, headers, created_at) \
-         values ($1, 'hostile', $2, $3, $4, $5, $6::text::jsonb, $7, $8::text::timestamptz)",
+                         payload, headers, created_at, attempts) \
+         values ($1, 'hostile', $2, $3, $4, $5, $6::text::jsonb, $7, $8::text::timestamptz, $9)",
         test.table("outbox")
     )))
     .bind(id)
@@ -611,6 +614,7 @@ async fn insert_hostile(test: &TestSchema, row: &HostileRow) -> uuid::Uuid {
     .bind(&row.payload)
     .bind(&row.headers)
     .bind(&row.created_at)
+    .bind(row.attempts)
     .execute(&test.pool)
     .await
     .unwrap();

@@ -416,11 +416,12 @@ impl RabbitMqSink {
                      larger than the broker's max_message_size is the usual cause"
                 ),
             ),
+            // The channel carried only this publish: its close is this event's rejection.
             AMQPErrorKind::Soft(_) => (
-                false,
+                true,
                 format!(
-                    "RabbitMQ closed the channel while publishing to exchange '{exchange}' \
-                     ({reply}); the event will be published again on a new channel"
+                    "RabbitMQ closed the channel that carried only this event, publishing to \
+                     exchange '{exchange}' ({reply}); check the event and the broker log"
                 ),
             ),
             AMQPErrorKind::Hard(_) => (

@@ -181,13 +181,13 @@ impl PollingSource {
             ),
             settle: settle_sql,
             reject: format!(
-                "with {fence} update {outbox} o set attempts = o.attempts + 1, last_error = $6, \
+                "with {fence} update {outbox} o set attempts = least(greatest(o.attempts, 0), 2147483646) + 1, last_error = $6, \
                         first_failed_at = coalesce(o.first_failed_at, now()), last_failed_at = now(), \
                         available_at = now() + make_interval(secs => $7) \
                  where o.sequence = $1 and {part} in (select p from fence) returning o.attempts"
             ),
             park: format!(
-                "with {fence} update {outbox} o set attempts = o.attempts + 1, last_error = $6, \
+                "with {fence} update {outbox} o set attempts = least(greatest(o.attempts, 0), 2147483646) + 1, last_error = $6, \
                         first_failed_at = coalesce(o.first_failed_at, now()), last_failed_at = now(), \
                         available_at = 'infinity' \
                  where o.sequence = $1 and {part} in (select p from fence) returning o.attempts"
@@ -197,7 +197,7 @@ impl PollingSource {
                  insert into {dead} (sequence, event_id, aggregate_type, aggregate_id, event_type, partition_key, destination, \
                                      payload, headers, created_at, attempts, last_error, first_failed_at, last_failed_at) \
                  select sequence, event_id, aggregate_type, aggregate_id, event_type, partition_key, destination, \
-                        payload, headers, created_at, attempts + 1, $6, coalesce(first_failed_at, now()), now() from moved \
+                        payload, headers, created_at, least(greatest(attempts, 0), 2147483646) + 1, $6, coalesce(first_failed_at, now()), now() from moved \
                  on conflict (event_id) do update set sequence = excluded.sequence, attempts = excluded.attempts, \
                         last_error = excluded.last_error, last_failed_at = excluded.last_failed_at, dead_lettered_at = now() \
                  returning sequence"

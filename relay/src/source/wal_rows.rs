@@ -65,7 +65,7 @@ impl WalRows {
                                      destination, payload, headers, created_at, attempts, last_error, \
                                      first_failed_at, last_failed_at) \
                  select sequence, event_id, aggregate_type, aggregate_id, event_type, partition_key, destination, \
-                        payload, headers, created_at, attempts + 1, $2, coalesce(first_failed_at, now()), now() \
+                        payload, headers, created_at, least(greatest(attempts, 0), 2147483646) + 1, $2, coalesce(first_failed_at, now()), now() \
                  from moved \
                  on conflict (event_id) do update set attempts = excluded.attempts, \
                         last_error = excluded.last_error, last_failed_at = excluded.last_failed_at, \
