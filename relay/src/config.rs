@@ -1192,6 +1192,21 @@ fn validate_kafka(raw: RawKafka, lease: Duration) -> Result<(SinkConfig, Router)
             "list the bootstrap servers as host:port[,host:port]",
         ));
     }
+    for broker in brokers.split(',').map(str::trim) {
+        let address = broker.split_once("://").map_or(broker, |(_, rest)| rest);
+        let (host, port) = match address.rsplit_once(':') {
+            Some((host, port)) if !host.ends_with(':') => (host, Some(port)),
+            _ => (address, None),
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() || port.is_some_and(|p| p.parse::<u16>().is_err()) {
+            return Err(invalid(
+                "kafka.brokers",
+                format!("{broker:?} is not host:port"),
+                "list the bootstrap servers as host:port[,host:port], e.g. kafka-1:9092,kafka-2:9092",
+            ));
+        }
+    }
     let topic = raw.topic.unwrap_or_else(|| "{aggregate_type}".to_owned());
     let key = raw.key.unwrap_or_else(|| "{partition_key}".to_owned());
     let topic_template = Template::parse(&topic)
@@ -1330,6 +1345,29 @@ mod tests {
         c.sink = Some("kafka".into());
         c.kafka = Some(RawKafka::default());
         c.validate().unwrap();
+        for bad in ["kafka:notaport", ",", "kafka-1:9092,:9092"] {
+            let mut c = raw();
+            c.sink = Some("kafka".into());
+            c.kafka = Some(RawKafka {
+                brokers: Some(bad.into()),
+                ..Default::default()
+            });
+            assert_eq!(c.validate().unwrap_err().field, "kafka.brokers", "{bad}");
+        }
+        for ok in [
+            "kafka-1:9092,kafka-2:9093",
+            "SSL://kafka:9093",
+            "[::1]:9092",
+            "kafka",
+        ] {
+            let mut c = raw();
+            c.sink = Some("kafka".into());
+            c.kafka = Some(RawKafka {
+                brokers: Some(ok.into()),
+                ..Default::default()
+            });
+            c.validate().unwrap();
+        }
     }
 
     #[test]
