@@ -692,3 +692,53 @@ async fn generated_hostile_rows_are_each_delivered_or_dead_lettered_and_never_ho
     assert_eq!(listed.len(), dead);
     admin::status(&test.pool, &test.schema).await.unwrap();
 }
+
+#[tokio::test]
+async fn with_poison_policy_block_an_undecodable_row_is_parked_at_once_and_holds_only_its_key() {
+    init_tracing();
+    let test = TestSchema::new().await;
+    let rabbit = RabbitFixture::with_binding("ok.#").await;
+    let at = "2026-01-01 00:00:00+00";
+    let bad = insert_raw_row(&test, "1", "ok.bad", "infinity", serde_json::json!({})).await;
+    let held = insert_raw_row(&test, "1", "ok.after", at, serde_json::json!({})).await;
+    let ordinary = enqueue_ordinary(&test, 20).await;
+    let mut raw = raw_config(&test, &rabbit.exchange);
+    raw.pipeline.poison_policy = Some("block".into());
+    raw.pipeline.max_attempts = Some(5);
+    raw.pipeline.retry_backoff_initial_ms = Some(10_000);
+    raw.pipeline.retry_backoff_max_ms = Some(10_000);
+    let relay = RunningRelay::start(raw.validate().unwrap());
+    rabbit
+        .wait_for_distinct(ordinary.len(), Duration::from_secs(15))
+        .await;
+    wait_until("the row is parked", Duration::from_secs(15), async || {
+        admin::status(&test.pool, &test.schema)
+            .await
+            .unwrap()
+            .blocked
+            == 1
+    })
+    .await;
+    let listed =
+        admin::list_dead_letters(&test.pool, &test.schema, &DeadLetterFilter::default(), 10)
+            .await
+            .unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!((listed[0].event_id, listed[0].attempts), (bad, 1));
+    assert!(
+        listed[0].last_error.contains("created_at"),
+        "{}",
+        listed[0].last_error
+    );
+    let summary = relay.stop().await;
+    assert_eq!(summary.blocked, 1);
+    let ids: Vec<String> = rabbit
+        .received()
+        .iter()
+        .map(|m| m.message_id.clone())
+        .collect();
+    assert!(
+        !ids.contains(&held.to_string()),
+        "its key waits for the operator"
+    );
+}
