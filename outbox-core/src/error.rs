@@ -44,6 +44,33 @@ pub enum Error {
         reason: &'static str,
     },
 
+    /// One header value is longer than [`crate::message::MAX_HEADER_VALUE_BYTES`].
+    #[error(
+        "header {name:?} has a value of {len} bytes, over the maximum of {max} bytes per header value \
+         (RabbitMQ must fit all headers into one frame, 128 KiB by default): put large data in the payload"
+    )]
+    HeaderValueTooLong {
+        /// Name of the header.
+        name: String,
+        /// Length of its value in bytes.
+        len: usize,
+        /// The maximum in bytes.
+        max: usize,
+    },
+
+    /// The headers together (names and values) are larger than [`crate::message::MAX_HEADERS_TOTAL_BYTES`].
+    #[error(
+        "the event's headers total {total} bytes (names and values), over the maximum of {max} bytes \
+         (RabbitMQ must fit all headers into one frame, 128 KiB by default): send fewer or shorter headers, \
+         and put large data in the payload"
+    )]
+    HeadersTooLarge {
+        /// Bytes of all header names and values.
+        total: usize,
+        /// The maximum in bytes.
+        max: usize,
+    },
+
     /// The payload could not be turned into JSON.
     #[error("event payload cannot be serialized to JSON: {source}")]
     PayloadNotSerializable {

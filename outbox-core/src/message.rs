@@ -16,6 +16,12 @@ pub const MAX_NAME_BYTES: usize = 255;
 pub const MAX_KEY_BYTES: usize = 1024;
 /// Longest header name, in bytes (AMQP field-table keys hold 255).
 pub const MAX_HEADER_NAME_BYTES: usize = 255;
+/// Longest header value, in bytes. RabbitMQ carries every header in one frame
+/// (`frame_max`, 128 KiB by default) and closes the connection over it.
+pub const MAX_HEADER_VALUE_BYTES: usize = 16 * 1024;
+/// Most bytes of all header names and values of one event together, leaving room
+/// in RabbitMQ's 128 KiB frame for the headers and properties the relay adds.
+pub const MAX_HEADERS_TOTAL_BYTES: usize = 64 * 1024;
 /// Header names starting with this prefix (any case) are set by the relay on the wire.
 pub const RESERVED_HEADER_PREFIX: &str = "outbox-";
 /// Name of the W3C trace-context header.
@@ -249,8 +255,16 @@ impl EventBuilder {
             check_text("destination", destination, MAX_NAME_BYTES)?;
         }
         let mut headers = self.headers;
+        let mut total = 0_usize;
         for (name, value) in &headers {
             check_header(name, value)?;
+            total = total.saturating_add(name.len() + value.len());
+        }
+        if total > MAX_HEADERS_TOTAL_BYTES {
+            return Err(Error::HeadersTooLarge {
+                total,
+                max: MAX_HEADERS_TOTAL_BYTES,
+            });
         }
         check_json_nul(&payload, &mut String::from("payload"))?;
         if self.capture_trace_context
@@ -344,6 +358,13 @@ fn check_header(name: &str, value: &str) -> Result<()> {
     {
         return refuse("the 'outbox-' prefix is reserved for headers the relay sets; rename it");
     }
+    if value.len() > MAX_HEADER_VALUE_BYTES {
+        return Err(Error::HeaderValueTooLong {
+            name: name.to_owned(),
+            len: value.len(),
+            max: MAX_HEADER_VALUE_BYTES,
+        });
+    }
     if value.contains('\0') {
         return Err(Error::InvalidHeaderValue {
             name: name.to_owned(),
@@ -423,6 +444,41 @@ mod tests {
                 .build()
                 .is_ok()
         );
+    }
+
+    #[test]
+    fn header_values_and_total_header_bytes_are_limited_with_errors_naming_the_limit() {
+        let long = "v".repeat(MAX_HEADER_VALUE_BYTES + 1);
+        let err = Event::builder("a", "b", "c")
+            .header("big", long)
+            .build()
+            .unwrap_err();
+        assert!(
+            matches!(err, Error::HeaderValueTooLong { ref name, len, max }
+                if name == "big" && len == MAX_HEADER_VALUE_BYTES + 1 && max == MAX_HEADER_VALUE_BYTES),
+            "{err}"
+        );
+        let text = err.to_string();
+        assert!(text.contains("16384") && text.contains("payload"), "{text}");
+        assert!(
+            Event::builder("a", "b", "c")
+                .header("big", "v".repeat(MAX_HEADER_VALUE_BYTES))
+                .build()
+                .is_ok(),
+            "exactly the limit is fine"
+        );
+        let many: Vec<(String, String)> = (0..5)
+            .map(|i| (format!("h{i}"), "v".repeat(MAX_HEADER_VALUE_BYTES - 10)))
+            .collect();
+        let err = Event::builder("a", "b", "c")
+            .headers(many)
+            .build()
+            .unwrap_err();
+        assert!(
+            matches!(err, Error::HeadersTooLarge { max, .. } if max == MAX_HEADERS_TOTAL_BYTES),
+            "{err}"
+        );
+        assert!(err.to_string().contains("65536"), "{err}");
     }
 
     #[test]

@@ -96,18 +96,30 @@ pub struct DeadLetter {
     pub headers: String,
 }
 
+/// `column` where the relay can represent it (finite, before year 262143), else null:
+/// rows written by other writers may hold `infinity`, and one row must never make
+/// a listing fail.
+fn representable_time(column: &str) -> String {
+    format!(
+        "case when isfinite({column}) and {column} < '262143-01-01 00:00:00+00'::timestamptz \
+         then {column} end"
+    )
+}
+
 fn dead_letters_sql(schema: &SchemaName) -> String {
     let outbox = schema.qualify("outbox");
     let dead = schema.qualify("outbox_dead_letter");
+    let first = representable_time("first_failed_at");
+    let last = representable_time("last_failed_at");
     format!(
         "select * from ( \
            select 'dead-lettered'::text as status, sequence, event_id, aggregate_type, aggregate_id, event_type, \
-                  partition_key, attempts, last_error, first_failed_at, last_failed_at, payload::text as payload, \
-                  headers::text as headers \
+                  partition_key, attempts, last_error, {first} as first_failed_at, {last} as last_failed_at, \
+                  payload::text as payload, headers::text as headers \
            from {dead} \
            union all \
            select 'blocked', sequence, event_id, aggregate_type, aggregate_id, event_type, partition_key, attempts, \
-                  coalesce(last_error, ''), first_failed_at, last_failed_at, payload::text, headers::text \
+                  coalesce(last_error, ''), {first}, {last}, payload::text, headers::text \
            from {outbox} where published_at is null and available_at = 'infinity' \
          ) d \
          where (cardinality($1::uuid[]) = 0 or event_id = any($1)) \
@@ -308,7 +320,8 @@ pub async fn status(pool: &PgPool, schema: &SchemaName) -> Result<Status> {
     let leases = schema.qualify("relay_lease");
     let (pending, oldest, retrying, blocked): (i64, Option<f64>, i64, i64) =
         sqlx::query_as(AssertSqlSafe(format!(
-            "select count(*), extract(epoch from now() - min(created_at))::float8, \
+            // Infinite times (rows of other writers) cannot be subtracted; they have no age.
+            "select count(*), extract(epoch from now() - min(created_at) filter (where isfinite(created_at)))::float8, \
                 count(*) filter (where attempts > 0 and available_at <> 'infinity'), \
                 count(*) filter (where available_at = 'infinity') \
          from {outbox} where published_at is null"

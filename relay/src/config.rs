@@ -119,8 +119,8 @@ pub struct RawOps {
     pub listen_addr: Option<String>,
 }
 
-/// `[database]`
-#[derive(Debug, Clone, Default, Deserialize)]
+/// `[database]`; its `Debug` masks the password of the url.
+#[derive(Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawDatabase {
     /// PostgreSQL URL.
@@ -199,8 +199,8 @@ pub struct RawPipeline {
     pub breaker_failure_threshold: Option<u32>,
 }
 
-/// `[rabbitmq]`
-#[derive(Debug, Clone, Default, Deserialize)]
+/// `[rabbitmq]`; its `Debug` masks the password of the url.
+#[derive(Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRabbitMq {
     /// AMQP URL.
@@ -215,6 +215,9 @@ pub struct RawRabbitMq {
     pub connect_timeout_ms: Option<u64>,
     /// Publish-until-confirm timeout.
     pub publish_timeout_ms: Option<u64>,
+    /// Largest payload sent, in bytes (the broker's `max_message_size`, default 16 MiB);
+    /// larger events are dead-lettered at the first attempt.
+    pub max_message_bytes: Option<usize>,
     /// Exchanges to declare at start.
     #[serde(default)]
     pub declare_exchanges: Vec<RawExchange>,
@@ -222,8 +225,8 @@ pub struct RawRabbitMq {
     pub tls_ca_file: Option<String>,
 }
 
-/// `[kafka]`
-#[derive(Debug, Clone, Default, Deserialize)]
+/// `[kafka]`; its `Debug` shows the names of the `extra` settings, not their values.
+#[derive(Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawKafka {
     /// Bootstrap servers, `host:port[,host:port…]`.
@@ -265,6 +268,9 @@ pub struct RawExchange {
 pub struct RawInstance {
     /// Name of this relay instance in leases and logs (default: host-pid-random).
     pub id: Option<String>,
+    /// How long to wait at start for PostgreSQL and the broker to answer before
+    /// giving up; unset: wait as long as it takes (logging every attempt).
+    pub startup_timeout_ms: Option<u64>,
 }
 
 /// How published rows are settled.
@@ -279,8 +285,8 @@ pub enum SettleMode {
     },
 }
 
-/// Validated PostgreSQL settings.
-#[derive(Clone, Debug)]
+/// Validated PostgreSQL settings; its `Debug` masks the password of the url.
+#[derive(Clone)]
 pub struct DatabaseConfig {
     /// PostgreSQL URL.
     pub url: String,
@@ -292,6 +298,140 @@ pub struct DatabaseConfig {
     pub connect_timeout: Duration,
     /// Statement timeout.
     pub statement_timeout: Duration,
+}
+
+impl std::fmt::Debug for DatabaseConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatabaseConfig")
+            .field("url", &redact_url(&self.url))
+            .field("schema", &self.schema)
+            .field("pool_size", &self.pool_size)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("statement_timeout", &self.statement_timeout)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for RawDatabase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawDatabase")
+            .field("url", &self.url.as_deref().map(redact_url))
+            .field("schema", &self.schema)
+            .field("pool_size", &self.pool_size)
+            .field("connect_timeout_ms", &self.connect_timeout_ms)
+            .field("statement_timeout_ms", &self.statement_timeout_ms)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for RawRabbitMq {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawRabbitMq")
+            .field("url", &self.url.as_deref().map(redact_url))
+            .field("exchange", &self.exchange)
+            .field("routing_key", &self.routing_key)
+            .field("app_id", &self.app_id)
+            .field("connect_timeout_ms", &self.connect_timeout_ms)
+            .field("publish_timeout_ms", &self.publish_timeout_ms)
+            .field("max_message_bytes", &self.max_message_bytes)
+            .field("declare_exchanges", &self.declare_exchanges)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for RawKafka {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let extra: Vec<&str> = self.extra.keys().map(String::as_str).collect();
+        f.debug_struct("RawKafka")
+            .field("brokers", &self.brokers)
+            .field("topic", &self.topic)
+            .field("key", &self.key)
+            .field("client_id", &self.client_id)
+            .field("partitioner", &self.partitioner)
+            .field("message_timeout_ms", &self.message_timeout_ms)
+            .field("max_message_bytes", &self.max_message_bytes)
+            .field("partition", &self.partition)
+            .field("extra (values hidden)", &extra)
+            .finish()
+    }
+}
+
+/// `url` with the password of its userinfo and any `password=` parameter replaced
+/// by `***`, for logs, `Debug` and summaries. Masks too much rather than too
+/// little: everything between the first `:` of the userinfo and its last `@`.
+pub fn redact_url(url: &str) -> String {
+    let mut redacted = url.to_owned();
+    if let Some(scheme_end) = redacted.find("://") {
+        let authority_start = scheme_end + 3;
+        let authority_end = redacted[authority_start..]
+            .find(['/', '?', '#'])
+            .map_or(redacted.len(), |i| i + authority_start);
+        // An unencoded '@' or '/' in the password: the userinfo ends at the last '@'.
+        let authority_end = redacted[authority_start..]
+            .rfind('@')
+            .map_or(authority_end, |at| {
+                authority_end.max(authority_start + at + 1)
+            });
+        if let Some(at) = redacted[authority_start..authority_end].rfind('@') {
+            let userinfo = &redacted[authority_start..authority_start + at];
+            if let Some(colon) = userinfo.find(':') {
+                redacted.replace_range(authority_start + colon + 1..authority_start + at, "***");
+            }
+        }
+    }
+    let mut from = 0;
+    while let Some(found) = redacted[from..].to_ascii_lowercase().find("password=") {
+        let value_start = from + found + "password=".len();
+        let value_end = redacted[value_start..]
+            .find('&')
+            .map_or(redacted.len(), |i| i + value_start);
+        redacted.replace_range(value_start..value_end, "***");
+        from = value_start + 3;
+    }
+    redacted
+}
+
+/// The password of `url`'s userinfo, as written (still percent-encoded).
+fn url_password(url: &str) -> Option<&str> {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let (userinfo, _) = rest.rsplit_once('@')?;
+    let (_, password) = userinfo.split_once(':')?;
+    Some(password).filter(|p| !p.is_empty())
+}
+
+/// `text` (a library's error message) with `url`'s password, raw and
+/// percent-decoded, replaced by `***`. Passwords shorter than four characters
+/// are left alone: replacing them would garble the message.
+pub fn scrub_password(text: &str, url: &str) -> String {
+    let mut text = text.replace(url, &redact_url(url));
+    if let Some(password) = url_password(url) {
+        let decoded = percent_decode(password);
+        for secret in [password, decoded.as_str()] {
+            if secret.len() >= 4 {
+                text = text.replace(secret, "***");
+            }
+        }
+    }
+    text
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && let Some(hex) = text.get(i + 1..i + 3)
+            && let Ok(byte) = u8::from_str_radix(hex, 16)
+        {
+            out.push(byte);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Validated polling-source settings.
@@ -421,8 +561,41 @@ pub struct RelayConfig {
     pub router: Router,
     /// Name of this instance.
     pub instance_id: String,
-    /// Where to serve `/metrics`, `/healthz` and `/readyz`, if anywhere.
-    pub ops_listen_addr: Option<std::net::SocketAddr>,
+    /// Where to serve `/metrics`, `/healthz` and `/readyz`, if anywhere: `host:port`
+    /// with an IP address or a host name.
+    pub ops_listen_addr: Option<String>,
+    /// Longest wait at start for PostgreSQL and the broker; `None`: no limit.
+    pub startup_timeout: Option<Duration>,
+}
+
+impl RelayConfig {
+    /// One line for `--check-config`: source, sink, and the hosts it will talk to,
+    /// with every password masked.
+    pub fn summary(&self) -> String {
+        let source = match &self.wal {
+            None => "polling".to_owned(),
+            Some(wal) => format!("wal (slot {}, publication {})", wal.slot, wal.publication),
+        };
+        let sink = match &self.sink {
+            #[cfg(feature = "rabbitmq")]
+            SinkConfig::RabbitMq(rabbitmq) => format!("rabbitmq at {}", redact_url(&rabbitmq.url)),
+            #[cfg(feature = "kafka")]
+            SinkConfig::Kafka(kafka) => format!("kafka at {}", kafka.brokers),
+        };
+        format!(
+            "source {source}, sink {sink}, database {} (schema {}), ops endpoint {}, \
+             batch {}, partitions {}, lease {} ms, in-flight {}, max attempts {}, poison policy {:?}",
+            redact_url(&self.database.url),
+            self.database.schema,
+            self.ops_listen_addr.as_deref().unwrap_or("off"),
+            self.polling.batch_size,
+            self.polling.partitions,
+            self.polling.lease.as_millis(),
+            self.pipeline.max_in_flight,
+            self.pipeline.max_attempts,
+            self.pipeline.poison_policy,
+        )
+    }
 }
 
 impl RawConfig {
@@ -498,6 +671,20 @@ impl RawConfig {
             }
         };
         let sink_name = self.sink.as_deref().unwrap_or("rabbitmq");
+        if self.kafka.is_some() && sink_name != "kafka" {
+            return Err(invalid(
+                "kafka",
+                format!("is set but sink is {sink_name:?}"),
+                "set sink = \"kafka\", or remove the [kafka] section",
+            ));
+        }
+        if self.rabbitmq.is_some() && sink_name != "rabbitmq" {
+            return Err(invalid(
+                "rabbitmq",
+                format!("is set but sink is {sink_name:?}"),
+                "set sink = \"rabbitmq\", or remove the [rabbitmq] section",
+            ));
+        }
         let (sink, router) = match sink_name {
             #[cfg(feature = "rabbitmq")]
             "rabbitmq" => validate_rabbitmq(self.rabbitmq.unwrap_or_default())?,
@@ -526,13 +713,17 @@ impl RawConfig {
         };
         let ops_listen_addr = match self.ops.listen_addr.as_deref() {
             None | Some("") => None,
-            Some(addr) => Some(addr.parse().map_err(|_| {
-                invalid(
-                    "ops.listen_addr",
-                    format!("{addr:?} is not an address"),
-                    "use host:port with an IP, e.g. 0.0.0.0:9187 or 127.0.0.1:9187",
-                )
-            })?),
+            Some(addr) => Some(validate_listen_addr(addr)?),
+        };
+        let startup_timeout = match self.instance.startup_timeout_ms {
+            None => None,
+            Some(ms_value) => Some(ms(
+                "instance.startup_timeout_ms",
+                Some(ms_value),
+                0,
+                1_000,
+                86_400_000,
+            )?),
         };
         Ok(RelayConfig {
             database,
@@ -543,8 +734,41 @@ impl RawConfig {
             router,
             instance_id,
             ops_listen_addr,
+            startup_timeout,
         })
     }
+}
+
+/// `host:port` where the host is an IP address (IPv6 in brackets) or a host name;
+/// names are resolved when the endpoint is bound.
+fn validate_listen_addr(addr: &str) -> Result<String, ConfigError> {
+    let bad = |problem: String| {
+        invalid(
+            "ops.listen_addr",
+            problem,
+            "use host:port, e.g. 0.0.0.0:9187, [::]:9187 or localhost:9187",
+        )
+    };
+    if addr.parse::<std::net::SocketAddr>().is_ok() {
+        return Ok(addr.to_owned());
+    }
+    let Some((host, port)) = addr.rsplit_once(':') else {
+        return Err(bad(format!("{addr:?} has no port")));
+    };
+    if port.parse::<u16>().is_err() {
+        return Err(bad(format!("{port:?} in {addr:?} is not a port number")));
+    }
+    let name_ok = !host.is_empty()
+        && host.len() <= 253
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'));
+    if !name_ok {
+        return Err(bad(format!(
+            "{host:?} in {addr:?} is not a host name or IP address"
+        )));
+    }
+    Ok(addr.to_owned())
 }
 
 fn ms(
@@ -578,6 +802,17 @@ fn validate_database(raw: RawDatabase) -> Result<DatabaseConfig, ConfigError> {
             "database.url",
             "is not a postgres:// URL",
             "use postgres://user:password@host:5432/database",
+        ));
+    }
+    if let Err(error) = url.parse::<sqlx::postgres::PgConnectOptions>() {
+        return Err(invalid(
+            "database.url",
+            format!(
+                "{} does not parse: {}",
+                redact_url(&url),
+                scrub_password(&error.to_string(), &url)
+            ),
+            "use postgres://user:password@host:5432/database (percent-encode special characters)",
         ));
     }
     let schema = SchemaName::new(
@@ -865,6 +1100,13 @@ fn validate_rabbitmq(raw: RawRabbitMq) -> Result<(SinkConfig, Router), ConfigErr
             "use amqp://user:password@host:5672/vhost",
         ));
     }
+    if let Err(error) = crate::sink::rabbitmq::parse_url(&url, &redact_url(&url)) {
+        return Err(invalid(
+            "rabbitmq.url",
+            error.message,
+            "use amqp://user:password@host:5672/vhost",
+        ));
+    }
     let exchange = raw
         .exchange
         .unwrap_or_else(|| "{aggregate_type}".to_owned());
@@ -935,6 +1177,18 @@ fn validate_rabbitmq(raw: RawRabbitMq) -> Result<(SinkConfig, Router), ConfigErr
             Some(path) => Some(std::path::PathBuf::from(path)),
             None => None,
         },
+        max_message_bytes: match raw.max_message_bytes {
+            None => crate::sink::rabbitmq::DEFAULT_MAX_MESSAGE_BYTES,
+            // RabbitMQ's own ceiling for max_message_size is 512 MiB.
+            Some(max @ 1..=536_870_912) => max,
+            Some(other) => {
+                return Err(invalid(
+                    "rabbitmq.max_message_bytes",
+                    format!("{other} is out of range"),
+                    "use the broker's max_message_size: 1 to 536870912 (default 16777216)",
+                ));
+            }
+        },
     };
     Ok((
         SinkConfig::RabbitMq(config),
@@ -952,6 +1206,21 @@ fn validate_kafka(raw: RawKafka, lease: Duration) -> Result<(SinkConfig, Router)
             "is empty",
             "list the bootstrap servers as host:port[,host:port]",
         ));
+    }
+    for broker in brokers.split(',').map(str::trim) {
+        let address = broker.split_once("://").map_or(broker, |(_, rest)| rest);
+        let (host, port) = match address.rsplit_once(':') {
+            Some((host, port)) if !host.ends_with(':') => (host, Some(port)),
+            _ => (address, None),
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() || port.is_some_and(|p| p.parse::<u16>().is_err()) {
+            return Err(invalid(
+                "kafka.brokers",
+                format!("{broker:?} is not host:port"),
+                "list the bootstrap servers as host:port[,host:port], e.g. kafka-1:9092,kafka-2:9092",
+            ));
+        }
     }
     let topic = raw.topic.unwrap_or_else(|| "{aggregate_type}".to_owned());
     let key = raw.key.unwrap_or_else(|| "{partition_key}".to_owned());
@@ -1045,6 +1314,142 @@ mod tests {
             },
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn debug_output_never_shows_a_password() {
+        let mut c = raw();
+        c.database.url =
+            Some("postgres://relay:db-Secret-1@db.internal:5432/app?sslmode=require".into());
+        c.rabbitmq = Some(RawRabbitMq {
+            url: Some("amqp://relay:mq-Secret-2@mq.internal:5672/%2f".into()),
+            ..Default::default()
+        });
+        let shown = format!("{c:?}");
+        let config = c.validate().unwrap();
+        let shown = format!("{shown} {config:?} {:?}", config.database);
+        for secret in ["db-Secret-1", "mq-Secret-2"] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        assert!(shown.contains("relay:***@db.internal:5432/app"), "{shown}");
+        let mut k = raw();
+        k.kafka = Some(RawKafka {
+            extra: [("sasl.password".to_owned(), "kafka-Secret-3".to_owned())].into(),
+            ..Default::default()
+        });
+        assert!(!format!("{k:?}").contains("kafka-Secret-3"));
+        assert_eq!(
+            redact_url("postgres://u:p@ss/w@host/db?password=x&sslmode=y"),
+            "postgres://u:***@host/db?password=***&sslmode=y"
+        );
+        assert_eq!(redact_url("postgres://host/db"), "postgres://host/db");
+    }
+
+    #[test]
+    fn a_section_of_the_other_sink_or_source_is_an_error() {
+        let mut c = raw();
+        c.kafka = Some(RawKafka::default());
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.field, "kafka");
+        assert!(e.fix.contains("sink = \"kafka\""), "{e}");
+        let mut c = raw();
+        c.sink = Some("kafka".into());
+        c.rabbitmq = Some(RawRabbitMq::default());
+        assert_eq!(c.validate().unwrap_err().field, "rabbitmq");
+        let mut c = raw();
+        c.sink = Some("kafka".into());
+        c.kafka = Some(RawKafka::default());
+        c.validate().unwrap();
+        for bad in ["kafka:notaport", ",", "kafka-1:9092,:9092"] {
+            let mut c = raw();
+            c.sink = Some("kafka".into());
+            c.kafka = Some(RawKafka {
+                brokers: Some(bad.into()),
+                ..Default::default()
+            });
+            assert_eq!(c.validate().unwrap_err().field, "kafka.brokers", "{bad}");
+        }
+        for ok in [
+            "kafka-1:9092,kafka-2:9093",
+            "SSL://kafka:9093",
+            "[::1]:9092",
+            "kafka",
+        ] {
+            let mut c = raw();
+            c.sink = Some("kafka".into());
+            c.kafka = Some(RawKafka {
+                brokers: Some(ok.into()),
+                ..Default::default()
+            });
+            c.validate().unwrap();
+        }
+    }
+
+    #[test]
+    fn listen_addr_takes_ip_addresses_and_host_names() {
+        for ok in [
+            "127.0.0.1:9187",
+            "[::1]:9187",
+            "localhost:9187",
+            "relay-0.ops.svc:80",
+        ] {
+            let mut c = raw();
+            c.ops.listen_addr = Some(ok.into());
+            assert_eq!(c.validate().unwrap().ops_listen_addr.as_deref(), Some(ok));
+        }
+        for bad in [
+            "localhost",
+            "localhost:http",
+            ":9187",
+            "a b:1",
+            "host:70000",
+        ] {
+            let mut c = raw();
+            c.ops.listen_addr = Some(bad.into());
+            assert_eq!(c.validate().unwrap_err().field, "ops.listen_addr", "{bad}");
+        }
+    }
+
+    #[test]
+    fn urls_are_parsed_at_validation_and_errors_hide_the_password() {
+        let mut c = raw();
+        c.database.url = Some("postgres://u:Secret-pw-1@host:notaport/db".into());
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.field, "database.url");
+        assert!(!e.to_string().contains("Secret-pw-1"), "{e}");
+        let mut c = raw();
+        c.rabbitmq = Some(RawRabbitMq {
+            url: Some("amqp://u:Secret-pw-2@host:notaport/%2f".into()),
+            ..Default::default()
+        });
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.field, "rabbitmq.url");
+        assert!(!e.to_string().contains("Secret-pw-2"), "{e}");
+        assert_eq!(
+            scrub_password(
+                "auth failed for S%40cret1 / S@cret1",
+                "postgres://u:S%40cret1@h/d"
+            ),
+            "auth failed for *** / ***"
+        );
+    }
+
+    #[test]
+    fn the_summary_names_source_sink_and_hosts_without_secrets() {
+        let mut c = raw();
+        c.database.url = Some("postgres://relay:Secret-3@db.internal:5432/app".into());
+        c.rabbitmq = Some(RawRabbitMq {
+            url: Some("amqp://relay:Secret-4@mq.internal:5672/%2f".into()),
+            ..Default::default()
+        });
+        let summary = c.validate().unwrap().summary();
+        assert!(
+            summary.contains("source polling")
+                && summary.contains("sink rabbitmq at amqp://relay:***@mq.internal:5672/%2f")
+                && summary.contains("db.internal:5432"),
+            "{summary}"
+        );
+        assert!(!summary.contains("Secret"), "{summary}");
     }
 
     #[test]

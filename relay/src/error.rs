@@ -35,6 +35,31 @@ pub enum RelayError {
         timeout_ms: u64,
     },
 
+    /// The ops endpoint's address cannot be bound (in use, not a local address, no such host).
+    #[error(
+        "cannot serve the ops endpoint on {addr}: {source}; choose a free port and a local address or host name in ops.listen_addr"
+    )]
+    OpsBind {
+        /// `ops.listen_addr`.
+        addr: String,
+        /// Why binding failed.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// PostgreSQL or the broker did not answer within `instance.startup_timeout_ms`.
+    #[error(
+        "gave up waiting for {what} after {waited_ms} ms (instance.startup_timeout_ms); last error: {last_error}"
+    )]
+    StartupTimeout {
+        /// `PostgreSQL`, `RabbitMQ` or `Kafka`.
+        what: &'static str,
+        /// How long the relay waited.
+        waited_ms: u64,
+        /// The last attempt's error, with its cause.
+        last_error: String,
+    },
+
     /// The sink could not be set up.
     #[error("cannot start the sink: {0}")]
     Sink(#[from] SinkError),

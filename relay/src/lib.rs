@@ -54,6 +54,35 @@ pub use pipeline::{RelayStats, RunSummary};
 use config::{DatabaseConfig, SinkConfig};
 use error::RelayError as E;
 
+/// Log directives the relay always applies on top of `RUST_LOG`: libraries that
+/// log message contents (lapin logs every returned message with its headers and
+/// payload at WARN, and whole frames at TRACE) are capped, so no payload or
+/// header value reaches a log at any level. Each replaces a user directive for
+/// the same target.
+pub const LOG_CAPS: &[&str] = &[
+    "lapin=info",
+    "lapin::returned_messages=error",
+    "lapin::channels=info",
+    "lapin::channel=info",
+    "lapin::frames=info",
+    "lapin::io_loop=info",
+    "amq_protocol=info",
+    "pgwire_replication=info",
+];
+
+/// The relay binary's log filter: `RUST_LOG` (default `info`) with [`LOG_CAPS`] applied.
+pub fn log_filter() -> tracing_subscriber::EnvFilter {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    LOG_CAPS
+        .iter()
+        .fold(filter, |filter, cap| match cap.parse() {
+            Ok(directive) => filter.add_directive(directive),
+            // The caps are constants; a typo is caught by the unit test below.
+            Err(_) => filter,
+        })
+}
+
 /// The relay's connection settings (timeouts, application name) for `database`.
 pub(crate) fn connect_options(database: &DatabaseConfig) -> Result<PgConnectOptions> {
     Ok(database
@@ -138,38 +167,64 @@ async fn check_schema(pool: &PgPool, database: &DatabaseConfig) -> Result<()> {
 
 /// Run a relay until `shutdown` completes; then stop claiming, finish and settle
 /// in-flight work within the grace period, release leases and close the sink.
+///
+/// At start the ops endpoint is bound first (an address that cannot be bound is
+/// an error); then the relay waits for the broker and PostgreSQL, retrying with
+/// backoff and logging each failed attempt with its cause, for at most
+/// `instance.startup_timeout_ms` if set. Meanwhile `/healthz` answers 200 and
+/// `/readyz` 503.
 pub async fn run(
     config: RelayConfig,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<RunSummary> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stats = Arc::new(RelayStats::default());
+    stats.beat();
+    let ops = start_ops(&config, &stats, stop_rx.clone()).await?;
+    let started_at = tokio::time::Instant::now();
     let relay = async move {
+        let mut stop = stop_rx.clone();
         match config.sink.clone() {
             #[cfg(feature = "rabbitmq")]
             SinkConfig::RabbitMq(sink_config) => {
-                let sink = sink::rabbitmq::RabbitMqSink::connect(sink_config).await?;
-                run_with_sink(config, sink, stop_rx).await
+                let connect = || sink::rabbitmq::RabbitMqSink::connect(sink_config.clone());
+                let Some(sink) =
+                    wait_for_sink("RabbitMQ", connect, &config, started_at, &stats, &mut stop)
+                        .await?
+                else {
+                    return Ok(stats.summary());
+                };
+                relay_with_sink(config, sink, stop_rx, stats, started_at).await
             }
             #[cfg(feature = "kafka")]
             SinkConfig::Kafka(sink_config) => {
-                let sink = sink::kafka::KafkaSink::connect(sink_config).await?;
-                run_with_sink(config, sink, stop_rx).await
+                let connect = || sink::kafka::KafkaSink::connect(sink_config.clone());
+                let Some(sink) =
+                    wait_for_sink("Kafka", connect, &config, started_at, &stats, &mut stop).await?
+                else {
+                    return Ok(stats.summary());
+                };
+                relay_with_sink(config, sink, stop_rx, stats, started_at).await
             }
         }
     };
     tokio::pin!(relay);
     tokio::pin!(shutdown);
     let mut shutdown_done = false;
-    loop {
+    let result = loop {
         tokio::select! {
-            result = &mut relay => return result,
+            result = &mut relay => break result,
             _ = &mut shutdown, if !shutdown_done => {
                 shutdown_done = true;
                 tracing::info!("shutdown requested: finishing in-flight events");
                 let _ = stop_tx.send(true);
             }
         }
+    };
+    if let Some(ops) = ops {
+        ops.abort();
     }
+    result
 }
 
 /// Run a relay with an already connected sink (used by [`run`] and by tests of sinks).
@@ -178,25 +233,204 @@ pub async fn run_with_sink<S: sink::Sink>(
     sink: S,
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> Result<RunSummary> {
+    let stats = Arc::new(RelayStats::default());
+    stats.beat();
+    let ops = start_ops(&config, &stats, shutdown.clone()).await?;
+    let result = relay_with_sink(config, sink, shutdown, stats, tokio::time::Instant::now()).await;
+    if let Some(ops) = ops {
+        ops.abort();
+    }
+    result
+}
+
+/// Bind the ops endpoint (if configured) and serve it in a task; failing to bind
+/// is an error with the cause, not a warning.
+async fn start_ops(
+    config: &RelayConfig,
+    stats: &Arc<RelayStats>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) -> Result<Option<tokio::task::JoinHandle<()>>> {
+    let Some(addr) = config.ops_listen_addr.clone() else {
+        return Ok(None);
+    };
+    let listener = tokio::net::TcpListener::bind(addr.as_str())
+        .await
+        .map_err(|source| E::OpsBind {
+            addr: addr.clone(),
+            source,
+        })?;
+    // Lazy: the endpoint must answer while PostgreSQL does not, yet.
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(config.database.connect_timeout)
+        .connect_lazy_with(connect_options(&config.database)?);
+    let (stats, schema) = (stats.clone(), config.database.schema.clone());
+    Ok(Some(tokio::spawn(async move {
+        if let Err(error) = ops::http::serve(listener, stats, pool, schema, shutdown).await {
+            tracing::error!(%addr, %error, "the ops endpoint failed");
+        }
+    })))
+}
+
+/// Delay before the next start-up attempt, or the error that ends the wait.
+fn next_startup_attempt(
+    what: &'static str,
+    error: String,
+    attempt: u32,
+    backoff: &mut resilience::Backoff,
+    config: &RelayConfig,
+    started_at: tokio::time::Instant,
+) -> Result<std::time::Duration> {
+    let delay = backoff.next_delay();
+    if let Some(limit) = config.startup_timeout
+        && started_at.elapsed() + delay > limit
+    {
+        return Err(E::StartupTimeout {
+            what,
+            waited_ms: started_at.elapsed().as_millis() as u64,
+            last_error: error,
+        });
+    }
+    tracing::warn!(
+        attempt,
+        retry_in_ms = delay.as_millis() as u64,
+        %error,
+        "{what} does not answer yet; the relay waits for it (/readyz says 503 meanwhile)"
+    );
+    Ok(delay)
+}
+
+/// Backoff between start-up attempts.
+fn startup_backoff() -> resilience::Backoff {
+    resilience::Backoff::new(
+        std::time::Duration::from_millis(500),
+        std::time::Duration::from_secs(30),
+    )
+}
+
+/// Sleep `delay`; false if the relay was asked to stop meanwhile.
+async fn sleep_unless_stopped(
+    delay: std::time::Duration,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+) -> bool {
+    if *stop.borrow() {
+        return false;
+    }
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => !*stop.borrow(),
+        _ = stop.changed() => false,
+    }
+}
+
+/// Connect the sink, retrying until the broker answers; `None`: asked to stop.
+/// Errors of the configuration (permanent) end the wait at once.
+async fn wait_for_sink<S, F, Fut>(
+    what: &'static str,
+    connect: F,
+    config: &RelayConfig,
+    started_at: tokio::time::Instant,
+    stats: &RelayStats,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+) -> Result<Option<S>>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = std::result::Result<S, sink::SinkError>>,
+{
+    let mut backoff = startup_backoff();
+    for attempt in 1_u32.. {
+        stats.beat();
+        let error = match connect().await {
+            Ok(sink) => {
+                if attempt > 1 {
+                    tracing::info!(attempt, "{what} answers; starting");
+                }
+                return Ok(Some(sink));
+            }
+            Err(error) if error.is_permanent() => return Err(E::Sink(error)),
+            Err(error) => error.message,
+        };
+        let delay = next_startup_attempt(what, error, attempt, &mut backoff, config, started_at)?;
+        if !sleep_unless_stopped(delay, stop).await {
+            return Ok(None);
+        }
+    }
+    Ok(None)
+}
+
+/// Wait until PostgreSQL accepts a connection (with the real cause of each
+/// failure in the log, where a pool would only say "timed out"); false: asked to stop.
+async fn wait_for_database(
+    config: &RelayConfig,
+    started_at: tokio::time::Instant,
+    stats: &RelayStats,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+) -> Result<bool> {
+    use sqlx::Connection;
+    let database = &config.database;
+    let options = connect_options(database)?;
+    let mut backoff = startup_backoff();
+    for attempt in 1_u32.. {
+        stats.beat();
+        let connected = tokio::time::timeout(
+            database.connect_timeout,
+            sqlx::PgConnection::connect_with(&options),
+        )
+        .await;
+        let error = match connected {
+            Ok(Ok(connection)) => {
+                let _ = connection.close().await;
+                if attempt > 1 {
+                    tracing::info!(attempt, "PostgreSQL answers; starting");
+                }
+                return Ok(true);
+            }
+            Ok(Err(error)) => format!(
+                "cannot connect to PostgreSQL at {}: {}",
+                config::redact_url(&database.url),
+                config::scrub_password(&error.to_string(), &database.url)
+            ),
+            Err(_) => format!(
+                "PostgreSQL at {} did not answer within {:?} (database.connect_timeout_ms)",
+                config::redact_url(&database.url),
+                database.connect_timeout
+            ),
+        };
+        let delay = next_startup_attempt(
+            "PostgreSQL",
+            error,
+            attempt,
+            &mut backoff,
+            config,
+            started_at,
+        )?;
+        if !sleep_unless_stopped(delay, stop).await {
+            return Ok(false);
+        }
+    }
+    Ok(false)
+}
+
+/// Wait for PostgreSQL, then run the source for `config` with `sink`.
+async fn relay_with_sink<S: sink::Sink>(
+    config: RelayConfig,
+    sink: S,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+    stats: Arc<RelayStats>,
+    started_at: tokio::time::Instant,
+) -> Result<RunSummary> {
+    let mut stop = shutdown.clone();
+    if !wait_for_database(&config, started_at, &stats, &mut stop).await? {
+        sink.close().await;
+        return Ok(stats.summary());
+    }
     // Bulkheads: claiming (and LISTEN) and settling use separate pools.
     let settle_pool = connect_pool(&config.database, config.database.pool_size).await?;
     check_schema(&settle_pool, &config.database).await?;
-    let stats = Arc::new(RelayStats::default());
-    let ops = config.ops_listen_addr.map(|addr| {
-        let (stats, pool, schema, shutdown) = (
-            stats.clone(),
-            settle_pool.clone(),
-            config.database.schema.clone(),
-            shutdown.clone(),
-        );
-        tokio::spawn(async move {
-            if let Err(error) = ops::http::serve(addr, stats, pool, schema, shutdown).await {
-                tracing::error!(%addr, %error, "the ops endpoint failed (is the port in use?)");
-            }
-        })
-    });
+    stats
+        .started
+        .store(true, std::sync::atomic::Ordering::Relaxed);
     let sink = Arc::new(sink);
-    let result = match config.wal.clone() {
+    match config.wal.clone() {
         None => run_polling(&config, sink, settle_pool, stats, shutdown).await,
         Some(wal) => {
             let rows = source::wal_rows::WalRows::new(settle_pool.clone(), &config.database);
@@ -210,11 +444,7 @@ pub async fn run_with_sink<S: sink::Sink>(
             .run(shutdown, settle_pool)
             .await
         }
-    };
-    if let Some(ops) = ops {
-        ops.abort();
     }
-    result
 }
 
 /// The polling source's relay loop (also the WAL source's fallback).
@@ -255,4 +485,17 @@ pub(crate) async fn run_polling<S: sink::Sink>(
     }
     .run(shutdown)
     .await
+}
+
+#[cfg(test)]
+mod log_tests {
+    #[test]
+    fn every_log_cap_is_a_valid_directive() {
+        for cap in super::LOG_CAPS {
+            assert!(
+                cap.parse::<tracing_subscriber::filter::Directive>().is_ok(),
+                "{cap}"
+            );
+        }
+    }
 }

@@ -39,10 +39,11 @@ struct RunArgs {
     check_config: bool,
 }
 
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args)]
 struct DatabaseArgs {
     /// PostgreSQL connection URL (default: database.url of --config).
-    #[arg(long, env = "OUTBOX_RELAY__DATABASE__URL")]
+    // hide_env_values: --help must never print the password the variable holds.
+    #[arg(long, env = "OUTBOX_RELAY__DATABASE__URL", hide_env_values = true)]
     database_url: Option<String>,
     /// Schema holding the outbox tables (default: database.schema of --config, else outbox).
     #[arg(long, env = "OUTBOX_RELAY__DATABASE__SCHEMA")]
@@ -50,6 +51,22 @@ struct DatabaseArgs {
     /// Relay configuration file to take the database settings from.
     #[arg(long, short, env = "OUTBOX_RELAY_CONFIG")]
     config: Option<std::path::PathBuf>,
+}
+
+impl std::fmt::Debug for DatabaseArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatabaseArgs")
+            .field(
+                "database_url",
+                &self
+                    .database_url
+                    .as_deref()
+                    .map(outbox_relay::config::redact_url),
+            )
+            .field("schema", &self.schema)
+            .field("config", &self.config)
+            .finish()
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -152,14 +169,43 @@ impl DatabaseArgs {
             .or_else(|| from_file.as_ref().and_then(|d| d.schema.clone()))
             .unwrap_or_else(|| outbox_core::schema::DEFAULT_SCHEMA.to_owned());
         let schema = SchemaName::new(schema).context("--schema")?;
+        let shown = outbox_relay::config::redact_url(&url);
+        let options: sqlx::postgres::PgConnectOptions = url.parse().map_err(|error: sqlx::Error| {
+            anyhow::anyhow!(
+                "the database URL {shown} does not parse: {}; use postgres://user:password@host:5432/database",
+                outbox_relay::config::scrub_password(&error.to_string(), &url)
+            )
+        })?;
+        // One connection first: its error names the cause, where a pool only says "timed out".
+        let timeout = std::time::Duration::from_secs(10);
+        let probe = tokio::time::timeout(
+            timeout,
+            <sqlx::PgConnection as sqlx::Connection>::connect_with(&options),
+        )
+        .await;
+        match probe {
+            Ok(Ok(connection)) => {
+                let _ = sqlx::Connection::close(connection).await;
+            }
+            Ok(Err(error)) => anyhow::bail!(
+                "cannot connect to PostgreSQL at {shown}: {}; check --database-url / OUTBOX_RELAY__DATABASE__URL and that the server is up",
+                outbox_relay::config::scrub_password(&error.to_string(), &url)
+            ),
+            Err(_) => anyhow::bail!(
+                "PostgreSQL at {shown} did not answer within {timeout:?}; check the host, the port and the network"
+            ),
+        }
         let pool = PgPoolOptions::new()
             .max_connections(2)
-            .acquire_timeout(std::time::Duration::from_secs(10))
-            .connect(&url)
+            .acquire_timeout(timeout)
+            .connect_with(options)
             .await
-            .context(
-                "connecting to PostgreSQL (check --database-url / OUTBOX_RELAY__DATABASE__URL)",
-            )?;
+            .map_err(|error| {
+                anyhow::anyhow!(
+                    "connecting to PostgreSQL at {shown}: {}",
+                    outbox_relay::config::scrub_password(&error.to_string(), &url)
+                )
+            })?;
         Ok((pool, schema))
     }
 }
@@ -167,10 +213,7 @@ impl DatabaseArgs {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
+        .with_env_filter(outbox_relay::log_filter())
         .with_writer(std::io::stderr)
         .init();
     match run(Cli::parse()).await {
@@ -187,16 +230,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Run(args) => {
             let config = outbox_relay::RawConfig::load(args.config.as_deref())?.validate()?;
             if args.check_config {
-                println!(
-                    "configuration is valid: schema {}, batch {}, partitions {}, lease {} ms, in-flight {}, max attempts {}, poison policy {:?}",
-                    config.database.schema,
-                    config.polling.batch_size,
-                    config.polling.partitions,
-                    config.polling.lease.as_millis(),
-                    config.pipeline.max_in_flight,
-                    config.pipeline.max_attempts,
-                    config.pipeline.poison_policy,
-                );
+                println!("configuration is valid: {}", config.summary());
                 return Ok(());
             }
             let summary = outbox_relay::run(config, shutdown_signal()).await?;

@@ -54,6 +54,8 @@ pub struct RelayStats {
     pub database_reachable: std::sync::atomic::AtomicBool,
     /// Unix time in milliseconds of the relay loop's last turn.
     pub last_heartbeat_ms: AtomicU64,
+    /// Whether start-up is over (PostgreSQL and the broker answered); `/readyz` says 503 before.
+    pub started: std::sync::atomic::AtomicBool,
     /// Whether the relay runs the WAL source.
     pub wal_mode: std::sync::atomic::AtomicBool,
     /// Whether this instance leads its replication slot (WAL source).
@@ -195,6 +197,9 @@ impl Unsettled {
     }
 }
 
+/// Keys skipped by half-open probes at most (beyond that, probes take any key again).
+const MAX_PROBE_SUSPECTS: usize = 64;
+
 /// Settle at most this many delivered events per statement; settle at least this often.
 const SETTLE_MAX_EVENTS: usize = 1_000;
 const SETTLE_INTERVAL: Duration = Duration::from_millis(20);
@@ -243,6 +248,11 @@ impl<S: Sink> Pipeline<S> {
         // Claimed events not yet settled: the window that can be published twice after a crash.
         let mut in_flight_events = 0_usize;
         let mut round_transient = 0_u64;
+        // Keys whose event failed a half-open probe: later probes try other keys, so
+        // one event that the broker keeps refusing (a nack, a closed channel) cannot
+        // keep the breaker open for every key by being the oldest, probe after probe.
+        let mut probe_suspects: Vec<String> = Vec::new();
+        let mut probe_key: Option<String> = None;
 
         let mut breaker = CircuitBreaker::new(
             self.config.breaker_failure_threshold,
@@ -330,7 +340,10 @@ impl<S: Sink> Pipeline<S> {
                         } else {
                             batch_size - in_flight_events
                         };
-                        let busy_keys: Vec<String> = busy.iter().cloned().collect();
+                        let mut busy_keys: Vec<String> = busy.iter().cloned().collect();
+                        if probe {
+                            busy_keys.extend(probe_suspects.iter().cloned());
+                        }
                         self.stats.claim_queries.fetch_add(1, Ordering::Relaxed);
                         match context.source.claim(&owned, Some(limit), &busy_keys).await {
                             Ok(batch) => {
@@ -339,6 +352,8 @@ impl<S: Sink> Pipeline<S> {
                                 if !batch.events.is_empty() {
                                     claimed_any = true;
                                     wakeup.found_work();
+                                    probe_key =
+                                        probe.then(|| batch.events[0].event.partition_key.clone());
                                     self.stats.batches.fetch_add(1, Ordering::Relaxed);
                                     let fences = Arc::new(batch.fences);
                                     for lane in lanes_by_key(batch.events) {
@@ -357,7 +372,8 @@ impl<S: Sink> Pipeline<S> {
                                         lane_keys.insert(handle.id(), (task_key, lane_len));
                                     }
                                 } else if probe {
-                                    // Nothing to probe with: the next event decides.
+                                    // Nothing (else) to probe with: the next event decides.
+                                    probe_suspects.clear();
                                     breaker.record_success();
                                 }
                             }
@@ -392,10 +408,23 @@ impl<S: Sink> Pipeline<S> {
                 in_flight_events -= self
                     .settle(&context.source, &mut unsettled, &mut busy)
                     .await;
+                let probed = probe_key.take();
                 if round_delivered > 0 || round_transient == 0 {
+                    probe_suspects.clear();
                     breaker.record_success();
-                } else if breaker.record_failure() == BreakerState::Closed {
-                    claim_wait = claim_wait.max(self.config.retry_backoff_initial);
+                } else {
+                    if let Some(key) = probed
+                        && probe_suspects.len() < MAX_PROBE_SUSPECTS
+                    {
+                        tracing::info!(
+                            partition_key = %key,
+                            "the breaker's probe failed; the next probe tries another key"
+                        );
+                        probe_suspects.push(key);
+                    }
+                    if breaker.record_failure() == BreakerState::Closed {
+                        claim_wait = claim_wait.max(self.config.retry_backoff_initial);
+                    }
                 }
                 round_delivered = 0;
                 round_transient = 0;
@@ -541,8 +570,17 @@ impl<S: Sink> LaneContext<S> {
         let _permit = self.publishing.acquire().await.ok();
         for claimed in lane {
             let event = &claimed.event;
-            let route = self.router.route(event);
-            match self.sink.publish(event, &route).await {
+            let outcome = match &claimed.undecodable {
+                // A row that is not an event goes to the dead-letter table as it is.
+                Some(reason) => {
+                    Outcome::Rejected(crate::sink::SinkError::permanent(reason.clone()))
+                }
+                None => {
+                    let route = self.router.route(event);
+                    self.sink.publish(event, &route).await
+                }
+            };
+            match outcome {
                 Outcome::Delivered => done.delivered.push(event.sequence),
                 Outcome::Retry(error) => {
                     self.stats
@@ -567,6 +605,7 @@ impl<S: Sink> LaneContext<S> {
                             &error.message,
                             self.config.max_attempts,
                             backoff,
+                            error.is_permanent(),
                         )
                         .await
                     {
@@ -576,7 +615,8 @@ impl<S: Sink> LaneContext<S> {
                                 sequence = event.sequence,
                                 event_id = %event.event_id,
                                 event_type = %event.event_type,
-                                attempts = event.attempts + 1,
+                                attempts = event.attempts.saturating_add(1),
+                                permanent = error.is_permanent(),
                                 %error,
                                 "event dead-lettered; its key continues"
                             );

@@ -78,6 +78,22 @@ impl RunningRelay {
             .expect("relay ran without error")
     }
 
+    /// Whether the relay stopped on its own (an error, or a panic).
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+
+    /// Wait up to `deadline` for the relay to stop on its own and return its result;
+    /// panics if it is still running then.
+    pub async fn wait_for_exit(mut self, deadline: Duration) -> outbox_relay::Result<RunSummary> {
+        let result = tokio::time::timeout(deadline, &mut self.task)
+            .await
+            .expect("the relay stops on its own within the deadline")
+            .expect("relay task did not panic");
+        drop(self.stop.take());
+        result
+    }
+
     /// Kill it mid-flight, like `kill -9`: nothing is settled or released.
     pub fn kill(self) {
         self.task.abort();

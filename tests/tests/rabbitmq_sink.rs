@@ -53,6 +53,7 @@ fn config(app_id: &str, exchanges: &[&str]) -> RabbitMqConfig {
             })
             .collect(),
         tls_ca_file: None,
+        max_message_bytes: outbox_relay::sink::rabbitmq::DEFAULT_MAX_MESSAGE_BYTES,
     }
 }
 
@@ -674,4 +675,63 @@ async fn lost_connection_is_a_retry_and_the_sink_reconnects_and_redeclares() {
 
     sink.close().await;
     broker.clean_up(&[]).await;
+}
+
+/// Publish `event(n)` with one extra header of `value_bytes` bytes.
+async fn publish_with_header(
+    sink: &RabbitMqSink,
+    exchange: &str,
+    n: i64,
+    value_bytes: usize,
+) -> Outcome {
+    let mut e = event(n);
+    e.headers.insert("filler".into(), "f".repeat(value_bytes));
+    sink.publish(&e, &route(exchange)).await
+}
+
+#[tokio::test]
+async fn headers_just_over_the_frame_size_are_a_permanent_rejection_and_just_under_are_delivered() {
+    let mut broker = Broker::new().await;
+    let exchange = unique("x");
+    let sink = RabbitMqSink::connect(config("relay-frame-size", &[&exchange]))
+        .await
+        .unwrap();
+    let queue = broker.bound_queue(&exchange, "#").await;
+    let frame_max = broker._connection.configuration().frame_max() as usize;
+    // Find the largest header that is sent: every answer on the way is Delivered
+    // or a permanent rejection; a Retry would mean the broker closed the connection.
+    let (mut fits, mut too_big) = (0, frame_max);
+    let (mut n, mut delivered) = (0, 0);
+    while too_big - fits > 1 {
+        let middle = (fits + too_big) / 2;
+        n += 1;
+        match publish_with_header(&sink, &exchange, n, middle).await {
+            Outcome::Delivered => {
+                fits = middle;
+                delivered += 1;
+            }
+            Outcome::Rejected(error) => {
+                assert!(error.is_permanent(), "{error}");
+                assert!(
+                    error.message.contains("frame")
+                        && error.message.contains(&frame_max.to_string()),
+                    "{error}"
+                );
+                too_big = middle;
+            }
+            Outcome::Retry(error) => panic!("{middle}-byte header: the connection failed: {error}"),
+        }
+    }
+    assert!(
+        fits + 2048 > frame_max,
+        "headers up to about the frame size are sent (largest sent: {fits} of {frame_max})"
+    );
+    // The connection survived all of it: an ordinary event is still delivered.
+    assert!(matches!(
+        sink.publish(&event(0), &route(&exchange)).await,
+        Outcome::Delivered
+    ));
+    broker.wait_for_count(&queue, delivered + 1).await;
+    sink.close().await;
+    broker.clean_up(&[&exchange]).await;
 }

@@ -62,7 +62,7 @@ async fn concurrent_writers_events_arrive_complete_in_commit_order_on_java_parti
 }
 
 #[tokio::test]
-async fn oversized_event_is_dead_lettered_with_the_reason_while_others_flow() {
+async fn oversized_event_is_dead_lettered_at_the_first_attempt_with_the_reason_while_others_flow() {
     let brokers = kafka_brokers();
     let test = TestSchema::new().await;
     let topic = create_topic_on(&brokers, 3).await;
@@ -102,9 +102,9 @@ async fn oversized_event_is_dead_lettered_with_the_reason_while_others_flow() {
             .iter()
             .all(|m| m.header("outbox-event-id") != Some(big.id().to_string()))
     );
-    let (event_id, last_error): (uuid::Uuid, String) =
+    let (event_id, attempts, last_error): (uuid::Uuid, i32, String) =
         sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "select event_id, last_error from {}",
+            "select event_id, attempts, last_error from {}",
             test.table("outbox_dead_letter")
         )))
         .fetch_one(&test.pool)
@@ -112,6 +112,10 @@ async fn oversized_event_is_dead_lettered_with_the_reason_while_others_flow() {
         .unwrap();
     assert_eq!(event_id, *big.id().as_uuid());
     assert!(last_error.contains("maximum message size"), "{last_error}");
+    assert_eq!(
+        attempts, 1,
+        "too large can never succeed: dead-lettered at the first attempt"
+    );
 }
 
 /// The broker process is stopped (SIGSTOP: it neither answers nor refuses) under

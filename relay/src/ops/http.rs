@@ -24,17 +24,17 @@ struct OpsState {
     sample: Arc<RwLock<Option<OutboxSample>>>,
 }
 
-/// Serve `/metrics`, `/healthz` and `/readyz` on `addr` until `shutdown` turns true;
+/// Serve `/metrics`, `/healthz` and `/readyz` on `listener` until `shutdown` turns true;
 /// samples the outbox gauges every [`metrics::SAMPLE_INTERVAL`].
 pub async fn serve(
-    addr: SocketAddr,
+    listener: tokio::net::TcpListener,
     stats: Arc<RelayStats>,
     pool: sqlx::PgPool,
     schema: outbox_core::SchemaName,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+    let addr: Option<SocketAddr> = listener.local_addr().ok();
+    tracing::info!(?addr, "serving /metrics, /healthz and /readyz");
     let sample = Arc::new(RwLock::new(None));
     let sampler = {
         let sample = sample.clone();
@@ -101,6 +101,16 @@ async fn healthz(State(state): State<OpsState>) -> (StatusCode, &'static str) {
 }
 
 async fn readyz(State(state): State<OpsState>) -> (StatusCode, String) {
+    if !state
+        .stats
+        .started
+        .load(std::sync::atomic::Ordering::Relaxed)
+    {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: starting, waiting for PostgreSQL and the broker to answer\n".into(),
+        );
+    }
     let breaker = state.stats.breaker();
     let database = state
         .stats

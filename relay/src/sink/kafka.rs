@@ -232,6 +232,25 @@ pub fn classify(error: &KafkaError) -> Classification {
     }
 }
 
+/// Whether a rejection is about the record itself (its size or format), which no
+/// retry can change; a missing topic or a permission can be fixed by an operator,
+/// so those count attempts.
+fn is_permanent(error: &KafkaError) -> bool {
+    use RDKafkaErrorCode as Code;
+    matches!(
+        error,
+        KafkaError::MessageProduction(
+            Code::MessageSizeTooLarge
+                | Code::InvalidMessageSize
+                | Code::MessageBatchTooLarge
+                | Code::InvalidRecord
+                | Code::InvalidMessage
+                | Code::UnsupportedForMessageFormat
+                | Code::InvalidTopic
+        )
+    )
+}
+
 /// Publishes events to Kafka topics with an idempotent producer; see the [module docs](self).
 pub struct KafkaSink {
     config: KafkaConfig,
@@ -325,9 +344,12 @@ impl KafkaSink {
     ///
     /// Errors name the brokers and what to check; secret settings are never shown.
     pub async fn connect(config: KafkaConfig) -> Result<Self, SinkError> {
-        let client_config = client_config(&config)?;
+        // Settings errors: no retry can help.
+        let client_config =
+            client_config(&config).map_err(|error| SinkError::permanent(error.message))?;
         let last_error = Arc::new(StdMutex::new(None));
-        let producer = create_producer(&client_config, &config, last_error.clone())?;
+        let producer = create_producer(&client_config, &config, last_error.clone())
+            .map_err(|error| SinkError::permanent(error.message))?;
         let brokers = config.brokers.clone();
         let probe = producer.clone();
         let metadata = tokio::task::spawn_blocking(move || {
@@ -428,12 +450,14 @@ impl KafkaSink {
     ) -> Outcome {
         let topic = &route.destination;
         match classify(error) {
-            Classification::Rejected => Outcome::Rejected(SinkError::new(rejected_message(
-                error,
-                topic,
-                record,
-                &self.config,
-            ))),
+            Classification::Rejected => {
+                let message = rejected_message(error, topic, record, &self.config);
+                Outcome::Rejected(if is_permanent(error) {
+                    SinkError::permanent(message)
+                } else {
+                    SinkError::new(message)
+                })
+            }
             Classification::TimedOut => match self.missing_topic(producer, topic).await {
                 Some(reason) => Outcome::Rejected(SinkError::new(format!(
                     "{reason} (the delivery timed out after {:?}: {error}); create it (topic \
@@ -572,11 +596,11 @@ impl Sink for KafkaSink {
             return Outcome::Retry(self.closed_error());
         }
         if let Err(problem) = check_topic_name(&route.destination) {
-            return Outcome::Rejected(SinkError::new(problem));
+            return Outcome::Rejected(SinkError::permanent(problem));
         }
         let record = record_of(event, route);
         if record.size > self.config.max_message_bytes {
-            return Outcome::Rejected(SinkError::new(oversize_message(
+            return Outcome::Rejected(SinkError::permanent(oversize_message(
                 &record,
                 &route.destination,
                 self.config.max_message_bytes,

@@ -27,6 +27,8 @@ pub enum Outcome {
     Retry(SinkError),
     /// The broker refused this event itself (unroutable, too large, rejected):
     /// counts as a failed attempt; after the configured number it is dead-lettered.
+    /// A [permanent](SinkError::is_permanent) rejection (the event can never be
+    /// published as it is) is dead-lettered at its first attempt.
     Rejected(SinkError),
 }
 
@@ -36,6 +38,8 @@ pub enum Outcome {
 pub struct SinkError {
     /// Human-readable reason, naming the broker's reply and what to check.
     pub message: String,
+    /// Whether retrying can never help (see [`SinkError::is_permanent`]).
+    permanent: bool,
 }
 
 impl SinkError {
@@ -43,7 +47,24 @@ impl SinkError {
     pub fn new(message: impl Into<String>) -> Self {
         SinkError {
             message: message.into(),
+            permanent: false,
         }
+    }
+
+    /// An error of the event itself that no retry can cure (over a size limit, a
+    /// name the protocol cannot carry, a row that cannot be decoded): as a
+    /// rejection it is dead-lettered at the first attempt instead of holding its
+    /// key for `max_attempts` backoffs.
+    pub fn permanent(message: impl Into<String>) -> Self {
+        SinkError {
+            message: message.into(),
+            permanent: true,
+        }
+    }
+
+    /// True for errors made with [`SinkError::permanent`].
+    pub fn is_permanent(&self) -> bool {
+        self.permanent
     }
 }
 

@@ -16,10 +16,22 @@
 //! Concurrency comes from many channels on one connection (at most
 //! [`MAX_CHANNELS`]); a channel goes back to the pool only after a clean answer,
 //! and a broken connection is replaced by the first publish that needs it.
+//!
+//! One event must never take the connection down for every other key. RabbitMQ
+//! closes the whole connection (501 FRAME_ERROR) when a message's properties and
+//! headers do not fit into one frame (`frame_max`, 128 KiB by default), and
+//! refuses bodies over its `max_message_size`; both are checked before the
+//! publish and are [permanent](SinkError::permanent) rejections of that event. If
+//! the broker still closes the connection with an error about what the client
+//! sent, every event that was being published then becomes a suspect: it is
+//! published again *alone*, and a suspect that takes the connection down alone
+//! is rejected permanently, so neither the breaker's probe nor the retries
+//! repeat it forever.
 
+use std::collections::HashSet;
 use std::fmt;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Duration, Instant};
 
@@ -29,7 +41,8 @@ use lapin::protocol::{AMQPError, AMQPErrorKind, AMQPHardError, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::uri::AMQPUri;
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ErrorKind};
-use tokio::sync::{Mutex, Semaphore};
+use outbox_core::EventId;
+use tokio::sync::{Mutex, RwLock, Semaphore};
 
 use crate::event::{OutboxEvent, wire};
 use crate::route::Route;
@@ -48,6 +61,16 @@ const MAX_SHORT_STRING_BYTES: usize = 255;
 /// Reply code and text of a graceful close.
 const REPLY_SUCCESS: u16 = 200;
 
+/// Default largest message body, in bytes: RabbitMQ 4's default `max_message_size` (16 MiB).
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
+/// Bytes of a content header frame besides the properties: frame type, channel and
+/// size (7), class id, weight and body size (12), property flags (2), frame end (1).
+const HEADER_FRAME_OVERHEAD_BYTES: usize = 22;
+
+/// Suspects remembered at most; beyond that the set is cleared (they are retried normally).
+const MAX_SUSPECTS: usize = 10_000;
+
 /// How the RabbitMQ sink connects and publishes.
 #[derive(Clone, PartialEq, Eq)]
 pub struct RabbitMqConfig {
@@ -65,6 +88,10 @@ pub struct RabbitMqConfig {
     /// PEM file of the CA(s) that signed the broker's certificate, for `amqps://`
     /// (`None`: the system's trust store). The broker's host name is always verified.
     pub tls_ca_file: Option<std::path::PathBuf>,
+    /// Largest message body (the payload) sent, in bytes; larger events are rejected
+    /// permanently before the publish. Set it to the broker's `max_message_size`
+    /// (default [`DEFAULT_MAX_MESSAGE_BYTES`]).
+    pub max_message_bytes: usize,
 }
 
 impl fmt::Debug for RabbitMqConfig {
@@ -76,6 +103,7 @@ impl fmt::Debug for RabbitMqConfig {
             .field("publish_timeout", &self.publish_timeout)
             .field("declare_exchanges", &self.declare_exchanges)
             .field("tls_ca_file", &self.tls_ca_file)
+            .field("max_message_bytes", &self.max_message_bytes)
             .finish()
     }
 }
@@ -137,6 +165,13 @@ pub struct RabbitMqSink {
     idle: StdMutex<Vec<PooledChannel>>,
     channels: Semaphore,
     closed: AtomicBool,
+    /// The negotiated `frame_max` of the current connection, in bytes.
+    frame_max: AtomicU32,
+    /// Events that were being published when RabbitMQ closed the connection for
+    /// something the client sent; each is published again alone.
+    suspects: StdMutex<HashSet<EventId>>,
+    /// Ordinary publishes share it; a suspect's publish takes it alone.
+    isolation: RwLock<()>,
 }
 
 impl fmt::Debug for RabbitMqSink {
@@ -177,12 +212,14 @@ struct Publication {
 impl RabbitMqSink {
     /// Connect, declare the configured exchanges and check that publishing can start.
     ///
-    /// Errors name the problem and what to check; the url's password is masked in them.
+    /// Errors name the problem and what to check; the url's password is masked in
+    /// them. Errors of the configuration itself are [permanent](SinkError::is_permanent):
+    /// retrying cannot help; others (broker down, login refused) may pass.
     pub async fn connect(config: RabbitMqConfig) -> Result<Self, SinkError> {
         let shown_url = mask_url(&config.url);
         let uri = parse_url(&config.url, &shown_url)?;
         let app_id = ShortString::try_new(config.app_id.clone()).map_err(|_| {
-            SinkError::new(format!(
+            SinkError::permanent(format!(
                 "app_id is {} bytes; RabbitMQ allows at most {MAX_SHORT_STRING_BYTES}: shorten it",
                 config.app_id.len()
             ))
@@ -190,7 +227,7 @@ impl RabbitMqSink {
         for declaration in &config.declare_exchanges {
             check_short("exchange name in declare_exchanges", &declaration.name)?;
             if declaration.name.is_empty() {
-                return Err(SinkError::new(
+                return Err(SinkError::permanent(
                     "declare_exchanges has an exchange with an empty name; the default exchange \
                      cannot be declared: remove it or give it a name",
                 ));
@@ -220,8 +257,12 @@ impl RabbitMqSink {
                      publisher-confirm mode: {reason}; check the broker log"
                 ))
             })?;
-        tracing::info!(url = %shown_url, channels, "connected to RabbitMQ");
+        let frame_max = connection.configuration().frame_max();
+        tracing::info!(url = %shown_url, channels, frame_max, "connected to RabbitMQ");
         Ok(RabbitMqSink {
+            frame_max: AtomicU32::new(frame_max),
+            suspects: StdMutex::new(HashSet::new()),
+            isolation: RwLock::new(()),
             config,
             uri,
             shown_url,
@@ -248,11 +289,14 @@ impl RabbitMqSink {
         &self.config
     }
 
+    /// Publish on a pooled channel; `client_fault` is set to the broker's reply when
+    /// it closed the connection for something the client sent.
     async fn publish_on_a_channel(
         &self,
         publication: Publication,
         payload: &[u8],
         route: &Route,
+        client_fault: &mut Option<String>,
     ) -> Outcome {
         let Ok(_permit) = self.channels.acquire().await else {
             return Outcome::Retry(self.closed_error());
@@ -278,7 +322,10 @@ impl RabbitMqSink {
         let confirm = match published {
             Ok(confirm) => confirm,
             // The channel is dropped (closed) here; the next publish takes a fresh one.
-            Err(error) => return self.failed(&error, route),
+            Err(error) => {
+                *client_fault = closed_for_what_the_client_sent(&error);
+                return self.failed(&error, route);
+            }
         };
         match confirm.await {
             Ok(Confirmation::Ack(None)) => {
@@ -325,7 +372,10 @@ impl RabbitMqSink {
                 "the channel was not in publisher-confirm mode, so RabbitMQ did not confirm the \
                  message; the channel was discarded and the event will be published again",
             )),
-            Err(error) => self.failed(&error, route),
+            Err(error) => {
+                *client_fault = closed_for_what_the_client_sent(&error);
+                self.failed(&error, route)
+            }
         }
     }
 
@@ -356,20 +406,26 @@ impl RabbitMqSink {
                      user in the url write permission on it, or fix the route"
                 ),
             ),
-            AMQPErrorKind::Soft(
-                AMQPSoftError::PRECONDITIONFAILED | AMQPSoftError::CONTENTTOOLARGE,
-            ) => (
+            AMQPErrorKind::Soft(AMQPSoftError::CONTENTTOOLARGE) => {
+                return Outcome::Rejected(SinkError::permanent(format!(
+                    "RabbitMQ refused the message for exchange '{exchange}' as too large ({reply}); \
+                     send a reference to the data instead, or raise the broker's max_message_size \
+                     and rabbitmq.max_message_bytes"
+                )));
+            }
+            AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED) => (
                 true,
                 format!(
                     "RabbitMQ refused the message for exchange '{exchange}' ({reply}); a message \
                      larger than the broker's max_message_size is the usual cause"
                 ),
             ),
+            // The channel carried only this publish: its close is this event's rejection.
             AMQPErrorKind::Soft(_) => (
-                false,
+                true,
                 format!(
-                    "RabbitMQ closed the channel while publishing to exchange '{exchange}' \
-                     ({reply}); the event will be published again on a new channel"
+                    "RabbitMQ closed the channel that carried only this event, publishing to \
+                     exchange '{exchange}' ({reply}); check the event and the broker log"
                 ),
             ),
             AMQPErrorKind::Hard(_) => (
@@ -469,6 +525,8 @@ impl RabbitMqSink {
         let generation = self.generation.load(Ordering::Acquire) + 1;
         match open(&self.uri, &self.config, &self.shown_url).await {
             Ok(connection) => {
+                self.frame_max
+                    .store(connection.configuration().frame_max(), Ordering::Release);
                 let connection = Arc::new(connection);
                 self.generation.store(generation, Ordering::Release);
                 slot.live = Some(Live {
@@ -498,19 +556,101 @@ impl RabbitMqSink {
     }
 }
 
+impl RabbitMqSink {
+    /// Refuse, before it reaches the broker, what RabbitMQ would answer by closing
+    /// the connection (a header frame over `frame_max`) or the channel (a body over
+    /// `max_message_size`). Both are permanent: the event can never be sent as it is.
+    fn check_size(&self, event: &OutboxEvent, publication: &Publication) -> Result<(), SinkError> {
+        if event.payload.len() > self.config.max_message_bytes {
+            return Err(SinkError::permanent(format!(
+                "the payload is {} bytes, over rabbitmq.max_message_bytes ({} bytes, which should \
+                 match the broker's max_message_size); send a reference to the data instead, or \
+                 raise both limits",
+                event.payload.len(),
+                self.config.max_message_bytes
+            )));
+        }
+        let frame_max = self.frame_max.load(Ordering::Acquire) as usize;
+        let needed = header_frame_bytes(&publication.properties);
+        if frame_max > 0 && needed > frame_max {
+            return Err(SinkError::permanent(format!(
+                "the message's headers and properties need a {needed}-byte header frame, over the \
+                 {frame_max}-byte frame size (frame_max) negotiated with RabbitMQ, which would close \
+                 the whole connection (501 FRAME_ERROR); send fewer or shorter headers (outbox-core \
+                 allows 16 KiB per value, 64 KiB in total) and put large data in the payload"
+            )));
+        }
+        Ok(())
+    }
+
+    fn is_suspect(&self, id: &EventId) -> bool {
+        self.suspects
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(id)
+    }
+
+    fn set_suspect(&self, id: EventId, suspect: bool) {
+        let mut suspects = self.suspects.lock().unwrap_or_else(|e| e.into_inner());
+        if suspect {
+            if suspects.len() >= MAX_SUSPECTS {
+                suspects.clear();
+            }
+            suspects.insert(id);
+        } else {
+            suspects.remove(&id);
+        }
+    }
+}
+
+/// Shared by ordinary publishes, exclusive for a suspect's.
+enum Turn<'a> {
+    Shared(#[allow(dead_code)] tokio::sync::RwLockReadGuard<'a, ()>),
+    Alone(#[allow(dead_code)] tokio::sync::RwLockWriteGuard<'a, ()>),
+}
+
 impl Sink for RabbitMqSink {
     async fn publish(&self, event: &OutboxEvent, route: &Route) -> Outcome {
         let publication = match publication(event, route, &self.app_id, Utc::now().timestamp()) {
             Ok(publication) => publication,
             Err(error) => return Outcome::Rejected(error),
         };
+        if let Err(error) = self.check_size(event, &publication) {
+            return Outcome::Rejected(error);
+        }
+        let suspect = self.is_suspect(&event.event_id);
+        // Waiting for the others to finish is not this publish's time.
+        let turn = if suspect {
+            tracing::info!(
+                event_id = %event.event_id,
+                "publishing alone an event that was in flight when RabbitMQ closed the connection"
+            );
+            Turn::Alone(self.isolation.write().await)
+        } else {
+            Turn::Shared(self.isolation.read().await)
+        };
         let timeout = self.config.publish_timeout;
-        match tokio::time::timeout(
+        let mut client_fault = None;
+        let attempt = tokio::time::timeout(
             timeout,
-            self.publish_on_a_channel(publication, &event.payload, route),
+            self.publish_on_a_channel(publication, &event.payload, route, &mut client_fault),
         )
-        .await
-        {
+        .await;
+        drop(turn);
+        if let Some(reply) = client_fault {
+            if suspect {
+                self.set_suspect(event.event_id, false);
+                return Outcome::Rejected(SinkError::permanent(format!(
+                    "RabbitMQ closed the whole connection ({reply}) when this event was published \
+                     alone, as it did when it was published with others: the broker refuses \
+                     something in it (headers, properties, size); fix the event"
+                )));
+            }
+            self.set_suspect(event.event_id, true);
+        } else if suspect {
+            self.set_suspect(event.event_id, false);
+        }
+        match attempt {
             Ok(outcome) => outcome,
             // The channel in use was dropped with the future, so a late answer cannot be misread.
             Err(_) => Outcome::Retry(SinkError::new(format!(
@@ -703,6 +843,70 @@ fn connect_hint(text: &str, error: &lapin::Error) -> String {
     }
 }
 
+/// The broker's reply when it closed the connection because of what the client
+/// sent (a frame too large or malformed), as opposed to a restart or an outage.
+fn closed_for_what_the_client_sent(error: &lapin::Error) -> Option<String> {
+    let ErrorKind::ProtocolError(amqp) = error.kind() else {
+        return None;
+    };
+    match amqp.kind() {
+        AMQPErrorKind::Hard(
+            AMQPHardError::FRAMEERROR
+            | AMQPHardError::SYNTAXERROR
+            | AMQPHardError::COMMANDINVALID
+            | AMQPHardError::UNEXPECTEDFRAME,
+        ) => Some(reply(amqp)),
+        _ => None,
+    }
+}
+
+/// Size of the content header frame that carries `properties`, in bytes, as
+/// AMQP 0-9-1 encodes it; it must not exceed the negotiated `frame_max`.
+fn header_frame_bytes(properties: &BasicProperties) -> usize {
+    let short = |value: &Option<ShortString>| value.as_ref().map_or(0, |s| 1 + s.as_str().len());
+    let mut bytes = HEADER_FRAME_OVERHEAD_BYTES;
+    bytes += short(properties.content_type());
+    bytes += short(properties.content_encoding());
+    if let Some(headers) = properties.headers() {
+        bytes += field_table_bytes(headers);
+    }
+    bytes += properties.delivery_mode().map_or(0, |_| 1);
+    bytes += properties.priority().map_or(0, |_| 1);
+    bytes += short(properties.correlation_id());
+    bytes += short(properties.reply_to());
+    bytes += short(properties.expiration());
+    bytes += short(properties.message_id());
+    bytes += properties.timestamp().map_or(0, |_| 8);
+    bytes += short(properties.kind());
+    bytes += short(properties.user_id());
+    bytes += short(properties.app_id());
+    bytes += short(properties.cluster_id());
+    bytes
+}
+
+fn field_table_bytes(table: &FieldTable) -> usize {
+    4 + table
+        .inner()
+        .iter()
+        .map(|(name, value)| 1 + name.as_str().len() + 1 + field_value_bytes(value))
+        .sum::<usize>()
+}
+
+/// Encoded size of a field value without its type octet. The relay only sends
+/// long strings and long-long integers; other types are sized generously.
+fn field_value_bytes(value: &AMQPValue) -> usize {
+    match value {
+        AMQPValue::LongString(s) => 4 + s.as_bytes().len(),
+        AMQPValue::ShortString(s) => 1 + s.as_str().len(),
+        AMQPValue::FieldTable(table) => field_table_bytes(table),
+        AMQPValue::Boolean(_) | AMQPValue::ShortShortInt(_) | AMQPValue::ShortShortUInt(_) => 1,
+        AMQPValue::ShortInt(_) | AMQPValue::ShortUInt(_) => 2,
+        AMQPValue::LongInt(_) | AMQPValue::LongUInt(_) | AMQPValue::Float(_) => 4,
+        AMQPValue::DecimalValue(_) => 5,
+        _ => 8,
+    }
+}
+
 /// `404 NOT_FOUND - no exchange 'x' in vhost '/'`
 fn reply(amqp: &AMQPError) -> String {
     format!("{} {}", amqp.get_id(), amqp.get_message())
@@ -775,21 +979,23 @@ fn publication(
     })
 }
 
+/// A name that AMQP cannot carry can never be published: a permanent rejection.
 fn check_short(what: &str, value: &str) -> Result<ShortString, SinkError> {
     ShortString::try_new(value).map_err(|_| {
         let start: String = value.chars().take(40).collect();
-        SinkError::new(format!(
+        SinkError::permanent(format!(
             "{what} '{start}…' is {} bytes; AMQP allows at most {MAX_SHORT_STRING_BYTES}: shorten it",
             value.len()
         ))
     })
 }
 
-/// Parse the url, keeping an IP-literal host that the url parser would replace by `localhost`.
-fn parse_url(url: &str, shown_url: &str) -> Result<AMQPUri, SinkError> {
+/// Parse the url, keeping an IP-literal host that the url parser would replace by
+/// `localhost`. Errors show `shown_url` and never the password.
+pub(crate) fn parse_url(url: &str, shown_url: &str) -> Result<AMQPUri, SinkError> {
     let mut uri: AMQPUri = url.parse().map_err(|reason: String| {
         let password = password_of(url).unwrap_or_default();
-        SinkError::new(format!(
+        SinkError::permanent(format!(
             "invalid RabbitMQ url {shown_url}: {}; expected amqp://user:password@host:5672/vhost \
              (percent-encode special characters; the default vhost is %2f)",
             scrub(&reason, url, &password)
@@ -873,12 +1079,35 @@ mod tests {
             publish_timeout: Duration::from_secs(5),
             declare_exchanges: vec![],
             tls_ca_file: None,
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
         };
         let shown = format!("{config:?}");
         assert!(
             !shown.contains("hunter22") && shown.contains("relay:***@mq.example"),
             "{shown}"
         );
+    }
+
+    #[test]
+    fn only_a_close_about_what_the_client_sent_makes_its_events_suspects() {
+        let hard = |e: AMQPHardError| {
+            lapin::Error::from(ErrorKind::ProtocolError(AMQPError::new(
+                AMQPErrorKind::Hard(e),
+                "FRAME_ERROR - type 2".into(),
+            )))
+        };
+        for fault in [
+            AMQPHardError::FRAMEERROR,
+            AMQPHardError::SYNTAXERROR,
+            AMQPHardError::COMMANDINVALID,
+            AMQPHardError::UNEXPECTEDFRAME,
+        ] {
+            assert!(closed_for_what_the_client_sent(&hard(fault)).is_some());
+        }
+        // A broker restart or an outage is nobody's event's fault.
+        assert!(closed_for_what_the_client_sent(&hard(AMQPHardError::CONNECTIONFORCED)).is_none());
+        let io = lapin::Error::from(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+        assert!(closed_for_what_the_client_sent(&io).is_none());
     }
 
     #[test]
@@ -930,5 +1159,6 @@ mod tests {
             err.message.contains("routing key") && err.message.contains("256 bytes"),
             "{err}"
         );
+        assert!(err.is_permanent(), "no retry can make it shorter");
     }
 }

@@ -25,7 +25,17 @@ pub struct ClaimedEvent {
     pub event: OutboxEvent,
     /// Its work partition.
     pub partition: u32,
+    /// Why the row cannot become an event (e.g. `created_at` is `infinity`), if it
+    /// cannot: such a row is dead-lettered as it is, without a publish attempt.
+    pub undecodable: Option<String>,
 }
+
+/// The `created_at` columns of a claim: the value where the relay can represent
+/// it (finite, before year 262143), else null, plus the raw text for the error.
+/// Decoding `infinity` as a timestamp would panic the driver.
+pub(crate) const CREATED_AT_COLUMNS: &str = "case when isfinite(o.created_at) \
+       and o.created_at < '262143-01-01 00:00:00+00'::timestamptz then o.created_at end as created_at, \
+     o.created_at::text as created_at_text";
 
 /// Events claimed together, with the lease tokens they were claimed under.
 #[derive(Debug, Default)]
@@ -209,7 +219,7 @@ impl PollingSource {
         let sql = SourceSql {
             claim: format!(
                 "select o.sequence, o.event_id, o.aggregate_type, o.aggregate_id, o.event_type, o.partition_key, \
-                        o.destination, o.payload::text as payload, o.headers, o.created_at, o.attempts, \
+                        o.destination, o.payload::text as payload, o.headers, {CREATED_AT_COLUMNS}, o.attempts, \
                         {claim_part}::int8 as partition \
                  from {outbox} o \
                  where o.published_at is null and o.available_at <= now() \
@@ -223,13 +233,13 @@ impl PollingSource {
             ),
             settle: settle_sql,
             reject: format!(
-                "with {fence} update {outbox} o set attempts = o.attempts + 1, last_error = $6, \
+                "with {fence} update {outbox} o set attempts = least(greatest(o.attempts, 0), 2147483646) + 1, last_error = $6, \
                         first_failed_at = coalesce(o.first_failed_at, now()), last_failed_at = now(), \
                         available_at = now() + make_interval(secs => $7) \
                  where o.sequence = $1 and {part} in (select p from fence) returning o.attempts"
             ),
             park: format!(
-                "with {fence} update {outbox} o set attempts = o.attempts + 1, last_error = $6, \
+                "with {fence} update {outbox} o set attempts = least(greatest(o.attempts, 0), 2147483646) + 1, last_error = $6, \
                         first_failed_at = coalesce(o.first_failed_at, now()), last_failed_at = now(), \
                         available_at = 'infinity' \
                  where o.sequence = $1 and {part} in (select p from fence) returning o.attempts"
@@ -239,7 +249,7 @@ impl PollingSource {
                  insert into {dead} (sequence, event_id, aggregate_type, aggregate_id, event_type, partition_key, destination, \
                                      payload, headers, created_at, attempts, last_error, first_failed_at, last_failed_at) \
                  select sequence, event_id, aggregate_type, aggregate_id, event_type, partition_key, destination, \
-                        payload, headers, created_at, attempts + 1, $6, coalesce(first_failed_at, now()), now() from moved \
+                        payload, headers, created_at, least(greatest(attempts, 0), 2147483646) + 1, $6, coalesce(first_failed_at, now()), now() from moved \
                  on conflict (event_id) do update set sequence = excluded.sequence, attempts = excluded.attempts, \
                         last_error = excluded.last_error, last_failed_at = excluded.last_failed_at, dead_lettered_at = now() \
                  returning sequence"
@@ -354,7 +364,9 @@ impl PollingSource {
         .await
     }
 
-    /// Record that the broker rejected `event`; dead-letter it once it used up `max_attempts`.
+    /// Record that the broker rejected `event`; dead-letter it once it used up
+    /// `max_attempts`, or at once when the rejection is `permanent` (no retry can
+    /// help). Policy `block` parks it instead of dead-lettering it.
     pub async fn reject(
         &self,
         fences: &Owned,
@@ -362,9 +374,10 @@ impl PollingSource {
         error: &str,
         max_attempts: u32,
         backoff: Duration,
+        permanent: bool,
     ) -> Result<RejectionVerdict> {
         let (partitions, tokens) = Self::fence_arrays(fences);
-        let final_attempt = i64::from(event.attempts) + 1 >= i64::from(max_attempts);
+        let final_attempt = permanent || i64::from(event.attempts) + 1 >= i64::from(max_attempts);
         if final_attempt && self.poison_policy == PoisonPolicy::Skip {
             let moved: Option<i64> = db_call(
                 "moving an event to the dead-letter table",
@@ -441,7 +454,9 @@ pub(crate) struct ClaimRow {
     destination: Option<String>,
     payload: String,
     headers: serde_json::Value,
-    created_at: DateTime<Utc>,
+    /// Null where the row's value cannot be represented (see [`CREATED_AT_COLUMNS`]).
+    created_at: Option<DateTime<Utc>>,
+    created_at_text: String,
     attempts: i32,
     partition: i64,
 }
@@ -460,8 +475,19 @@ impl ClaimRow {
                 .collect(),
             _ => Headers::new(),
         };
+        let undecodable = match self.created_at {
+            Some(_) => None,
+            None => Some(format!(
+                "created_at is '{}', which is not a time the relay can publish (infinite, or \
+                 beyond year 262142), so the row can never be sent as it is; set a real \
+                 created_at on it (outbox_core's writer always does), then \
+                 `outbox-relay dead-letters retry`",
+                self.created_at_text
+            )),
+        };
         Ok(ClaimedEvent {
             partition: u32::try_from(self.partition).unwrap_or_default(),
+            undecodable,
             event: OutboxEvent {
                 sequence: self.sequence,
                 event_id: EventId::from_uuid(self.event_id),
@@ -472,7 +498,8 @@ impl ClaimRow {
                 destination: self.destination,
                 payload: self.payload.into_bytes(),
                 headers,
-                created_at: self.created_at,
+                // Never published when undecodable; any value will do.
+                created_at: self.created_at.unwrap_or(DateTime::<Utc>::UNIX_EPOCH),
                 attempts: self.attempts,
             },
         })

@@ -14,7 +14,7 @@ use sqlx::{AssertSqlSafe, PgPool};
 use crate::config::DatabaseConfig;
 use crate::error::{Result, db_call};
 use crate::event::OutboxEvent;
-use crate::source::polling::ClaimRow;
+use crate::source::polling::{CREATED_AT_COLUMNS, ClaimRow};
 
 /// SQL on the outbox tables of one schema, for the WAL relay.
 #[derive(Debug, Clone)]
@@ -25,6 +25,7 @@ pub struct WalRows {
     dead_letter: String,
     high_water: String,
     page: String,
+    dead_letter_row: String,
 }
 
 impl WalRows {
@@ -51,11 +52,24 @@ impl WalRows {
             high_water: format!("select coalesce(max(sequence), 0) from {outbox}"),
             page: format!(
                 "select o.sequence, o.event_id, o.aggregate_type, o.aggregate_id, o.event_type, o.partition_key, \
-                        o.destination, o.payload::text as payload, o.headers, o.created_at, o.attempts, \
+                        o.destination, o.payload::text as payload, o.headers, {CREATED_AT_COLUMNS}, o.attempts, \
                         0::int8 as partition \
                  from {outbox} o \
                  where o.sequence > $1 and o.sequence <= $2 and o.published_at is null \
                  order by o.sequence limit $3"
+            ),
+            // Moves the row itself, so the raw values (an infinite created_at) are kept.
+            dead_letter_row: format!(
+                "with moved as (delete from {outbox} where sequence = $1 returning *) \
+                 insert into {dead} (sequence, event_id, aggregate_type, aggregate_id, event_type, partition_key, \
+                                     destination, payload, headers, created_at, attempts, last_error, \
+                                     first_failed_at, last_failed_at) \
+                 select sequence, event_id, aggregate_type, aggregate_id, event_type, partition_key, destination, \
+                        payload, headers, created_at, least(greatest(attempts, 0), 2147483646) + 1, $2, coalesce(first_failed_at, now()), now() \
+                 from moved \
+                 on conflict (event_id) do update set attempts = excluded.attempts, \
+                        last_error = excluded.last_error, last_failed_at = excluded.last_failed_at, \
+                        dead_lettered_at = now()"
             ),
         }
     }
@@ -127,20 +141,55 @@ impl WalRows {
     }
 
     /// Up to `limit` rows with `after < sequence <= upto`, in sequence order.
+    ///
+    /// Rows that cannot become events (an infinite `created_at`) are moved to the
+    /// dead-letter table here, with the reason; an empty result still means that
+    /// no rows are left in the range.
     pub async fn page(&self, after: i64, upto: i64, limit: usize) -> Result<Vec<OutboxEvent>> {
-        let rows: Vec<ClaimRow> = db_call(
-            "reading outbox rows the slot cannot see",
-            self.timeout,
-            sqlx::query_as(AssertSqlSafe(self.page.as_str()))
-                .bind(after)
-                .bind(upto)
-                .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-                .fetch_all(&self.pool),
-        )
-        .await?;
-        rows.into_iter()
-            .map(|row| row.into_claimed().map(|claimed| claimed.event))
-            .collect()
+        let mut after = after;
+        loop {
+            let rows: Vec<ClaimRow> = db_call(
+                "reading outbox rows the slot cannot see",
+                self.timeout,
+                sqlx::query_as(AssertSqlSafe(self.page.as_str()))
+                    .bind(after)
+                    .bind(upto)
+                    .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+                    .fetch_all(&self.pool),
+            )
+            .await?;
+            if rows.is_empty() {
+                return Ok(Vec::new());
+            }
+            let mut events = Vec::with_capacity(rows.len());
+            for row in rows {
+                let claimed = row.into_claimed()?;
+                after = claimed.event.sequence;
+                match claimed.undecodable {
+                    None => events.push(claimed.event),
+                    Some(reason) => {
+                        db_call(
+                            "dead-lettering an undecodable outbox row",
+                            self.timeout,
+                            sqlx::query(AssertSqlSafe(self.dead_letter_row.as_str()))
+                                .bind(claimed.event.sequence)
+                                .bind(&reason)
+                                .execute(&self.pool),
+                        )
+                        .await?;
+                        tracing::error!(
+                            sequence = claimed.event.sequence,
+                            event_id = %claimed.event.event_id,
+                            error = %reason,
+                            "undecodable outbox row dead-lettered; its key continues"
+                        );
+                    }
+                }
+            }
+            if !events.is_empty() {
+                return Ok(events);
+            }
+        }
     }
 
     /// Drop the replication slot `slot` once no session streams from it, and the
