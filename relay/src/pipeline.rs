@@ -17,6 +17,7 @@ use tokio::sync::{Mutex, Notify, watch};
 
 use crate::config::{PipelineConfig, SettleMode};
 use crate::error::Result;
+use crate::failpoint::failpoint;
 use crate::resilience::{Backoff, BreakerState, CircuitBreaker};
 use crate::route::Router;
 use crate::sink::{Outcome, Sink};
@@ -337,6 +338,7 @@ impl<S: Sink> Pipeline<S> {
                                 db_backoff.reset();
                                 self.stats.database_reachable.store(true, Ordering::Relaxed);
                                 if !batch.events.is_empty() {
+                                    failpoint!("polling.claim");
                                     claimed_any = true;
                                     self.stats.batches.fetch_add(1, Ordering::Relaxed);
                                     let fences = Arc::new(batch.fences);
@@ -445,10 +447,20 @@ impl<S: Sink> Pipeline<S> {
         self.stats.set_breaker(BreakerState::Closed);
 
         keeper.abort();
-        if let Err(error) = self.leases.leave(&self.lease_pool).await {
-            tracing::warn!(%error, "could not release leases on shutdown; they expire on their own");
+        // Bounded, like closing the sink: the leases expire on their own anyway.
+        match tokio::time::timeout(
+            crate::wal_pipeline::CLOSE_TIMEOUT,
+            self.leases.leave(&self.lease_pool),
+        )
+        .await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "could not release leases on shutdown; they expire on their own")
+            }
+            Err(_) => tracing::warn!("releasing leases on shutdown timed out; they expire on their own"),
         }
-        self.sink.close().await;
+        crate::wal_pipeline::close_sink(&*self.sink).await;
         let summary = self.stats.summary();
         tracing::info!(?summary, "relay stopped");
         Ok(summary)
@@ -509,6 +521,7 @@ impl<S: Sink> Pipeline<S> {
                 .collect();
             match self.leases.release(&self.lease_pool, &extra).await {
                 Ok(()) => {
+                    failpoint!("polling.lease.handover");
                     for p in &extra {
                         state.owned.remove(p);
                     }
@@ -542,7 +555,10 @@ impl<S: Sink> LaneContext<S> {
             let event = &claimed.event;
             let route = self.router.route(event);
             match self.sink.publish(event, &route).await {
-                Outcome::Delivered => done.delivered.push(event.sequence),
+                Outcome::Delivered => {
+                    failpoint!("polling.publish.confirmed");
+                    done.delivered.push(event.sequence)
+                }
                 Outcome::Retry(error) => {
                     self.stats
                         .transient_failures

@@ -35,6 +35,7 @@ use tokio::time::Instant;
 use crate::config::{OverBudget, PipelineConfig, RelayConfig, WalConfig};
 use crate::error::{RelayError, Result};
 use crate::event::OutboxEvent;
+use crate::failpoint::failpoint;
 use crate::pipeline::{RelayStats, RunSummary};
 use crate::resilience::{Backoff, CircuitBreaker};
 use crate::route::Router;
@@ -58,6 +59,13 @@ const STRAY_RETRY_INTERVAL: Duration = Duration::from_millis(200);
 const STRAY_RETRY_FOR: Duration = Duration::from_secs(30);
 /// Rows read per page of the table drain.
 const DRAIN_PAGE: usize = 1_000;
+/// Record the confirmed position at most this often (and at least every
+/// `status_interval`): after a crash the stream re-sends the unconfirmed window
+/// plus what was confirmed in the last interval.
+const POSITION_RECORD_INTERVAL: Duration = Duration::from_millis(250);
+/// Longest each closing step (final position, replication stream, leader lock,
+/// broker connection) may take once the grace period is over.
+pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_millis(1_000);
 
 /// The WAL relay of one instance.
 pub(crate) struct WalRelay<S: Sink> {
@@ -103,6 +111,16 @@ struct Unit {
     remaining: usize,
     delivered: u64,
     rows: Vec<i64>,
+    drain: Option<DrainMark>,
+}
+
+/// What settling a unit of the table drain records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DrainMark {
+    /// A page: every drained row up to this sequence is settled with it.
+    Page(i64),
+    /// The marker after the last page: the whole drain is settled.
+    Finished,
 }
 
 /// Units in commit order; the done prefix is settled.
@@ -140,16 +158,35 @@ struct DonePrefix {
     rows: Vec<i64>,
     end_lsn: Option<Lsn>,
     delivered: u64,
+    /// Highest drain page settled with the prefix.
+    drain_after: Option<i64>,
+    /// The prefix settles the end of the drain.
+    drain_finished: bool,
 }
 
 impl Tracker {
     fn push(&mut self, end_lsn: Option<Lsn>, events: usize, rows: Vec<i64>) -> u64 {
+        self.push_unit(end_lsn, events, rows, None)
+    }
+
+    fn push_drain(&mut self, mark: DrainMark, events: usize, rows: Vec<i64>) -> u64 {
+        self.push_unit(None, events, rows, Some(mark))
+    }
+
+    fn push_unit(
+        &mut self,
+        end_lsn: Option<Lsn>,
+        events: usize,
+        rows: Vec<i64>,
+        drain: Option<DrainMark>,
+    ) -> u64 {
         let index = self.base + self.units.len() as u64;
         self.units.push_back(Unit {
             end_lsn,
             remaining: events,
             delivered: 0,
             rows,
+            drain,
         });
         self.in_flight += events;
         index
@@ -177,6 +214,13 @@ impl Tracker {
             prefix.rows.extend_from_slice(&unit.rows);
             prefix.end_lsn = unit.end_lsn.or(prefix.end_lsn);
             prefix.delivered += unit.delivered;
+            match unit.drain {
+                Some(DrainMark::Page(last)) => {
+                    prefix.drain_after = Some(prefix.drain_after.unwrap_or(last).max(last));
+                }
+                Some(DrainMark::Finished) => prefix.drain_finished = true,
+                None => {}
+            }
         }
         prefix
     }
@@ -218,7 +262,7 @@ enum Step {
     Transaction(std::result::Result<Option<WalTransaction>, WalError>),
 }
 
-/// The table drain: rows `after < sequence <= upto` still to publish.
+/// The table drain: rows `after < sequence <= upto` still to dispatch.
 #[derive(Debug, Clone, Copy)]
 struct Drain {
     after: i64,
@@ -309,17 +353,19 @@ impl<S: Sink> WalRelay<S> {
             else {
                 break SessionEnd::Shutdown;
             };
+            failpoint!("wal.leader.acquired");
             self.stats.wal_leader.store(true, Ordering::Relaxed);
             let started = Instant::now();
             let result = self.session(&mut leadership, &mut shutdown).await;
             self.stats.wal_leader.store(false, Ordering::Relaxed);
-            leadership.release().await;
+            // The lock goes with its session anyway; never wait long for the unlock.
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, leadership.release()).await;
             let reason = match result {
                 Ok(SessionEnd::Restart(reason)) => reason,
                 Ok(end) => break end,
                 Err(error) if is_retryable(&error) => error.to_string(),
                 Err(error) => {
-                    self.sink.close().await;
+                    close_sink(&*self.sink).await;
                     return Err(error);
                 }
             };
@@ -362,7 +408,7 @@ impl<S: Sink> WalRelay<S> {
             return crate::run_polling(&self.config, self.sink, settle_pool, self.stats, shutdown)
                 .await;
         }
-        self.sink.close().await;
+        close_sink(&*self.sink).await;
         let summary = self.stats.summary();
         tracing::info!(?summary, "relay stopped");
         Ok(summary)
@@ -400,27 +446,20 @@ impl<S: Sink> WalRelay<S> {
             Err(error) => return wal_end(error),
         };
         self.stats.database_reachable.store(true, Ordering::Relaxed);
-        let drain = if source.created_slot() {
-            let upto = match self.rows.high_water().await {
-                Ok(upto) => upto,
-                Err(error) => {
-                    let _ = source.shutdown().await;
-                    return if is_retryable(&error) {
-                        Ok(SessionEnd::Restart(error.to_string()))
-                    } else {
-                        Err(error)
-                    };
-                }
-            };
+        // The drain is durable: a session that starts after an interrupted one
+        // resumes it where its settled pages end.
+        let drain = source.drain().map(|range| {
             tracing::info!(
                 slot = %self.wal.slot,
-                up_to_sequence = upto,
-                "new slot: publishing the rows already in the outbox table before the stream"
+                after_sequence = range.after,
+                up_to_sequence = range.upto,
+                "publishing the rows the slot cannot see from the outbox table before the stream"
             );
-            (upto > 0).then_some(Drain { after: 0, upto })
-        } else {
-            None
-        };
+            Drain {
+                after: range.after,
+                upto: range.upto,
+            }
+        });
         let (over_tx, over_rx) = watch::channel(false);
         let sampler = tokio::spawn(sample_slot(
             source.monitor(),
@@ -433,14 +472,18 @@ impl<S: Sink> WalRelay<S> {
             .await;
         sampler.abort();
         let graceful = matches!(result, Ok(SessionEnd::Shutdown | SessionEnd::Fallback));
-        match source.shutdown().await {
-            Ok(position) => {
+        // Bounded: a shutdown must not wait for a slow database on top of the grace.
+        match tokio::time::timeout(2 * CLOSE_TIMEOUT, source.shutdown()).await {
+            Ok(Ok(position)) => {
                 tracing::info!(slot = %self.wal.slot, %position, "replication stream closed")
             }
-            Err(error) if graceful => {
+            Ok(Err(error)) if graceful => {
                 tracing::warn!(%error, "could not record the final position; the last transactions will be sent again")
             }
-            Err(error) => tracing::debug!(%error, "closing the broken stream"),
+            Ok(Err(error)) => tracing::debug!(%error, "closing the broken stream"),
+            Err(_) => tracing::warn!(
+                "closing the replication stream timed out; the last transactions will be sent again"
+            ),
         }
         result
     }
@@ -474,7 +517,7 @@ impl<S: Sink> WalRelay<S> {
         settle_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut leader_tick = tokio::time::interval(LEADER_CHECK_INTERVAL);
         leader_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let status_interval = self.wal.status_interval;
+        let record_interval = self.wal.status_interval.min(POSITION_RECORD_INTERVAL);
         let mut last_flush = Instant::now();
         // Set when the session is ending: why, and since when.
         let mut ending: Option<(Result<SessionEnd>, Instant, Duration)> = None;
@@ -482,6 +525,13 @@ impl<S: Sink> WalRelay<S> {
 
         loop {
             self.stats.beat();
+            // Collect every result a finished lane sent before reaping its task:
+            // a lane counts as idle once its task is gone, and the final settle
+            // must see what it delivered (else its rows stay and are sent again).
+            while let Ok(done) = done_rx.try_recv() {
+                lanes.finished(done, &mut tracker);
+            }
+            lanes.spawn_ready(&context, &done_tx);
             if let Some(error) = lanes.reap() {
                 lanes.abort_all();
                 return Ok(SessionEnd::Restart(error));
@@ -506,7 +556,10 @@ impl<S: Sink> WalRelay<S> {
                             lanes.finished(done, &mut tracker);
                         }
                     }
-                    self.settle(source, &mut tracker).await;
+                    while let Ok(done) = done_rx.try_recv() {
+                        lanes.finished(done, &mut tracker);
+                    }
+                    self.final_settle(source, &mut tracker).await;
                     let (end, _, _) = ending.take().unwrap_or((
                         Ok(SessionEnd::Shutdown),
                         Instant::now(),
@@ -526,6 +579,8 @@ impl<S: Sink> WalRelay<S> {
                 {
                     Ok(page) if page.is_empty() => {
                         tracing::info!(slot = %self.wal.slot, "table drain dispatched; streaming");
+                        // Settled after every page before it: then the drain is recorded as finished.
+                        tracker.push_drain(DrainMark::Finished, 0, Vec::new());
                         drain = None;
                     }
                     Ok(page) => {
@@ -535,7 +590,7 @@ impl<S: Sink> WalRelay<S> {
                             upto: current.upto,
                         });
                         let rows: Vec<i64> = page.iter().map(|e| e.sequence).collect();
-                        let unit = tracker.push(None, page.len(), rows);
+                        let unit = tracker.push_drain(DrainMark::Page(last), page.len(), rows);
                         for event in page {
                             lanes.add(Item {
                                 unit,
@@ -545,6 +600,7 @@ impl<S: Sink> WalRelay<S> {
                             });
                         }
                         lanes.spawn_ready(&context, &done_tx);
+                        failpoint!("wal.drain.page");
                     }
                     Err(error) => {
                         ending = Some((
@@ -614,7 +670,8 @@ impl<S: Sink> WalRelay<S> {
                         .store(source.positions().reported.as_u64(), Ordering::Relaxed);
                     // Record and report the position here, outside the select: a flush
                     // inside `next_transaction` can be cut short when another branch wins.
-                    if last_flush.elapsed() >= status_interval {
+                    // Every settled prefix is recorded within `record_interval`.
+                    if last_flush.elapsed() >= record_interval {
                         last_flush = Instant::now();
                         if let Err(error) = source.flush().await {
                             tracing::warn!(%error, "could not record the confirmed position");
@@ -703,6 +760,19 @@ impl<S: Sink> WalRelay<S> {
                 tracker.settle_backoff.reset();
                 tracker.retry_settle_at = None;
                 tracker.pop(prefix.units);
+                failpoint!("wal.settle.deleted");
+                if prefix.drain_finished {
+                    failpoint!("wal.drain.finished");
+                }
+                if prefix.drain_after.is_some() || prefix.drain_finished {
+                    // Only after the rows are gone: a crash before this re-reads the
+                    // settled pages (and finds nothing); `streaming` is never recorded
+                    // before every drained row is settled.
+                    let after = prefix.drain_after.unwrap_or(0);
+                    if let Err(error) = source.record_drain(after, prefix.drain_finished).await {
+                        tracing::warn!(%error, "could not record the drain's progress; a restart drains the settled rows' range again (nothing is sent twice that is gone)");
+                    }
+                }
                 if let Some(lsn) = prefix.end_lsn {
                     source.confirm(lsn);
                 }
@@ -727,6 +797,33 @@ impl<S: Sink> WalRelay<S> {
                 Settled::Failed
             }
         }
+    }
+}
+
+impl<S: Sink> WalRelay<S> {
+    /// The last settle of a session: the done prefix, then rows a delete did not
+    /// find yet, retried for up to [`CLOSE_TIMEOUT`] (a stopped relay must not
+    /// leave rows of delivered events behind for the next one to send again).
+    async fn final_settle(&self, source: &mut WalSource, tracker: &mut Tracker) {
+        tracker.retry_settle_at = None;
+        self.settle(source, tracker).await;
+        let until = Instant::now() + CLOSE_TIMEOUT;
+        while !tracker.stray_rows.is_empty() && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            tracker.last_stray_retry = Instant::now() - STRAY_RETRY_INTERVAL;
+            self.delete_stray_rows(tracker).await;
+        }
+    }
+}
+
+/// Close the broker connection within [`CLOSE_TIMEOUT`]: a hung broker must not
+/// hold the shutdown beyond the grace period.
+pub(crate) async fn close_sink<S: Sink>(sink: &S) {
+    if tokio::time::timeout(CLOSE_TIMEOUT, sink.close())
+        .await
+        .is_err()
+    {
+        tracing::warn!("closing the broker connection timed out; exiting without waiting for it");
     }
 }
 
@@ -875,6 +972,7 @@ impl<S: Sink> LaneContext<S> {
             let route = self.router.route(&item.event);
             match self.sink.publish(&item.event, &route).await {
                 Outcome::Delivered => {
+                    failpoint!("wal.publish.confirmed");
                     if let Ok(mut breaker) = self.breaker.lock() {
                         breaker.record_success();
                         self.stats
