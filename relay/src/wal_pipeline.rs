@@ -572,10 +572,10 @@ impl<S: Sink> WalRelay<S> {
 
             // The table drain goes first, page by page, before any streamed transaction.
             if room && let Some(current) = drain {
-                match self
-                    .rows
-                    .page(current.after, current.upto, DRAIN_PAGE)
-                    .await
+                // A page fills the free room only: the window bounds the drain's
+                // re-sends after a crash as it bounds the stream's.
+                let limit = (self.wal.max_in_flight_events - tracker.in_flight).clamp(1, DRAIN_PAGE);
+                match self.rows.page(current.after, current.upto, limit).await
                 {
                     Ok(page) if page.is_empty() => {
                         tracing::info!(slot = %self.wal.slot, "table drain dispatched; streaming");
