@@ -8,8 +8,9 @@
 //! to nothing, so release builds carry no trace of them. The tests crate turns
 //! the feature on (see `tests/src/daemon.rs`).
 //!
-//! Every point marks a step of a recovery protocol; the state machines in
-//! [`crate::source::wal`] and [`crate::source::polling`] say what a crash there does.
+//! Every point marks a step of a recovery protocol: the state machine in
+//! [`crate::source::wal`] says what a crash at a `wal.*` point does; the
+//! polling points are described in the relay loop's docs (`pipeline.rs`).
 
 /// The environment variable naming the failpoint to crash at: `name` or `name:N`.
 pub const FAILPOINT_ENV: &str = "OUTBOX_RELAY_FAILPOINT";

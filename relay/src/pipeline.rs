@@ -7,6 +7,16 @@
 //! that is not delivered (broker trouble, or a rejection that will be retried),
 //! so no event overtakes its predecessor; those rows stay unsettled and come back
 //! in a later batch. Only a dead-lettered event lets its key move on.
+//!
+//! Crashes (failpoints of the `failpoints` feature): after a claim
+//! (`polling.claim`) or after a broker confirm before the settle
+//! (`polling.publish.confirmed`) the rows stay claimed until their lease
+//! expires and are published again by whoever owns their partition then;
+//! right after handing partitions over (`polling.lease.handover`) the new owner
+//! claims them at once and the crashed relay's own leases expire. Only events
+//! claimed and not settled are sent twice: at most `polling.batch_size`.
+//! On SIGTERM, closing leases and the broker connection is bounded by
+//! `CLOSE_TIMEOUT` each, after the grace period.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -458,7 +468,9 @@ impl<S: Sink> Pipeline<S> {
             Ok(Err(error)) => {
                 tracing::warn!(%error, "could not release leases on shutdown; they expire on their own")
             }
-            Err(_) => tracing::warn!("releasing leases on shutdown timed out; they expire on their own"),
+            Err(_) => {
+                tracing::warn!("releasing leases on shutdown timed out; they expire on their own")
+            }
         }
         crate::wal_pipeline::close_sink(&*self.sink).await;
         let summary = self.stats.summary();

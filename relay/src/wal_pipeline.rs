@@ -7,8 +7,20 @@
 //!   slot the source had to create (first start) or re-create (it was dropped
 //!   or invalidated: reported loudly, never silent) cannot see rows already in
 //!   the table, so those are published from the table first (the *table
-//!   drain*, in sequence order), then the stream follows. Rows committed after
-//!   the new slot's start may come twice, never not at all.
+//!   drain*, in sequence order, a page at a time within the in-flight window),
+//!   then the stream follows. Rows committed after the new slot's start may
+//!   come twice, never not at all. The drain is durable (see the state machine
+//!   in [`crate::source::wal`]): settling a page records its progress, settling
+//!   the marker after the last page records `streaming`, and any interruption
+//!   resumes the drain where its settled pages end.
+//! * **Position**: the confirmed position is recorded at most every 250 ms
+//!   (and reported to the server every `status_interval`), so a crash re-sends
+//!   at most the in-flight window plus about a quarter second of traffic.
+//! * **Stop**: on SIGTERM lanes get `shutdown_grace`; every lane result already
+//!   sent is collected before the final settle (else delivered rows would stay
+//!   and be sent again), then the position is recorded. Closing the stream,
+//!   the leader lock and the broker connection is bounded by [`CLOSE_TIMEOUT`]
+//!   each, so a hung broker adds at most a few seconds to the grace.
 //! * **Lanes**: events of one partition key are published one after another in
 //!   commit order; keys publish concurrently up to `pipeline.max_in_flight`.
 //!   Broker trouble is retried in place (the lane's key waits, with backoff and
@@ -574,9 +586,9 @@ impl<S: Sink> WalRelay<S> {
             if room && let Some(current) = drain {
                 // A page fills the free room only: the window bounds the drain's
                 // re-sends after a crash as it bounds the stream's.
-                let limit = (self.wal.max_in_flight_events - tracker.in_flight).clamp(1, DRAIN_PAGE);
-                match self.rows.page(current.after, current.upto, limit).await
-                {
+                let limit =
+                    (self.wal.max_in_flight_events - tracker.in_flight).clamp(1, DRAIN_PAGE);
+                match self.rows.page(current.after, current.upto, limit).await {
                     Ok(page) if page.is_empty() => {
                         tracing::info!(slot = %self.wal.slot, "table drain dispatched; streaming");
                         // Settled after every page before it: then the drain is recorded as finished.

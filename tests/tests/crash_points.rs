@@ -68,7 +68,11 @@ async fn crash_and_recover(source: Source, backlog: usize, crashes: &[&str]) {
     let delivery = truth.check(&rabbit, Duration::from_secs(60)).await;
     daemon.signal("TERM");
     let status = daemon.wait(Duration::from_secs(30)).await;
-    assert!(status.success(), "exit {status}; log:\n{}", daemon.log_tail());
+    assert!(
+        status.success(),
+        "exit {status}; log:\n{}",
+        daemon.log_tail()
+    );
     let bound = crashes.len() * (WINDOW + rate as usize) + 50;
     println!(
         "crashed at {crashes:?}: {} events ({backlog} backlog, {rate:.0}/s), 0 missing, {} duplicates (bound {bound})",
@@ -216,9 +220,11 @@ async fn polling_crash_during_a_lease_handover_loses_nothing() {
     a.wait_for_abort(Duration::from_secs(45)).await;
     let mut a = Daemon::start(&binary(), &env, None);
     let written = truth.committed();
-    wait_until("delivering after the crash", Duration::from_secs(60), || async {
-        rabbit.distinct() >= written
-    })
+    wait_until(
+        "delivering after the crash",
+        Duration::from_secs(60),
+        || async { rabbit.distinct() >= written },
+    )
     .await;
     truth.stop_writers().await;
     let delivery = truth.check(&rabbit, Duration::from_secs(60)).await;

@@ -151,11 +151,9 @@ async fn a_slot_left_by_a_relay_killed_while_creating_it_is_adopted_never_lost()
     )
     .await;
     blocker.commit().await.unwrap();
-    wait_until(
-        "the adopter streaming",
-        Duration::from_secs(30),
-        || async { streaming(&db).await },
-    )
+    wait_until("the adopter streaming", Duration::from_secs(30), || async {
+        streaming(&db).await
+    })
     .await;
     truth
         .start_writers(&db.test, 2, Duration::from_millis(10))
@@ -282,11 +280,15 @@ async fn sigterm_under_load_exits_0_leaves_no_delivered_row_and_sends_nothing_tw
         assert!(status.success(), "round {round}: exit {status}");
         // Everything the relay published is in the queue by now; let the consumer see it.
         let published = rabbit.count();
-        wait_until("the consumer caught up", Duration::from_secs(10), || async {
-            let count = rabbit.count();
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            count == rabbit.count() && count >= published
-        })
+        wait_until(
+            "the consumer caught up",
+            Duration::from_secs(10),
+            || async {
+                let count = rabbit.count();
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                count == rabbit.count() && count >= published
+            },
+        )
         .await;
         let delivered: HashSet<String> = rabbit
             .received()
@@ -315,10 +317,7 @@ async fn sigterm_under_load_exits_0_leaves_no_delivered_row_and_sends_nothing_tw
         "SIGTERM x4 under load: {} events, 0 missing, {} duplicates",
         delivery.committed, delivery.duplicates
     );
-    assert_eq!(
-        delivery.duplicates, 0,
-        "a clean stop re-sends nothing"
-    );
+    assert_eq!(delivery.duplicates, 0, "a clean stop re-sends nothing");
     db.cleanup().await;
 }
 

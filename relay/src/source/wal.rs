@@ -49,7 +49,38 @@
 //! A slot starts at the WAL position of its creation. When the source creates
 //! one ([`WalSource::created_slot`], also on the very first start, e.g. after
 //! switching from the polling source), rows already in the table are not in its
-//! stream: publish them from the table first, as after a loss.
+//! stream: publish them from the table first, as after a loss
+//! ([`WalSource::drain`]).
+//!
+//! # State machine
+//!
+//! Everything a restart needs is in the database before it is relied on: the
+//! slot's lifecycle and its drain in `<schema>.relay_wal_slot` (migration
+//! 0003), the confirmed position in `relay_lease` row `wal-confirmed:<slot>`.
+//! A crash (kill -9, abort, a terminated session) in any state resumes there;
+//! it only ever re-sends events, at most the in-flight window plus what was
+//! confirmed since the last position record (every 250 ms).
+//!
+//! | state | durable | a crash here, and what the next start does |
+//! |---|---|---|
+//! | *(no row)* | nothing (or a position recorded by a relay before 0003) | first start: `creating`. With a position and a healthy slot (an upgrade): drain the whole table once, since an older relay may have been interrupted mid-drain |
+//! | `creating` | the intent to create the slot; no position | the slot may exist or not, finished by the server after the client died. Missing: create it. Present: adopt it (its `confirmed_flush_lsn` becomes the position); one that another session is still creating (no position yet) is waited for, up to `slot_busy_timeout`, never taken for lost |
+//! | `draining` | the slot's start as the position, and the drain `after < sequence <= upto` (`upto`: the table's high-water mark right after the slot's creation, in the same statement as the position) | the drain resumes after the last settled page (`after`); the stream resumes from the recorded position. Rows settled before the crash are gone; rows delivered but not settled are sent again |
+//! | `streaming` | the drain is settled; the position moves forward | resume from the recorded position |
+//! | `recovering` | the slot was found lost (dropped, invalidated, or moved ahead of the recorded position) | drop what is left of the old slot, forget its position (back to `creating`), create a new one and drain the table |
+//!
+//! Transitions: `creating` → (slot created, position and drain recorded in one
+//! statement) → `draining` → (every drain page settled, i.e. rows deleted) →
+//! `streaming`; with an empty table straight to `streaming`. A lost slot:
+//! any → `recovering` → `creating` → … . The loss check tells "never recorded"
+//! (no position, or 0/0: adopt the slot) from "moved ahead of what we
+//! recorded" (a loss): positions are recorded before they are reported, so a
+//! slot of ours is never ahead of the record.
+//!
+//! Failpoints (feature `failpoints`, see `crate::failpoint`) mark each step:
+//! `wal.leader.acquired`, `wal.slot.creating`, `wal.slot.created`,
+//! `wal.drain.page`, `wal.drain.finished`, `wal.publish.confirmed`,
+//! `wal.settle.deleted`, `wal.position.recorded`, `wal.recovery.dropped`.
 //!
 //! # Positions of wal-message events
 //!
@@ -1748,7 +1779,11 @@ async fn start_drain(
 
 /// The recorded confirmed position; `None` when never recorded (a 0/0 that a
 /// relay before migration 0003 could record counts as never recorded).
-async fn read_position(pool: &PgPool, config: &WalSourceConfig, sql: &WalSql) -> Result<Option<Lsn>> {
+async fn read_position(
+    pool: &PgPool,
+    config: &WalSourceConfig,
+    sql: &WalSql,
+) -> Result<Option<Lsn>> {
     let recorded: Option<i64> = db_call(
         "reading the recorded WAL position",
         config.db_timeout(),
