@@ -410,6 +410,18 @@ impl<S: Sink> WalRelay<S> {
                     &self.config.database.schema.qualify("relay_lease"),
                 )
                 .await?;
+            // A new slot starts afresh (`creating`), not as a lost one.
+            crate::error::db_call(
+                "forgetting the dropped slot's state",
+                self.config.database.statement_timeout + Duration::from_secs(5),
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "delete from {} where slot = $1",
+                    self.config.database.schema.qualify("relay_wal_slot")
+                )))
+                .bind(&self.wal.slot)
+                .execute(&settle_pool),
+            )
+            .await?;
             tracing::error!(
                 slot = %self.wal.slot,
                 "retained-WAL budget exceeded: dropped the replication slot and switched to the polling source \
