@@ -74,5 +74,5 @@ async fn concurrent_migrations_of_one_schema_both_succeed() {
     );
     a.unwrap();
     b.unwrap();
-    assert_eq!(tables_in(&test.pool, test.schema.as_str()).await.len(), 5);
+    assert_eq!(tables_in(&test.pool, test.schema.as_str()).await.len(), 6);
 }
