@@ -6,7 +6,11 @@
 //! `wal.drain.page:3` at the third. The points exist only when the relay crate
 //! is built with the cargo feature `failpoints`; without it the macro expands
 //! to nothing, so release builds carry no trace of them. The tests crate turns
-//! the feature on (see `tests/src/daemon.rs`).
+//! the feature on (see `tests/src/daemon.rs`); because cargo unifies features,
+//! a build of the whole workspace (which includes the tests crate) compiles
+//! them into the `outbox-relay` binary too, inert unless the variable is set.
+//! Release artifacts are built with `-p outbox-relay` (see the Dockerfile) and
+//! carry none.
 //!
 //! Every point marks a step of a recovery protocol: the state machine in
 //! [`crate::source::wal`] says what a crash at a `wal.*` point does; the

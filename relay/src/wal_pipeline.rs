@@ -1165,6 +1165,39 @@ mod tests {
     }
 
     #[test]
+    fn the_drain_is_recorded_finished_only_with_every_page_before_it_settled() {
+        let mut tracker = Tracker::default();
+        let first = tracker.push_drain(DrainMark::Page(10), 2, vec![5, 10]);
+        let second = tracker.push_drain(DrainMark::Page(20), 1, vec![20]);
+        tracker.push_drain(DrainMark::Finished, 0, Vec::new());
+        let streamed = tracker.push(Some(Lsn(99)), 1, vec![30]);
+        tracker.finish(second, true);
+        tracker.finish(streamed, true);
+        let prefix = tracker.done_prefix();
+        assert_eq!(prefix.units, 0, "the first page is not settled yet");
+        assert!(!prefix.drain_finished);
+        tracker.finish(first, true);
+        let prefix = tracker.done_prefix();
+        assert_eq!(prefix.units, 4);
+        assert_eq!(prefix.drain_after, Some(20));
+        assert!(prefix.drain_finished);
+        assert_eq!(prefix.end_lsn, Some(Lsn(99)));
+        tracker.pop(prefix.units);
+
+        let mut tracker = Tracker::default();
+        let page = tracker.push_drain(DrainMark::Page(10), 1, vec![10]);
+        tracker.push_drain(DrainMark::Page(20), 1, vec![20]);
+        tracker.finish(page, true);
+        let prefix = tracker.done_prefix();
+        assert_eq!(
+            prefix.drain_after,
+            Some(10),
+            "progress stops at the first unsettled page"
+        );
+        assert!(!prefix.drain_finished);
+    }
+
+    #[test]
     fn drain_units_confirm_no_position() {
         let mut tracker = Tracker::default();
         let page = tracker.push(None, 1, vec![7]);
