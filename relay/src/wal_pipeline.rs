@@ -1177,6 +1177,7 @@ mod tests {
         assert_eq!(prefix.units, 0, "the first page is not settled yet");
         assert!(!prefix.drain_finished);
         tracker.finish(first, true);
+        tracker.finish(first, true);
         let prefix = tracker.done_prefix();
         assert_eq!(prefix.units, 4);
         assert_eq!(prefix.drain_after, Some(20));
