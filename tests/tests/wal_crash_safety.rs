@@ -102,10 +102,28 @@ async fn an_interrupted_table_drain_resumes_where_it_stopped_and_loses_nothing()
         );
         db.wait_slot_inactive().await;
     }
+    // The drain's progress is durable, and `outbox-relay status` shows it.
+    let status = outbox_relay::admin::status(&db.test.pool, &db.test.schema)
+        .await
+        .unwrap();
+    let slot = status.slots.iter().find(|s| s.name == db.slot).unwrap();
+    assert_eq!(slot.lifecycle.as_deref(), Some("draining"));
+    let (after, upto) = slot.drain.unwrap();
+    assert!(
+        0 < after && after < upto,
+        "drain progress {after} of {upto}"
+    );
+    print!("{status}");
+
     let mut last = Daemon::start(&binary(), &env, None);
     let delivery = truth.check(&rabbit, Duration::from_secs(90)).await;
     last.signal("TERM");
     assert!(last.wait(Duration::from_secs(30)).await.success());
+    let status = outbox_relay::admin::status(&db.test.pool, &db.test.schema)
+        .await
+        .unwrap();
+    let slot = status.slots.iter().find(|s| s.name == db.slot).unwrap();
+    assert_eq!(slot.lifecycle.as_deref(), Some("streaming"));
     println!(
         "interrupted drain: {} events, 0 missing, {} duplicates",
         delivery.committed, delivery.duplicates
