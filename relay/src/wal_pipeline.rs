@@ -31,8 +31,11 @@
 //!   settled: its table rows are deleted, *then* its end LSN is confirmed to the
 //!   slot. So an unconfirmed event always has its row (table mode), and a crash
 //!   at any point only re-sends events.
-//! * **Window**: at most `wal.max_in_flight_events` received-but-unfinished
-//!   events (one transaction can exceed it; the stream then pauses until it is done).
+//! * **Window**: at most `wal.max_in_flight_events` events received and not yet
+//!   settled (one transaction can exceed it; the stream then pauses until it is
+//!   settled). Finished events count until their prefix is settled, so a key
+//!   that holds the prefix back (a retried rejection) cannot pile up finished
+//!   but unconfirmed events: after a crash at most the window is sent again.
 //! * **Errors**: a broken stream or lost database ends the session (lanes get a
 //!   short grace to finish) and a new one resumes from the confirmed position.
 
@@ -120,6 +123,7 @@ struct LaneDone {
 #[derive(Debug)]
 struct Unit {
     end_lsn: Option<Lsn>,
+    events: usize,
     remaining: usize,
     delivered: u64,
     rows: Vec<i64>,
@@ -140,6 +144,7 @@ enum DrainMark {
 struct Tracker {
     base: u64,
     units: VecDeque<Unit>,
+    /// Events admitted and not yet settled.
     in_flight: usize,
     /// After a failed settle: not before this instant.
     retry_settle_at: Option<Instant>,
@@ -195,6 +200,7 @@ impl Tracker {
         let index = self.base + self.units.len() as u64;
         self.units.push_back(Unit {
             end_lsn,
+            events,
             remaining: events,
             delivered: 0,
             rows,
@@ -216,7 +222,6 @@ impl Tracker {
         if delivered {
             entry.delivered += 1;
         }
-        self.in_flight = self.in_flight.saturating_sub(1);
     }
 
     fn done_prefix(&self) -> DonePrefix {
@@ -239,7 +244,9 @@ impl Tracker {
 
     fn pop(&mut self, units: usize) {
         for _ in 0..units {
-            self.units.pop_front();
+            if let Some(unit) = self.units.pop_front() {
+                self.in_flight = self.in_flight.saturating_sub(unit.events);
+            }
         }
         self.base += units as u64;
     }
@@ -663,7 +670,10 @@ impl<S: Sink> WalRelay<S> {
                 Step::Lane(Some(done)) => {
                     lanes.finished(done, &mut tracker);
                     lanes.spawn_ready(&context, &done_tx);
-                    if tracker.done_rows() >= SETTLE_MAX_ROWS
+                    // Settle at once when the window is full: only a settle makes room.
+                    let full = tracker.in_flight >= self.wal.max_in_flight_events;
+                    let done = tracker.done_rows();
+                    if (done >= SETTLE_MAX_ROWS || (full && done > 0))
                         && self.settle(source, &mut tracker).await == Settled::ServerGoingDown
                     {
                         lanes.abort_all();
@@ -1155,6 +1165,10 @@ mod tests {
         assert_eq!(
             prefix.delivered, 3,
             "the dead-lettered event is not counted as published"
+        );
+        assert_eq!(
+            tracker.in_flight, 4,
+            "finished events fill the window until they are settled"
         );
         tracker.pop(prefix.units);
         assert_eq!(tracker.in_flight, 0);
