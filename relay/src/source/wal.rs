@@ -33,15 +33,20 @@
 //! `wal-confirmed:<slot>` of `<schema>.relay_lease` (the LSN in `fencing_token`),
 //! so the slot's `confirmed_flush_lsn` never passes the recorded position. On
 //! [`WalSource::start`]:
-//! * recorded position, no slot: the slot was dropped;
+//! * no slot, though one was created (state `draining` or `streaming`, or a
+//!   recorded position): the slot was dropped;
 //! * slot with `wal_status = 'lost'` (or `conflicting`, or an
 //!   `invalidation_reason` on newer servers): it was invalidated;
 //! * slot ahead of the recorded position: someone advanced or re-created it.
+//!   A slot with no recorded position (or 0/0) is not ahead of anything: it is
+//!   adopted (see "State machine").
 //!
 //! Each is a loss of the events in between, reported as [`WalStart::SlotLost`]:
 //! the source never creates a new slot at the current position by itself.
-//! Recovery: call [`SlotLost::recreate_slot`], then re-publish every row still in
-//! the outbox table (in sequence order) and settle them, then stream. Rows
+//! Recovery: call [`SlotLost::recreate_slot`] (it records `recovering` first, so
+//! an interrupted recovery is finished by the next start), then publish the
+//! rows of [`WalSource::drain`] (in sequence order) and settle them, recording
+//! the progress with [`WalSource::record_drain`], then stream. Rows
 //! committed before the new slot's start are in the table; later ones come
 //! from the new slot too (duplicates, never gaps). Events written in
 //! wal-message mode have no table row and cannot be recovered.
