@@ -278,6 +278,11 @@ pub struct SlotSummary {
     pub retained_bytes: Option<i64>,
     /// `reserved`, `extended`, `unreserved` or `lost`.
     pub wal_status: Option<String>,
+    /// The WAL source's recorded lifecycle of the slot (`creating`, `draining`,
+    /// `streaming`, `recovering`), if this schema's relay uses it.
+    pub lifecycle: Option<String>,
+    /// While `draining`: the drain's settled sequence and its end, `(after, upto)`.
+    pub drain: Option<(i64, i64)>,
 }
 
 impl std::fmt::Display for Status {
@@ -299,7 +304,7 @@ impl std::fmt::Display for Status {
         }
         for slot in &self.slots {
             let bytes = |b: Option<i64>| b.map_or_else(|| "-".to_owned(), |b| format!("{b} bytes"));
-            writeln!(
+            write!(
                 f,
                 "  {}: {}, lag {}, retained {}, wal_status {}",
                 slot.name,
@@ -308,6 +313,16 @@ impl std::fmt::Display for Status {
                 bytes(slot.retained_bytes),
                 slot.wal_status.as_deref().unwrap_or("-")
             )?;
+            if let Some(lifecycle) = &slot.lifecycle {
+                write!(f, ", state {lifecycle}")?;
+            }
+            match slot.drain {
+                Some((after, upto)) => writeln!(
+                    f,
+                    " (table drain: rows up to sequence {after} of {upto} settled)"
+                )?,
+                None => writeln!(f)?,
+            }
         }
         Ok(())
     }
@@ -342,25 +357,44 @@ pub async fn status(pool: &PgPool, schema: &SchemaName) -> Result<Status> {
     .fetch_all(pool)
     .await
     .map_err(RelayError::database("reading relay leases"))?;
-    type SlotRow = (String, bool, Option<i64>, Option<i64>, Option<String>);
-    let slots: Vec<SlotRow> = sqlx::query_as(
-        "select slot_name::text, active, (pg_current_wal_lsn() - confirmed_flush_lsn)::int8, \
-                (pg_current_wal_lsn() - restart_lsn)::int8, wal_status \
-         from pg_replication_slots \
-         where plugin = 'pgoutput' and database = current_database() order by slot_name",
-    )
+    type SlotRow = (
+        String,
+        bool,
+        Option<i64>,
+        Option<i64>,
+        Option<String>,
+        Option<String>,
+        Option<i64>,
+        Option<i64>,
+    );
+    let lifecycles = schema.qualify("relay_wal_slot");
+    let slots: Vec<SlotRow> = sqlx::query_as(AssertSqlSafe(format!(
+        "select s.slot_name::text, s.active, (pg_current_wal_lsn() - s.confirmed_flush_lsn)::int8, \
+                (pg_current_wal_lsn() - s.restart_lsn)::int8, s.wal_status, w.state, w.drain_after, \
+                w.drain_upto \
+         from pg_replication_slots s left join {lifecycles} w on w.slot = s.slot_name::text \
+         where s.plugin = 'pgoutput' and s.database = current_database() order by s.slot_name"
+    )))
     .fetch_all(pool)
     .await
     .map_err(RelayError::database("reading replication slots"))?;
     let slots = slots
         .into_iter()
         .map(
-            |(name, active, lag_bytes, retained_bytes, wal_status)| SlotSummary {
-                name,
-                active,
-                lag_bytes,
-                retained_bytes,
-                wal_status,
+            |(name, active, lag_bytes, retained_bytes, wal_status, lifecycle, after, upto)| {
+                let drain = match (lifecycle.as_deref(), after, upto) {
+                    (Some("draining"), Some(after), Some(upto)) => Some((after, upto)),
+                    _ => None,
+                };
+                SlotSummary {
+                    name,
+                    active,
+                    lag_bytes,
+                    retained_bytes,
+                    wal_status,
+                    lifecycle,
+                    drain,
+                }
             },
         )
         .collect();

@@ -39,6 +39,7 @@ pub mod admin;
 pub mod config;
 pub mod error;
 pub mod event;
+pub mod failpoint;
 pub mod ops;
 mod pipeline;
 pub mod resilience;

@@ -210,13 +210,28 @@ impl DatabaseArgs {
     }
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+/// Longest wait, after the relay stopped, for tasks still running on blocking
+/// threads (a Kafka flush to a hung broker): the shutdown stays bounded.
+const RUNTIME_SHUTDOWN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
+fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(outbox_relay::log_filter())
         .with_writer(std::io::stderr)
         .init();
-    match run(Cli::parse()).await {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(run(Cli::parse()));
+    runtime.shutdown_timeout(RUNTIME_SHUTDOWN_TIMEOUT);
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error:#}");

@@ -7,6 +7,16 @@
 //! that is not delivered (broker trouble, or a rejection that will be retried),
 //! so no event overtakes its predecessor; those rows stay unsettled and come back
 //! in a later batch. Only a dead-lettered event lets its key move on.
+//!
+//! Crashes (failpoints of the `failpoints` feature): after a claim
+//! (`polling.claim`) or after a broker confirm before the settle
+//! (`polling.publish.confirmed`) the rows stay claimed until their lease
+//! expires and are published again by whoever owns their partition then;
+//! right after handing partitions over (`polling.lease.handover`) the new owner
+//! claims them at once and the crashed relay's own leases expire. Only events
+//! claimed and not settled are sent twice: at most `polling.batch_size`.
+//! On SIGTERM, closing leases and the broker connection is bounded by
+//! `CLOSE_TIMEOUT` each, after the grace period.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,6 +27,7 @@ use tokio::sync::{Mutex, Notify, watch};
 
 use crate::config::{PipelineConfig, SettleMode};
 use crate::error::Result;
+use crate::failpoint::failpoint;
 use crate::resilience::{Backoff, BreakerState, CircuitBreaker};
 use crate::route::Router;
 use crate::sink::{Outcome, Sink};
@@ -350,6 +361,7 @@ impl<S: Sink> Pipeline<S> {
                                 db_backoff.reset();
                                 self.stats.database_reachable.store(true, Ordering::Relaxed);
                                 if !batch.events.is_empty() {
+                                    failpoint!("polling.claim");
                                     claimed_any = true;
                                     wakeup.found_work();
                                     probe_key =
@@ -475,10 +487,22 @@ impl<S: Sink> Pipeline<S> {
         self.stats.set_breaker(BreakerState::Closed);
 
         keeper.abort();
-        if let Err(error) = self.leases.leave(&self.lease_pool).await {
-            tracing::warn!(%error, "could not release leases on shutdown; they expire on their own");
+        // Bounded, like closing the sink: the leases expire on their own anyway.
+        match tokio::time::timeout(
+            crate::wal_pipeline::CLOSE_TIMEOUT,
+            self.leases.leave(&self.lease_pool),
+        )
+        .await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "could not release leases on shutdown; they expire on their own")
+            }
+            Err(_) => {
+                tracing::warn!("releasing leases on shutdown timed out; they expire on their own")
+            }
         }
-        self.sink.close().await;
+        crate::wal_pipeline::close_sink(&*self.sink).await;
         let summary = self.stats.summary();
         tracing::info!(?summary, "relay stopped");
         Ok(summary)
@@ -539,6 +563,7 @@ impl<S: Sink> Pipeline<S> {
                 .collect();
             match self.leases.release(&self.lease_pool, &extra).await {
                 Ok(()) => {
+                    failpoint!("polling.lease.handover");
                     for p in &extra {
                         state.owned.remove(p);
                     }
@@ -581,7 +606,10 @@ impl<S: Sink> LaneContext<S> {
                 }
             };
             match outcome {
-                Outcome::Delivered => done.delivered.push(event.sequence),
+                Outcome::Delivered => {
+                    failpoint!("polling.publish.confirmed");
+                    done.delivered.push(event.sequence)
+                }
                 Outcome::Retry(error) => {
                     self.stats
                         .transient_failures

@@ -7,8 +7,20 @@
 //!   slot the source had to create (first start) or re-create (it was dropped
 //!   or invalidated: reported loudly, never silent) cannot see rows already in
 //!   the table, so those are published from the table first (the *table
-//!   drain*, in sequence order), then the stream follows. Rows committed after
-//!   the new slot's start may come twice, never not at all.
+//!   drain*, in sequence order, a page at a time within the in-flight window),
+//!   then the stream follows. Rows committed after the new slot's start may
+//!   come twice, never not at all. The drain is durable (see the state machine
+//!   in [`crate::source::wal`]): settling a page records its progress, settling
+//!   the marker after the last page records `streaming`, and any interruption
+//!   resumes the drain where its settled pages end.
+//! * **Position**: the confirmed position is recorded at most every 250 ms
+//!   (and reported to the server every `status_interval`), so a crash re-sends
+//!   at most the in-flight window plus about a quarter second of traffic.
+//! * **Stop**: on SIGTERM lanes get `shutdown_grace`; every lane result already
+//!   sent is collected before the final settle (else delivered rows would stay
+//!   and be sent again), then the position is recorded. Closing the stream,
+//!   the leader lock and the broker connection is bounded by [`CLOSE_TIMEOUT`]
+//!   each, so a hung broker adds at most a few seconds to the grace.
 //! * **Lanes**: events of one partition key are published one after another in
 //!   commit order; keys publish concurrently up to `pipeline.max_in_flight`.
 //!   Broker trouble is retried in place (the lane's key waits, with backoff and
@@ -19,8 +31,11 @@
 //!   settled: its table rows are deleted, *then* its end LSN is confirmed to the
 //!   slot. So an unconfirmed event always has its row (table mode), and a crash
 //!   at any point only re-sends events.
-//! * **Window**: at most `wal.max_in_flight_events` received-but-unfinished
-//!   events (one transaction can exceed it; the stream then pauses until it is done).
+//! * **Window**: at most `wal.max_in_flight_events` events received and not yet
+//!   settled (one transaction can exceed it; the stream then pauses until it is
+//!   settled). Finished events count until their prefix is settled, so a key
+//!   that holds the prefix back (a retried rejection) cannot pile up finished
+//!   but unconfirmed events: after a crash at most the window is sent again.
 //! * **Errors**: a broken stream or lost database ends the session (lanes get a
 //!   short grace to finish) and a new one resumes from the confirmed position.
 
@@ -35,6 +50,7 @@ use tokio::time::Instant;
 use crate::config::{OverBudget, PipelineConfig, RelayConfig, WalConfig};
 use crate::error::{RelayError, Result};
 use crate::event::OutboxEvent;
+use crate::failpoint::failpoint;
 use crate::pipeline::{RelayStats, RunSummary};
 use crate::resilience::{Backoff, CircuitBreaker};
 use crate::route::Router;
@@ -58,6 +74,13 @@ const STRAY_RETRY_INTERVAL: Duration = Duration::from_millis(200);
 const STRAY_RETRY_FOR: Duration = Duration::from_secs(30);
 /// Rows read per page of the table drain.
 const DRAIN_PAGE: usize = 1_000;
+/// Record the confirmed position at most this often (and at least every
+/// `status_interval`): after a crash the stream re-sends the unconfirmed window
+/// plus what was confirmed in the last interval.
+const POSITION_RECORD_INTERVAL: Duration = Duration::from_millis(250);
+/// Longest each closing step (final position, replication stream, leader lock,
+/// broker connection) may take once the grace period is over.
+pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_millis(1_000);
 
 /// The WAL relay of one instance.
 pub(crate) struct WalRelay<S: Sink> {
@@ -100,9 +123,20 @@ struct LaneDone {
 #[derive(Debug)]
 struct Unit {
     end_lsn: Option<Lsn>,
+    events: usize,
     remaining: usize,
     delivered: u64,
     rows: Vec<i64>,
+    drain: Option<DrainMark>,
+}
+
+/// What settling a unit of the table drain records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DrainMark {
+    /// A page: every drained row up to this sequence is settled with it.
+    Page(i64),
+    /// The marker after the last page: the whole drain is settled.
+    Finished,
 }
 
 /// Units in commit order; the done prefix is settled.
@@ -110,6 +144,7 @@ struct Unit {
 struct Tracker {
     base: u64,
     units: VecDeque<Unit>,
+    /// Events admitted and not yet settled.
     in_flight: usize,
     /// After a failed settle: not before this instant.
     retry_settle_at: Option<Instant>,
@@ -140,16 +175,36 @@ struct DonePrefix {
     rows: Vec<i64>,
     end_lsn: Option<Lsn>,
     delivered: u64,
+    /// Highest drain page settled with the prefix.
+    drain_after: Option<i64>,
+    /// The prefix settles the end of the drain.
+    drain_finished: bool,
 }
 
 impl Tracker {
     fn push(&mut self, end_lsn: Option<Lsn>, events: usize, rows: Vec<i64>) -> u64 {
+        self.push_unit(end_lsn, events, rows, None)
+    }
+
+    fn push_drain(&mut self, mark: DrainMark, events: usize, rows: Vec<i64>) -> u64 {
+        self.push_unit(None, events, rows, Some(mark))
+    }
+
+    fn push_unit(
+        &mut self,
+        end_lsn: Option<Lsn>,
+        events: usize,
+        rows: Vec<i64>,
+        drain: Option<DrainMark>,
+    ) -> u64 {
         let index = self.base + self.units.len() as u64;
         self.units.push_back(Unit {
             end_lsn,
+            events,
             remaining: events,
             delivered: 0,
             rows,
+            drain,
         });
         self.in_flight += events;
         index
@@ -167,7 +222,6 @@ impl Tracker {
         if delivered {
             entry.delivered += 1;
         }
-        self.in_flight = self.in_flight.saturating_sub(1);
     }
 
     fn done_prefix(&self) -> DonePrefix {
@@ -177,13 +231,22 @@ impl Tracker {
             prefix.rows.extend_from_slice(&unit.rows);
             prefix.end_lsn = unit.end_lsn.or(prefix.end_lsn);
             prefix.delivered += unit.delivered;
+            match unit.drain {
+                Some(DrainMark::Page(last)) => {
+                    prefix.drain_after = Some(prefix.drain_after.unwrap_or(last).max(last));
+                }
+                Some(DrainMark::Finished) => prefix.drain_finished = true,
+                None => {}
+            }
         }
         prefix
     }
 
     fn pop(&mut self, units: usize) {
         for _ in 0..units {
-            self.units.pop_front();
+            if let Some(unit) = self.units.pop_front() {
+                self.in_flight = self.in_flight.saturating_sub(unit.events);
+            }
         }
         self.base += units as u64;
     }
@@ -218,7 +281,7 @@ enum Step {
     Transaction(std::result::Result<Option<WalTransaction>, WalError>),
 }
 
-/// The table drain: rows `after < sequence <= upto` still to publish.
+/// The table drain: rows `after < sequence <= upto` still to dispatch.
 #[derive(Debug, Clone, Copy)]
 struct Drain {
     after: i64,
@@ -309,17 +372,19 @@ impl<S: Sink> WalRelay<S> {
             else {
                 break SessionEnd::Shutdown;
             };
+            failpoint!("wal.leader.acquired");
             self.stats.wal_leader.store(true, Ordering::Relaxed);
             let started = Instant::now();
             let result = self.session(&mut leadership, &mut shutdown).await;
             self.stats.wal_leader.store(false, Ordering::Relaxed);
-            leadership.release().await;
+            // The lock goes with its session anyway; never wait long for the unlock.
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, leadership.release()).await;
             let reason = match result {
                 Ok(SessionEnd::Restart(reason)) => reason,
                 Ok(end) => break end,
                 Err(error) if is_retryable(&error) => error.to_string(),
                 Err(error) => {
-                    self.sink.close().await;
+                    close_sink(&*self.sink).await;
                     return Err(error);
                 }
             };
@@ -352,6 +417,18 @@ impl<S: Sink> WalRelay<S> {
                     &self.config.database.schema.qualify("relay_lease"),
                 )
                 .await?;
+            // A new slot starts afresh (`creating`), not as a lost one.
+            crate::error::db_call(
+                "forgetting the dropped slot's state",
+                self.config.database.statement_timeout + Duration::from_secs(5),
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "delete from {} where slot = $1",
+                    self.config.database.schema.qualify("relay_wal_slot")
+                )))
+                .bind(&self.wal.slot)
+                .execute(&settle_pool),
+            )
+            .await?;
             tracing::error!(
                 slot = %self.wal.slot,
                 "retained-WAL budget exceeded: dropped the replication slot and switched to the polling source \
@@ -362,7 +439,7 @@ impl<S: Sink> WalRelay<S> {
             return crate::run_polling(&self.config, self.sink, settle_pool, self.stats, shutdown)
                 .await;
         }
-        self.sink.close().await;
+        close_sink(&*self.sink).await;
         let summary = self.stats.summary();
         tracing::info!(?summary, "relay stopped");
         Ok(summary)
@@ -400,27 +477,20 @@ impl<S: Sink> WalRelay<S> {
             Err(error) => return wal_end(error),
         };
         self.stats.database_reachable.store(true, Ordering::Relaxed);
-        let drain = if source.created_slot() {
-            let upto = match self.rows.high_water().await {
-                Ok(upto) => upto,
-                Err(error) => {
-                    let _ = source.shutdown().await;
-                    return if is_retryable(&error) {
-                        Ok(SessionEnd::Restart(error.to_string()))
-                    } else {
-                        Err(error)
-                    };
-                }
-            };
+        // The drain is durable: a session that starts after an interrupted one
+        // resumes it where its settled pages end.
+        let drain = source.drain().map(|range| {
             tracing::info!(
                 slot = %self.wal.slot,
-                up_to_sequence = upto,
-                "new slot: publishing the rows already in the outbox table before the stream"
+                after_sequence = range.after,
+                up_to_sequence = range.upto,
+                "publishing the rows the slot cannot see from the outbox table before the stream"
             );
-            (upto > 0).then_some(Drain { after: 0, upto })
-        } else {
-            None
-        };
+            Drain {
+                after: range.after,
+                upto: range.upto,
+            }
+        });
         let (over_tx, over_rx) = watch::channel(false);
         let sampler = tokio::spawn(sample_slot(
             source.monitor(),
@@ -433,14 +503,18 @@ impl<S: Sink> WalRelay<S> {
             .await;
         sampler.abort();
         let graceful = matches!(result, Ok(SessionEnd::Shutdown | SessionEnd::Fallback));
-        match source.shutdown().await {
-            Ok(position) => {
+        // Bounded: a shutdown must not wait for a slow database on top of the grace.
+        match tokio::time::timeout(2 * CLOSE_TIMEOUT, source.shutdown()).await {
+            Ok(Ok(position)) => {
                 tracing::info!(slot = %self.wal.slot, %position, "replication stream closed")
             }
-            Err(error) if graceful => {
+            Ok(Err(error)) if graceful => {
                 tracing::warn!(%error, "could not record the final position; the last transactions will be sent again")
             }
-            Err(error) => tracing::debug!(%error, "closing the broken stream"),
+            Ok(Err(error)) => tracing::debug!(%error, "closing the broken stream"),
+            Err(_) => tracing::warn!(
+                "closing the replication stream timed out; the last transactions will be sent again"
+            ),
         }
         result
     }
@@ -474,7 +548,7 @@ impl<S: Sink> WalRelay<S> {
         settle_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut leader_tick = tokio::time::interval(LEADER_CHECK_INTERVAL);
         leader_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let status_interval = self.wal.status_interval;
+        let record_interval = self.wal.status_interval.min(POSITION_RECORD_INTERVAL);
         let mut last_flush = Instant::now();
         // Set when the session is ending: why, and since when.
         let mut ending: Option<(Result<SessionEnd>, Instant, Duration)> = None;
@@ -482,6 +556,13 @@ impl<S: Sink> WalRelay<S> {
 
         loop {
             self.stats.beat();
+            // Collect every result a finished lane sent before reaping its task:
+            // a lane counts as idle once its task is gone, and the final settle
+            // must see what it delivered (else its rows stay and are sent again).
+            while let Ok(done) = done_rx.try_recv() {
+                lanes.finished(done, &mut tracker);
+            }
+            lanes.spawn_ready(&context, &done_tx);
             if let Some(error) = lanes.reap() {
                 lanes.abort_all();
                 return Ok(SessionEnd::Restart(error));
@@ -506,7 +587,10 @@ impl<S: Sink> WalRelay<S> {
                             lanes.finished(done, &mut tracker);
                         }
                     }
-                    self.settle(source, &mut tracker).await;
+                    while let Ok(done) = done_rx.try_recv() {
+                        lanes.finished(done, &mut tracker);
+                    }
+                    self.final_settle(source, &mut tracker).await;
                     let (end, _, _) = ending.take().unwrap_or((
                         Ok(SessionEnd::Shutdown),
                         Instant::now(),
@@ -519,13 +603,15 @@ impl<S: Sink> WalRelay<S> {
 
             // The table drain goes first, page by page, before any streamed transaction.
             if room && let Some(current) = drain {
-                match self
-                    .rows
-                    .page(current.after, current.upto, DRAIN_PAGE)
-                    .await
-                {
+                // A page fills the free room only: the window bounds the drain's
+                // re-sends after a crash as it bounds the stream's.
+                let limit =
+                    (self.wal.max_in_flight_events - tracker.in_flight).clamp(1, DRAIN_PAGE);
+                match self.rows.page(current.after, current.upto, limit).await {
                     Ok(page) if page.is_empty() => {
                         tracing::info!(slot = %self.wal.slot, "table drain dispatched; streaming");
+                        // Settled after every page before it: then the drain is recorded as finished.
+                        tracker.push_drain(DrainMark::Finished, 0, Vec::new());
                         drain = None;
                     }
                     Ok(page) => {
@@ -535,7 +621,7 @@ impl<S: Sink> WalRelay<S> {
                             upto: current.upto,
                         });
                         let rows: Vec<i64> = page.iter().map(|e| e.sequence).collect();
-                        let unit = tracker.push(None, page.len(), rows);
+                        let unit = tracker.push_drain(DrainMark::Page(last), page.len(), rows);
                         for event in page {
                             lanes.add(Item {
                                 unit,
@@ -545,6 +631,7 @@ impl<S: Sink> WalRelay<S> {
                             });
                         }
                         lanes.spawn_ready(&context, &done_tx);
+                        failpoint!("wal.drain.page");
                     }
                     Err(error) => {
                         ending = Some((
@@ -583,7 +670,10 @@ impl<S: Sink> WalRelay<S> {
                 Step::Lane(Some(done)) => {
                     lanes.finished(done, &mut tracker);
                     lanes.spawn_ready(&context, &done_tx);
-                    if tracker.done_rows() >= SETTLE_MAX_ROWS
+                    // Settle at once when the window is full: only a settle makes room.
+                    let full = tracker.in_flight >= self.wal.max_in_flight_events;
+                    let done = tracker.done_rows();
+                    if (done >= SETTLE_MAX_ROWS || (full && done > 0))
                         && self.settle(source, &mut tracker).await == Settled::ServerGoingDown
                     {
                         lanes.abort_all();
@@ -614,7 +704,8 @@ impl<S: Sink> WalRelay<S> {
                         .store(source.positions().reported.as_u64(), Ordering::Relaxed);
                     // Record and report the position here, outside the select: a flush
                     // inside `next_transaction` can be cut short when another branch wins.
-                    if last_flush.elapsed() >= status_interval {
+                    // Every settled prefix is recorded within `record_interval`.
+                    if last_flush.elapsed() >= record_interval {
                         last_flush = Instant::now();
                         if let Err(error) = source.flush().await {
                             tracing::warn!(%error, "could not record the confirmed position");
@@ -703,6 +794,19 @@ impl<S: Sink> WalRelay<S> {
                 tracker.settle_backoff.reset();
                 tracker.retry_settle_at = None;
                 tracker.pop(prefix.units);
+                failpoint!("wal.settle.deleted");
+                if prefix.drain_finished {
+                    failpoint!("wal.drain.finished");
+                }
+                if prefix.drain_after.is_some() || prefix.drain_finished {
+                    // Only after the rows are gone: a crash before this re-reads the
+                    // settled pages (and finds nothing); `streaming` is never recorded
+                    // before every drained row is settled.
+                    let after = prefix.drain_after.unwrap_or(0);
+                    if let Err(error) = source.record_drain(after, prefix.drain_finished).await {
+                        tracing::warn!(%error, "could not record the drain's progress; a restart drains the settled rows' range again (nothing is sent twice that is gone)");
+                    }
+                }
                 if let Some(lsn) = prefix.end_lsn {
                     source.confirm(lsn);
                 }
@@ -727,6 +831,33 @@ impl<S: Sink> WalRelay<S> {
                 Settled::Failed
             }
         }
+    }
+}
+
+impl<S: Sink> WalRelay<S> {
+    /// The last settle of a session: the done prefix, then rows a delete did not
+    /// find yet, retried for up to [`CLOSE_TIMEOUT`] (a stopped relay must not
+    /// leave rows of delivered events behind for the next one to send again).
+    async fn final_settle(&self, source: &mut WalSource, tracker: &mut Tracker) {
+        tracker.retry_settle_at = None;
+        self.settle(source, tracker).await;
+        let until = Instant::now() + CLOSE_TIMEOUT;
+        while !tracker.stray_rows.is_empty() && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            tracker.last_stray_retry = Instant::now() - STRAY_RETRY_INTERVAL;
+            self.delete_stray_rows(tracker).await;
+        }
+    }
+}
+
+/// Close the broker connection within [`CLOSE_TIMEOUT`]: a hung broker must not
+/// hold the shutdown beyond the grace period.
+pub(crate) async fn close_sink<S: Sink>(sink: &S) {
+    if tokio::time::timeout(CLOSE_TIMEOUT, sink.close())
+        .await
+        .is_err()
+    {
+        tracing::warn!("closing the broker connection timed out; exiting without waiting for it");
     }
 }
 
@@ -875,6 +1006,7 @@ impl<S: Sink> LaneContext<S> {
             let route = self.router.route(&item.event);
             match self.sink.publish(&item.event, &route).await {
                 Outcome::Delivered => {
+                    failpoint!("wal.publish.confirmed");
                     if let Ok(mut breaker) = self.breaker.lock() {
                         breaker.record_success();
                         self.stats
@@ -1034,12 +1166,50 @@ mod tests {
             prefix.delivered, 3,
             "the dead-lettered event is not counted as published"
         );
+        assert_eq!(
+            tracker.in_flight, 4,
+            "finished events fill the window until they are settled"
+        );
         tracker.pop(prefix.units);
         assert_eq!(tracker.in_flight, 0);
         let d = tracker.push(Some(Lsn(40)), 1, vec![4]);
         assert_eq!(d, 3, "unit indexes keep counting after a pop");
         tracker.finish(d, true);
         assert_eq!(tracker.done_prefix().end_lsn, Some(Lsn(40)));
+    }
+
+    #[test]
+    fn the_drain_is_recorded_finished_only_with_every_page_before_it_settled() {
+        let mut tracker = Tracker::default();
+        let first = tracker.push_drain(DrainMark::Page(10), 2, vec![5, 10]);
+        let second = tracker.push_drain(DrainMark::Page(20), 1, vec![20]);
+        tracker.push_drain(DrainMark::Finished, 0, Vec::new());
+        let streamed = tracker.push(Some(Lsn(99)), 1, vec![30]);
+        tracker.finish(second, true);
+        tracker.finish(streamed, true);
+        let prefix = tracker.done_prefix();
+        assert_eq!(prefix.units, 0, "the first page is not settled yet");
+        assert!(!prefix.drain_finished);
+        tracker.finish(first, true);
+        tracker.finish(first, true);
+        let prefix = tracker.done_prefix();
+        assert_eq!(prefix.units, 4);
+        assert_eq!(prefix.drain_after, Some(20));
+        assert!(prefix.drain_finished);
+        assert_eq!(prefix.end_lsn, Some(Lsn(99)));
+        tracker.pop(prefix.units);
+
+        let mut tracker = Tracker::default();
+        let page = tracker.push_drain(DrainMark::Page(10), 1, vec![10]);
+        tracker.push_drain(DrainMark::Page(20), 1, vec![20]);
+        tracker.finish(page, true);
+        let prefix = tracker.done_prefix();
+        assert_eq!(
+            prefix.drain_after,
+            Some(10),
+            "progress stops at the first unsettled page"
+        );
+        assert!(!prefix.drain_finished);
     }
 
     #[test]

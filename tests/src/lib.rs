@@ -7,6 +7,7 @@
 use std::time::Duration;
 
 pub mod amqp;
+pub mod daemon;
 pub mod fault_proxy;
 pub mod kafka;
 pub mod load;

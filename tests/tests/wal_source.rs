@@ -119,6 +119,17 @@ impl WalDb {
         lsn.map(|lsn| lsn.unwrap().parse().unwrap())
     }
 
+    /// Whether a session streams from the slot now.
+    async fn slot_active(&self) -> bool {
+        sqlx::query_scalar(
+            "select coalesce(bool_or(active), false) from pg_replication_slots where slot_name = $1",
+        )
+        .bind(&self.slot)
+        .fetch_one(&self.pool)
+        .await
+        .unwrap()
+    }
+
     async fn current_wal_lsn(&self) -> Lsn {
         let lsn: String = sqlx::query_scalar("select pg_current_wal_lsn()::text")
             .fetch_one(&self.pool)
@@ -832,6 +843,72 @@ async fn a_broken_replication_connection_resumes_after_reconnect_without_loss() 
     assert_eq!(ids(&next(&mut source).await), vec![written[1].id()]);
     assert_eq!(ids(&next(&mut source).await), vec![written[2].id()]);
 
+    source.shutdown().await.unwrap();
+    db.cleanup().await;
+}
+
+/// The slot's lifecycle is durable: a drain recorded at creation is handed out
+/// again on every start until it is recorded finished; a position of 0/0 (what
+/// a relay before migration 0003 could record for a slot still being created)
+/// counts as never recorded, so the slot is adopted, not reported lost; a
+/// position recorded without a lifecycle row (a relay before 0003) drains the
+/// table once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_drain_survives_restarts_and_an_unrecorded_position_is_adopted_not_lost() {
+    let db = WalDb::new().await;
+    let outbox = db.outbox();
+    let mut tx = db.pool.begin().await.unwrap();
+    let before = outbox.enqueue(&mut tx, &event("before")).await.unwrap();
+    tx.commit().await.unwrap();
+
+    let source = db.start().await;
+    let drain = source.drain().expect("rows in the table: a drain");
+    assert_eq!((drain.after, drain.upto), (0, before.sequence));
+    source.shutdown().await.unwrap();
+    // Not recorded finished: the next start drains again.
+    let mut source = db.start().await;
+    assert!(!source.created_slot(), "the slot is reused");
+    assert_eq!(source.drain().map(|d| d.upto), Some(before.sequence));
+    source.record_drain(before.sequence, true).await.unwrap();
+    assert_eq!(source.drain(), None);
+    source.shutdown().await.unwrap();
+    let source = db.start().await;
+    assert_eq!(source.drain(), None, "a finished drain is not repeated");
+    source.shutdown().await.unwrap();
+
+    // 0/0 recorded: adopted (position and a drain recorded), never lost.
+    let deadline = Instant::now() + DEADLINE;
+    while db.slot_active().await {
+        assert!(Instant::now() < deadline, "slot stayed active");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    sqlx::query(
+        "update outbox.relay_lease set fencing_token = 0 where name = 'wal-confirmed:' || $1",
+    )
+    .bind(&db.slot)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let source = match WalSource::start(db.config()).await.unwrap() {
+        WalStart::Ready(source) => source,
+        WalStart::SlotLost(lost) => panic!("a never-recorded position is no loss: {lost:?}"),
+    };
+    assert!(source.created_slot(), "adopted");
+    assert!(source.drain().is_some());
+    source.shutdown().await.unwrap();
+
+    // A position without a lifecycle row (recorded before migration 0003): drain once.
+    while db.slot_active().await {
+        assert!(Instant::now() < deadline, "slot stayed active");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    sqlx::query("delete from outbox.relay_wal_slot")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let source = db.start().await;
+    assert!(!source.created_slot());
+    assert_eq!(source.drain().map(|d| d.upto), Some(before.sequence));
     source.shutdown().await.unwrap();
     db.cleanup().await;
 }

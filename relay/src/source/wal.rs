@@ -33,15 +33,20 @@
 //! `wal-confirmed:<slot>` of `<schema>.relay_lease` (the LSN in `fencing_token`),
 //! so the slot's `confirmed_flush_lsn` never passes the recorded position. On
 //! [`WalSource::start`]:
-//! * recorded position, no slot: the slot was dropped;
+//! * no slot, though one was created (state `draining` or `streaming`, or a
+//!   recorded position): the slot was dropped;
 //! * slot with `wal_status = 'lost'` (or `conflicting`, or an
 //!   `invalidation_reason` on newer servers): it was invalidated;
 //! * slot ahead of the recorded position: someone advanced or re-created it.
+//!   A slot with no recorded position (or 0/0) is not ahead of anything: it is
+//!   adopted (see "State machine").
 //!
 //! Each is a loss of the events in between, reported as [`WalStart::SlotLost`]:
 //! the source never creates a new slot at the current position by itself.
-//! Recovery: call [`SlotLost::recreate_slot`], then re-publish every row still in
-//! the outbox table (in sequence order) and settle them, then stream. Rows
+//! Recovery: call [`SlotLost::recreate_slot`] (it records `recovering` first, so
+//! an interrupted recovery is finished by the next start), then publish the
+//! rows of [`WalSource::drain`] (in sequence order) and settle them, recording
+//! the progress with [`WalSource::record_drain`], then stream. Rows
 //! committed before the new slot's start are in the table; later ones come
 //! from the new slot too (duplicates, never gaps). Events written in
 //! wal-message mode have no table row and cannot be recovered.
@@ -49,7 +54,38 @@
 //! A slot starts at the WAL position of its creation. When the source creates
 //! one ([`WalSource::created_slot`], also on the very first start, e.g. after
 //! switching from the polling source), rows already in the table are not in its
-//! stream: publish them from the table first, as after a loss.
+//! stream: publish them from the table first, as after a loss
+//! ([`WalSource::drain`]).
+//!
+//! # State machine
+//!
+//! Everything a restart needs is in the database before it is relied on: the
+//! slot's lifecycle and its drain in `<schema>.relay_wal_slot` (migration
+//! 0003), the confirmed position in `relay_lease` row `wal-confirmed:<slot>`.
+//! A crash (kill -9, abort, a terminated session) in any state resumes there;
+//! it only ever re-sends events, at most the in-flight window plus what was
+//! confirmed since the last position record (every 250 ms).
+//!
+//! | state | durable | a crash here, and what the next start does |
+//! |---|---|---|
+//! | *(no row)* | nothing (or a position recorded by a relay before 0003) | first start: `creating`. With a position and a healthy slot (an upgrade): drain the whole table once, since an older relay may have been interrupted mid-drain |
+//! | `creating` | the intent to create the slot; no position | the slot may exist or not, finished by the server after the client died. Missing: create it. Present: adopt it (its `confirmed_flush_lsn` becomes the position); one that another session is still creating (no position yet) is waited for, up to `slot_busy_timeout`, never taken for lost |
+//! | `draining` | the slot's start as the position, and the drain `after < sequence <= upto` (`upto`: the table's high-water mark right after the slot's creation, in the same statement as the position) | the drain resumes after the last settled page (`after`); the stream resumes from the recorded position. Rows settled before the crash are gone; rows delivered but not settled are sent again |
+//! | `streaming` | the drain is settled; the position moves forward | resume from the recorded position |
+//! | `recovering` | the slot was found lost (dropped, invalidated, or moved ahead of the recorded position) | drop what is left of the old slot, forget its position (back to `creating`), create a new one and drain the table |
+//!
+//! Transitions: `creating` → (slot created, position and drain recorded in one
+//! statement) → `draining` → (every drain page settled, i.e. rows deleted) →
+//! `streaming`; with an empty table straight to `streaming`. A lost slot:
+//! any → `recovering` → `creating` → … . The loss check tells "never recorded"
+//! (no position, or 0/0: adopt the slot) from "moved ahead of what we
+//! recorded" (a loss): positions are recorded before they are reported, so a
+//! slot of ours is never ahead of the record.
+//!
+//! Failpoints (feature `failpoints`, see `crate::failpoint`) mark each step:
+//! `wal.leader.acquired`, `wal.slot.creating`, `wal.slot.created`,
+//! `wal.drain.page`, `wal.drain.finished`, `wal.publish.confirmed`,
+//! `wal.settle.deleted`, `wal.position.recorded`, `wal.recovery.dropped`.
 //!
 //! # Positions of wal-message events
 //!
@@ -97,6 +133,7 @@ use tokio::time::Instant;
 use crate::config::ConfigError;
 use crate::error::RelayError;
 use crate::event::OutboxEvent;
+use crate::failpoint::failpoint;
 
 use pgoutput::{OutboxColumns, Relation};
 
@@ -630,16 +667,8 @@ impl SlotLost {
             slot = %config.slot, %reason, %last_confirmed_lsn,
             "re-creating the lost replication slot at the current WAL position"
         );
-        if slot_row(&pool, &config).await?.is_some() {
-            db_call(
-                "dropping the lost replication slot",
-                config.db_timeout(),
-                sqlx::query(DROP_SLOT_SQL).bind(&config.slot).execute(&pool),
-            )
-            .await?;
-        }
-        let start = create_slot(&pool, &config, &sql).await?;
-        WalSource::open(config, pool, sql, start, true).await
+        let (start, drain) = recover_slot(&pool, &config, &sql).await?;
+        WalSource::open(config, pool, sql, start, drain, true).await
     }
 }
 
@@ -672,6 +701,16 @@ pub struct WalPositions {
     pub received: Lsn,
     /// Latest WAL position the server reported in a keepalive.
     pub server_wal_end: Lsn,
+}
+
+/// Rows of the outbox table that a slot's stream cannot carry: those with
+/// `after < sequence <= upto` still in the table committed before the slot started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DrainRange {
+    /// Every drained row up to this sequence is settled.
+    pub after: i64,
+    /// The outbox's high-water mark when the slot started.
+    pub upto: i64,
 }
 
 /// A replication slot as `pg_replication_slots` shows it.
@@ -759,6 +798,8 @@ pub struct WalSource {
     server_wal_end: Lsn,
     last_flush: Instant,
     created_slot: bool,
+    /// Rows of the table to publish before the stream (durable in `relay_wal_slot`).
+    drain: Option<DrainRange>,
     /// A transaction decoded but not yet returned (its call was cancelled).
     ready: Option<WalTransaction>,
 }
@@ -770,6 +811,7 @@ impl fmt::Debug for WalSource {
             .field("positions", &self.positions())
             .field("broken", &self.broken)
             .field("created_slot", &self.created_slot)
+            .field("drain", &self.drain)
             .finish_non_exhaustive()
     }
 }
@@ -791,15 +833,22 @@ struct OpenTransaction {
 struct WalSql {
     read_position: String,
     advance_position: String,
-    reset_position: String,
     outbox: String,
     create_publication: String,
+    read_state: String,
+    set_creating: String,
+    set_recovering: String,
+    forget_position: String,
+    record_start: String,
+    start_drain: String,
+    drain_progress: String,
 }
 
 impl WalSql {
     fn new(config: &WalSourceConfig) -> Self {
         let leases = config.schema.qualify("relay_lease");
         let outbox = config.schema.qualify("outbox");
+        let slots = config.schema.qualify("relay_wal_slot");
         WalSql {
             read_position: format!("select fencing_token from {leases} where name = $1"),
             // Positions only move forward, whichever instance writes.
@@ -807,9 +856,49 @@ impl WalSql {
                 "insert into {leases} as l (name, fencing_token, expires_at) values ($1, $2, 'infinity') \
                  on conflict (name) do update set fencing_token = greatest(l.fencing_token, excluded.fencing_token)"
             ),
-            reset_position: format!(
-                "insert into {leases} as l (name, fencing_token, expires_at) values ($1, $2, 'infinity') \
-                 on conflict (name) do update set fencing_token = excluded.fencing_token"
+            read_state: format!(
+                "select state, drain_after, drain_upto from {slots} where slot = $1"
+            ),
+            // $1 slot, $2 position row.
+            set_creating: format!(
+                "insert into {slots} (slot, state) values ($1, 'creating') \
+                 on conflict (slot) do update set state = 'creating', drain_after = 0, drain_upto = 0, \
+                   changed_at = now()"
+            ),
+            set_recovering: format!(
+                "insert into {slots} (slot, state) values ($1, 'recovering') \
+                 on conflict (slot) do update set state = 'recovering', changed_at = now()"
+            ),
+            forget_position: format!(
+                "with forgotten as (delete from {leases} where name = $2) \
+                 insert into {slots} (slot, state) values ($1, 'creating') \
+                 on conflict (slot) do update set state = 'creating', drain_after = 0, drain_upto = 0, \
+                   changed_at = now()"
+            ),
+            // The position and the drain in one statement: both are durable, or neither.
+            record_start: format!(
+                "with recorded as ( \
+                   insert into {leases} as l (name, fencing_token, expires_at) values ($2, $3, 'infinity') \
+                   on conflict (name) do update set fencing_token = excluded.fencing_token) \
+                 insert into {slots} (slot, state, drain_after, drain_upto) \
+                 select $1, case when coalesce(max(sequence), 0) > 0 then 'draining' else 'streaming' end, \
+                        0, coalesce(max(sequence), 0) from {outbox} \
+                 on conflict (slot) do update set state = excluded.state, drain_after = 0, \
+                   drain_upto = excluded.drain_upto, changed_at = now() \
+                 returning drain_upto"
+            ),
+            start_drain: format!(
+                "insert into {slots} (slot, state, drain_after, drain_upto) \
+                 select $1, case when coalesce(max(sequence), 0) > 0 then 'draining' else 'streaming' end, \
+                        0, coalesce(max(sequence), 0) from {outbox} \
+                 on conflict (slot) do update set state = excluded.state, drain_after = 0, \
+                   drain_upto = excluded.drain_upto, changed_at = now() \
+                 returning drain_upto"
+            ),
+            drain_progress: format!(
+                "update {slots} set drain_after = greatest(drain_after, $2), \
+                   state = case when $3 then 'streaming' else state end, changed_at = now() \
+                 where slot = $1"
             ),
             create_publication: format!(
                 "create publication \"{}\" for table {outbox} with (publish = 'insert')",
@@ -832,10 +921,10 @@ struct SlotRow {
 
 enum SlotState {
     /// `adopted`: the slot had no recorded position (made by an operator, or the
-    /// relay crashed right after creating it), so rows already in the table may
-    /// not be in its stream: treat it like a slot created now.
+    /// relay crashed right after creating it); its start is recorded now.
     Healthy {
         resume_from: Lsn,
+        drain: Option<DrainRange>,
         adopted: bool,
     },
     Missing,
@@ -843,6 +932,8 @@ enum SlotState {
         reason: SlotLossReason,
         last: Lsn,
     },
+    /// A recovery from a lost slot was interrupted: finish it.
+    Recovering,
 }
 
 impl WalSource {
@@ -864,14 +955,22 @@ impl WalSource {
         match inspect_slot(&pool, &config, &sql).await? {
             SlotState::Healthy {
                 resume_from,
+                drain,
                 adopted,
             } => Ok(WalStart::Ready(
-                WalSource::open(config, pool, sql, resume_from, adopted).await?,
+                WalSource::open(config, pool, sql, resume_from, drain, adopted).await?,
             )),
             SlotState::Missing => {
-                let start = create_slot(&pool, &config, &sql).await?;
+                let (start, drain) = create_slot(&pool, &config, &sql).await?;
                 Ok(WalStart::Ready(
-                    WalSource::open(config, pool, sql, start, true).await?,
+                    WalSource::open(config, pool, sql, start, drain, true).await?,
+                ))
+            }
+            SlotState::Recovering => {
+                tracing::warn!(slot = %config.slot, "finishing an interrupted recovery of the lost replication slot");
+                let (start, drain) = recover_slot(&pool, &config, &sql).await?;
+                Ok(WalStart::Ready(
+                    WalSource::open(config, pool, sql, start, drain, true).await?,
                 ))
             }
             SlotState::Lost { reason, last } => {
@@ -895,6 +994,7 @@ impl WalSource {
         pool: PgPool,
         sql: WalSql,
         resume_from: Lsn,
+        drain: Option<DrainRange>,
         created_slot: bool,
     ) -> Result<Self> {
         let client = start_streaming(&config, resume_from).await?;
@@ -914,6 +1014,7 @@ impl WalSource {
             server_wal_end: resume_from,
             last_flush: Instant::now(),
             created_slot,
+            drain,
             ready: None,
         })
     }
@@ -1005,6 +1106,7 @@ impl WalSource {
         let target = self.flush_target();
         if target > self.reported {
             self.record_position(target).await?;
+            failpoint!("wal.position.recorded");
             self.client.update_applied_lsn(target.to_pgwire());
             self.reported = target;
         }
@@ -1111,7 +1213,7 @@ impl WalSource {
         }
         let resume_from = match inspect_slot(&self.pool, &self.config, &self.sql).await? {
             SlotState::Healthy { resume_from, .. } => resume_from,
-            SlotState::Missing => {
+            SlotState::Missing | SlotState::Recovering => {
                 return Err(WalError::SlotLost {
                     slot: self.config.slot.clone(),
                     last_confirmed_lsn: self.reported,
@@ -1167,6 +1269,38 @@ impl WalSource {
     /// from the table before what [`WalSource::next_transaction`] returns.
     pub fn created_slot(&self) -> bool {
         self.created_slot
+    }
+
+    /// The rows of the outbox table to publish (and settle) before what
+    /// [`WalSource::next_transaction`] returns: those with
+    /// `after < sequence <= upto` still in the table. Set after the slot was
+    /// created, adopted or re-created, and on every start until
+    /// [`WalSource::record_drain`] recorded the drain as finished.
+    pub fn drain(&self) -> Option<DrainRange> {
+        self.drain
+    }
+
+    /// Record the drain's progress: every drained row up to sequence `after`
+    /// is settled (deleted). With `finished`, the whole drain is settled and
+    /// the slot's state becomes `streaming`; a restart then drains no more.
+    pub async fn record_drain(&mut self, after: i64, finished: bool) -> Result<()> {
+        db_call(
+            "recording the drain's progress",
+            self.config.db_timeout(),
+            sqlx::query(AssertSqlSafe(self.sql.drain_progress.as_str()))
+                .bind(&self.config.slot)
+                .bind(after)
+                .bind(finished)
+                .execute(&self.pool),
+        )
+        .await?;
+        if finished {
+            self.drain = None;
+            tracing::info!(slot = %self.config.slot, "table drain settled; the slot streams everything from now on");
+        } else if let Some(drain) = &mut self.drain {
+            drain.after = drain.after.max(after);
+        }
+        Ok(())
     }
 
     /// The settings the source runs with.
@@ -1558,7 +1692,103 @@ async fn slot_row(pool: &PgPool, config: &WalSourceConfig) -> Result<Option<Slot
     ))
 }
 
-async fn inspect_slot(pool: &PgPool, config: &WalSourceConfig, sql: &WalSql) -> Result<SlotState> {
+/// The slot's lifecycle row in `<schema>.relay_wal_slot`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lifecycle {
+    Creating,
+    Draining(DrainRange),
+    Streaming,
+    Recovering,
+}
+
+async fn read_lifecycle(
+    pool: &PgPool,
+    config: &WalSourceConfig,
+    sql: &WalSql,
+) -> Result<Option<Lifecycle>> {
+    let row: Option<(String, i64, i64)> = db_call(
+        "reading the slot's recorded state",
+        config.db_timeout(),
+        sqlx::query_as(AssertSqlSafe(sql.read_state.as_str()))
+            .bind(&config.slot)
+            .fetch_optional(pool),
+    )
+    .await?;
+    Ok(row.and_then(|(state, after, upto)| match state.as_str() {
+        "creating" => Some(Lifecycle::Creating),
+        "draining" => Some(Lifecycle::Draining(DrainRange { after, upto })),
+        "streaming" => Some(Lifecycle::Streaming),
+        "recovering" => Some(Lifecycle::Recovering),
+        _ => None,
+    }))
+}
+
+/// Run a lifecycle statement on (slot) or, `with_position_row`, (slot, position row).
+async fn write_lifecycle(
+    pool: &PgPool,
+    config: &WalSourceConfig,
+    operation: &'static str,
+    query: &str,
+    with_position_row: bool,
+) -> Result<()> {
+    let mut statement = sqlx::query(AssertSqlSafe(query)).bind(&config.slot);
+    if with_position_row {
+        statement = statement.bind(config.position_row_name());
+    }
+    db_call(operation, config.db_timeout(), statement.execute(pool)).await?;
+    Ok(())
+}
+
+/// Record `position` as the confirmed one and start the drain of every row the
+/// table holds now (one statement, so both or neither are durable). Returns the
+/// drain, `None` when the table is empty (the state is then `streaming`).
+async fn record_start(
+    pool: &PgPool,
+    config: &WalSourceConfig,
+    sql: &WalSql,
+    position: Lsn,
+) -> Result<Option<DrainRange>> {
+    let value = position.to_i64().ok_or_else(|| WalError::Decode {
+        lsn: position,
+        problem: "LSN beyond i64".to_owned(),
+    })?;
+    let upto: i64 = db_call(
+        "recording the new slot's start and the drain",
+        config.db_timeout(),
+        sqlx::query_scalar(AssertSqlSafe(sql.record_start.as_str()))
+            .bind(&config.slot)
+            .bind(config.position_row_name())
+            .bind(value)
+            .fetch_one(pool),
+    )
+    .await?;
+    Ok((upto > 0).then_some(DrainRange { after: 0, upto }))
+}
+
+/// Start a drain of every row the table holds now, keeping the recorded position.
+async fn start_drain(
+    pool: &PgPool,
+    config: &WalSourceConfig,
+    sql: &WalSql,
+) -> Result<Option<DrainRange>> {
+    let upto: i64 = db_call(
+        "recording a drain of the outbox table",
+        config.db_timeout(),
+        sqlx::query_scalar(AssertSqlSafe(sql.start_drain.as_str()))
+            .bind(&config.slot)
+            .fetch_one(pool),
+    )
+    .await?;
+    Ok((upto > 0).then_some(DrainRange { after: 0, upto }))
+}
+
+/// The recorded confirmed position; `None` when never recorded (a 0/0 that a
+/// relay before migration 0003 could record counts as never recorded).
+async fn read_position(
+    pool: &PgPool,
+    config: &WalSourceConfig,
+    sql: &WalSql,
+) -> Result<Option<Lsn>> {
     let recorded: Option<i64> = db_call(
         "reading the recorded WAL position",
         config.db_timeout(),
@@ -1567,13 +1797,27 @@ async fn inspect_slot(pool: &PgPool, config: &WalSourceConfig, sql: &WalSql) -> 
             .fetch_optional(pool),
     )
     .await?;
-    let recorded = recorded.map(|n| Lsn(u64::try_from(n).unwrap_or_default()));
-    let Some(slot) = slot_row(pool, config).await? else {
-        return Ok(match recorded {
-            None => SlotState::Missing,
-            Some(last) => SlotState::Lost {
+    Ok(recorded
+        .and_then(|n| u64::try_from(n).ok())
+        .filter(|&n| n > 0)
+        .map(Lsn))
+}
+
+/// Decide from the recorded lifecycle, the recorded position and the slot
+/// itself what this start does; see "State machine" in the module docs.
+async fn inspect_slot(pool: &PgPool, config: &WalSourceConfig, sql: &WalSql) -> Result<SlotState> {
+    let lifecycle = read_lifecycle(pool, config, sql).await?;
+    if lifecycle == Some(Lifecycle::Recovering) {
+        return Ok(SlotState::Recovering);
+    }
+    let recorded = read_position(pool, config, sql).await?;
+    let Some(slot) = slot_ready(pool, config).await? else {
+        return Ok(match (lifecycle, recorded) {
+            // Never created, or the creation did not get through.
+            (None, None) | (Some(Lifecycle::Creating), _) => SlotState::Missing,
+            (_, last) => SlotState::Lost {
                 reason: SlotLossReason::Dropped,
-                last,
+                last: last.unwrap_or_default(),
             },
         });
     };
@@ -1596,38 +1840,99 @@ async fn inspect_slot(pool: &PgPool, config: &WalSourceConfig, sql: &WalSql) -> 
             slot.database.as_deref().unwrap_or("none")
         )));
     }
-    let slot_confirmed = slot.confirmed.unwrap_or_default();
     if let Some(detail) = slot.invalidation {
         return Ok(SlotState::Lost {
             reason: SlotLossReason::Invalidated { detail },
-            last: recorded.unwrap_or(slot_confirmed),
+            last: recorded.or(slot.confirmed).unwrap_or_default(),
         });
     }
-    match recorded {
-        // A slot made by an operator, or a crash right after creating it: adopt it.
-        None => {
-            write_position(pool, config, &sql.reset_position, slot_confirmed).await?;
+    // slot_ready() waited for the position of a slot still being created.
+    let slot_confirmed = slot.confirmed.unwrap_or_default();
+    match (lifecycle, recorded) {
+        // Our own creation that crashed before it was recorded, or a slot made
+        // by an operator: adopt it. Rows already in the table may not be in its
+        // stream: drain them.
+        (Some(Lifecycle::Creating), _) | (_, None) => {
+            tracing::info!(slot = %config.slot, position = %slot_confirmed, "adopting a replication slot without a recorded position");
+            let drain = record_start(pool, config, sql, slot_confirmed).await?;
             Ok(SlotState::Healthy {
                 resume_from: slot_confirmed,
+                drain,
                 adopted: true,
             })
         }
         // Positions are recorded before they are reported, so a slot of ours is never ahead.
-        Some(last) if slot_confirmed > last => Ok(SlotState::Lost {
+        (_, Some(last)) if slot_confirmed > last => Ok(SlotState::Lost {
             reason: SlotLossReason::MovedAhead {
                 slot_confirmed_lsn: slot_confirmed,
             },
             last,
         }),
-        Some(last) => Ok(SlotState::Healthy {
+        (Some(Lifecycle::Draining(drain)), Some(last)) => Ok(SlotState::Healthy {
             resume_from: last,
+            drain: (drain.after < drain.upto).then_some(drain),
             adopted: false,
         }),
+        (Some(Lifecycle::Streaming), Some(last)) => Ok(SlotState::Healthy {
+            resume_from: last,
+            drain: None,
+            adopted: false,
+        }),
+        // A position recorded by a relay before migration 0003: whether its
+        // drain finished is unknown, so drain what the table holds once.
+        (None, Some(last)) => Ok(SlotState::Healthy {
+            resume_from: last,
+            drain: start_drain(pool, config, sql).await?,
+            adopted: false,
+        }),
+        (Some(Lifecycle::Recovering), Some(_)) => Ok(SlotState::Recovering),
     }
 }
 
-/// Create the permanent pgoutput slot and record its start as the confirmed position.
-async fn create_slot(pool: &PgPool, config: &WalSourceConfig, sql: &WalSql) -> Result<Lsn> {
+/// The slot, once it has a confirmed position: a slot that another session
+/// is still creating (a relay killed while creating it leaves its backend
+/// running) has none yet; it is waited for up to `slot_busy_timeout`.
+async fn slot_ready(pool: &PgPool, config: &WalSourceConfig) -> Result<Option<SlotRow>> {
+    let began = Instant::now();
+    loop {
+        let slot = slot_row(pool, config).await?;
+        match slot {
+            Some(row) if row.confirmed.is_none() && row.invalidation.is_none() => {
+                let waited = began.elapsed();
+                if waited >= config.slot_busy_timeout {
+                    return Err(WalError::SlotBusy {
+                        slot: config.slot.clone(),
+                        pid: None,
+                        waited_ms: millis(waited),
+                    });
+                }
+                tracing::info!(slot = %config.slot, "the replication slot is still being created by another session; waiting");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => return Ok(other),
+        }
+    }
+}
+
+/// Create the permanent pgoutput slot and record its start as the confirmed
+/// position, with the drain of the rows the table holds.
+///
+/// `creating` is recorded first: a crash after the server made the slot and
+/// before its start is recorded leaves a slot the next start adopts.
+async fn create_slot(
+    pool: &PgPool,
+    config: &WalSourceConfig,
+    sql: &WalSql,
+) -> Result<(Lsn, Option<DrainRange>)> {
+    write_lifecycle(
+        pool,
+        config,
+        "recording that the slot is being created",
+        &sql.set_creating,
+        false,
+    )
+    .await?;
+    failpoint!("wal.slot.creating");
     tracing::info!(slot = %config.slot, "creating the replication slot (waits for running transactions)");
     let created = tokio::time::timeout(
         SLOT_CREATE_TIMEOUT,
@@ -1665,9 +1970,45 @@ async fn create_slot(pool: &PgPool, config: &WalSourceConfig, sql: &WalSql) -> R
             });
         }
     };
-    write_position(pool, config, &sql.reset_position, start).await?;
-    tracing::info!(slot = %config.slot, %start, "created the replication slot");
-    Ok(start)
+    failpoint!("wal.slot.created");
+    let drain = record_start(pool, config, sql, start).await?;
+    tracing::info!(slot = %config.slot, %start, drain_upto = drain.map(|d| d.upto), "created the replication slot");
+    Ok((start, drain))
+}
+
+/// Recover from a lost slot: record `recovering`, drop what is left of the old
+/// slot, forget its position (state `creating`), create a new one.
+async fn recover_slot(
+    pool: &PgPool,
+    config: &WalSourceConfig,
+    sql: &WalSql,
+) -> Result<(Lsn, Option<DrainRange>)> {
+    write_lifecycle(
+        pool,
+        config,
+        "recording the slot's recovery",
+        &sql.set_recovering,
+        false,
+    )
+    .await?;
+    if slot_row(pool, config).await?.is_some() {
+        db_call(
+            "dropping the lost replication slot",
+            config.db_timeout(),
+            sqlx::query(DROP_SLOT_SQL).bind(&config.slot).execute(pool),
+        )
+        .await?;
+    }
+    failpoint!("wal.recovery.dropped");
+    write_lifecycle(
+        pool,
+        config,
+        "forgetting the lost slot's position",
+        &sql.forget_position,
+        true,
+    )
+    .await?;
+    create_slot(pool, config, sql).await
 }
 
 async fn write_position(
