@@ -115,6 +115,19 @@ pub async fn connect_pool(database: &DatabaseConfig, max_connections: u32) -> Re
         })
 }
 
+/// Whether a failed connection attempt is the configuration's fault, so that waiting
+/// for the server cannot help: TLS verification, a refused password or pg_hba rule,
+/// a missing database, an invalid setting.
+pub(crate) fn is_permanent_connect_error(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Tls(_) | sqlx::Error::Configuration(_) => true,
+        sqlx::Error::Database(db) => {
+            matches!(db.code().as_deref(), Some("28P01" | "28000" | "3D000"))
+        }
+        _ => false,
+    }
+}
+
 /// What a failed connection attempt was, with the setting to check for its cause.
 pub(crate) fn connect_operation(error: &sqlx::Error) -> &'static str {
     match error {
@@ -384,6 +397,13 @@ async fn wait_for_database(
                     tracing::info!(attempt, "PostgreSQL answers; starting");
                 }
                 return Ok(true);
+            }
+            // Waiting cannot fix a refused certificate, password or pg_hba rule.
+            Ok(Err(error)) if is_permanent_connect_error(&error) => {
+                return Err(E::Database {
+                    operation: connect_operation(&error),
+                    source: error,
+                });
             }
             Ok(Err(error)) => format!(
                 "cannot connect to PostgreSQL at {}: {}",
