@@ -35,7 +35,7 @@ use outbox_core::{Event, Outbox, OutboxConfig};
 use sqlx::PgPool;
 
 use crate::TestSchema;
-use crate::amqp::{RabbitFixture, Received, first_delivery_order_violations};
+use crate::amqp::{RabbitFixture, Received};
 use crate::wal::WalDatabase;
 
 /// Exit status of a process ended by `std::process::abort` (SIGABRT).
@@ -97,6 +97,14 @@ fn base_env(test: &TestSchema, exchange: &str) -> Vec<(String, String)> {
     .map(|(k, v)| (format!("OUTBOX_RELAY__{k}"), v))
     .into_iter()
     .collect()
+}
+
+/// Switch `env` to the Kafka sink: publish to `topic` on the shared broker.
+pub fn use_kafka(env: &mut Vec<(String, String)>, topic: &str) {
+    env.retain(|(k, _)| !k.starts_with("OUTBOX_RELAY__RABBITMQ__"));
+    set(env, "SINK", "kafka");
+    set(env, "KAFKA__BROKERS", crate::kafka::brokers());
+    set(env, "KAFKA__TOPIC", topic);
 }
 
 /// Set `key` (without the `OUTBOX_RELAY__` prefix) in `env`, replacing it.
@@ -419,24 +427,41 @@ impl GroundTruth {
             .expect("read the ground truth")
     }
 
-    /// Wait until every committed event arrived (panics with the number missing
-    /// after `deadline`); assert that only committed events arrived and that
+    /// Wait until every committed event arrived at RabbitMQ (panics with the number
+    /// missing after `deadline`); assert that only committed events arrived and that
     /// first deliveries keep per-key order.
     pub async fn check(&self, rabbit: &RabbitFixture, deadline: Duration) -> Delivery {
+        self.check_seen(|| seen_on_rabbitmq(&rabbit.received()), deadline)
+            .await
+    }
+
+    /// [`GroundTruth::check`] for messages read from Kafka.
+    pub async fn check_kafka(
+        &self,
+        consumer: &crate::kafka::TopicConsumer,
+        deadline: Duration,
+    ) -> Delivery {
+        self.check_seen(|| seen_on_kafka(&consumer.received()), deadline)
+            .await
+    }
+
+    /// [`GroundTruth::check`] over deliveries in arrival order, from either broker.
+    pub async fn check_seen(
+        &self,
+        mut deliveries: impl FnMut() -> Vec<Seen>,
+        deadline: Duration,
+    ) -> Delivery {
         let committed = self.committed_ids().await;
         let until = tokio::time::Instant::now() + deadline;
-        loop {
-            let received: HashSet<String> = rabbit
-                .received()
-                .iter()
-                .map(|m| m.message_id.clone())
-                .collect();
+        let received = loop {
+            let received = deliveries();
+            let ids: HashSet<&str> = received.iter().map(|m| m.event_id.as_str()).collect();
             let missing = committed
                 .iter()
-                .filter(|id| !received.contains(&id.to_string()))
+                .filter(|id| !ids.contains(id.to_string().as_str()))
                 .count();
             if missing == 0 {
-                break;
+                break received;
             }
             assert!(
                 tokio::time::Instant::now() < until,
@@ -444,15 +469,19 @@ impl GroundTruth {
                 committed.len()
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let received = rabbit.received();
+        };
         assert_eq!(
-            first_delivery_order_violations(&received, n_of),
+            seen_order_violations(&received),
             0,
             "G3: per-key order of first deliveries"
         );
+        let distinct = received
+            .iter()
+            .map(|m| m.event_id.as_str())
+            .collect::<HashSet<_>>()
+            .len();
         assert_eq!(
-            rabbit.distinct(),
+            distinct,
             committed.len(),
             "G1: only committed events arrive"
         );
@@ -462,6 +491,63 @@ impl GroundTruth {
             duplicates: received.len() - committed.len(),
         }
     }
+}
+
+/// One delivery as the checks see it, whichever broker it came from.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    /// The event id (RabbitMQ `message_id`, Kafka `outbox-event-id`).
+    pub event_id: String,
+    /// The partition key.
+    pub key: String,
+    /// The payload counter: the per-key commit order.
+    pub n: i64,
+}
+
+/// RabbitMQ deliveries as [`Seen`].
+pub fn seen_on_rabbitmq(received: &[Received]) -> Vec<Seen> {
+    received
+        .iter()
+        .map(|m| Seen {
+            event_id: m.message_id.clone(),
+            key: m
+                .header("outbox-partition-key")
+                .unwrap_or_default()
+                .to_owned(),
+            n: n_of(m),
+        })
+        .collect()
+}
+
+/// Kafka messages as [`Seen`].
+pub fn seen_on_kafka(received: &[crate::kafka::Received]) -> Vec<Seen> {
+    received
+        .iter()
+        .map(|m| Seen {
+            event_id: m.header("outbox-event-id").unwrap_or_default(),
+            key: m.key_text(),
+            n: crate::kafka::n_of(m),
+        })
+        .collect()
+}
+
+/// First deliveries per key whose counter does not increase.
+pub fn seen_order_violations(received: &[Seen]) -> usize {
+    let mut first = HashSet::new();
+    let mut last: HashMap<&str, i64> = HashMap::new();
+    let mut violations = 0;
+    for m in received {
+        if !first.insert(m.event_id.as_str()) {
+            continue;
+        }
+        if let Some(&previous) = last.get(m.key.as_str())
+            && m.n <= previous
+        {
+            violations += 1;
+        }
+        last.insert(m.key.as_str(), m.n);
+    }
+    violations
 }
 
 fn event(key: usize, n: i64) -> Event {
