@@ -99,12 +99,20 @@ fn base_env(test: &TestSchema, exchange: &str) -> Vec<(String, String)> {
     .collect()
 }
 
-/// Switch `env` to the Kafka sink: publish to `topic` on the shared broker.
+/// Switch `env` to the Kafka sink: publish to `topic` on the shared broker. A polling
+/// lease must outlast a delivery (message timeout plus 10 s): 12 s with a 1.5 s timeout.
 pub fn use_kafka(env: &mut Vec<(String, String)>, topic: &str) {
     env.retain(|(k, _)| !k.starts_with("OUTBOX_RELAY__RABBITMQ__"));
     set(env, "SINK", "kafka");
     set(env, "KAFKA__BROKERS", crate::kafka::brokers());
     set(env, "KAFKA__TOPIC", topic);
+    set(env, "KAFKA__MESSAGE_TIMEOUT_MS", "1500");
+    if env
+        .iter()
+        .any(|(k, _)| k == "OUTBOX_RELAY__POLLING__LEASE_MS")
+    {
+        set(env, "POLLING__LEASE_MS", "12000");
+    }
 }
 
 /// Set `key` (without the `OUTBOX_RELAY__` prefix) in `env`, replacing it.

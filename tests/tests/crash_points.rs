@@ -1,6 +1,7 @@
 //! The real `outbox-relay` daemon aborted (like `kill -9`) at each named
 //! failpoint of its recovery protocols (`relay/src/failpoint.rs`) while writers
-//! commit, then started again, through an independent RabbitMQ consumer:
+//! commit, then started again, through an independent consumer of the broker
+//! (RabbitMQ; the stream's points also with Kafka):
 //!
 //! * G2: 0 committed events lost;
 //! * G3: per-key order of first deliveries;
@@ -16,7 +17,11 @@
 use std::time::{Duration, Instant};
 
 use outbox_tests::amqp::RabbitFixture;
-use outbox_tests::daemon::{Daemon, GroundTruth, polling_env, relay_binary, wait_until, wal_env};
+use outbox_tests::daemon::{
+    Daemon, GroundTruth, polling_env, relay_binary, seen_on_kafka, seen_on_rabbitmq, use_kafka,
+    wait_until, wal_env,
+};
+use outbox_tests::kafka::{TopicConsumer, create_topic};
 use outbox_tests::wal::WalDatabase;
 
 fn binary() -> std::path::PathBuf {
@@ -32,17 +37,47 @@ enum Source {
     Polling,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Sink {
+    RabbitMq,
+    Kafka,
+}
+
 /// Commit `backlog` events, start writers, then start the daemon once per entry
 /// of `crashes` (`point:N`), each time waiting for it to abort there; then run
 /// it without a failpoint until every committed event arrived, and check.
 async fn crash_and_recover(source: Source, backlog: usize, crashes: &[&str]) {
+    crash_and_recover_to(source, Sink::RabbitMq, backlog, crashes).await;
+}
+
+/// [`crash_and_recover`] publishing to `sink`.
+async fn crash_and_recover_to(source: Source, sink: Sink, backlog: usize, crashes: &[&str]) {
     let db = WalDatabase::new().await;
     let rabbit = RabbitFixture::new().await;
     let mut truth = GroundTruth::new(&db.test, 30).await;
     truth.backlog(backlog).await;
-    let env = match source {
+    let mut env = match source {
         Source::Wal => wal_env(&db, &rabbit.exchange),
         Source::Polling => polling_env(&db.test, &rabbit.exchange),
+    };
+    let kafka = match sink {
+        Sink::RabbitMq => None,
+        Sink::Kafka => {
+            let topic = create_topic(3).await;
+            use_kafka(&mut env, &topic);
+            Some(TopicConsumer::start(&topic, 3))
+        }
+    };
+    let seen = || match &kafka {
+        Some(consumer) => seen_on_kafka(&consumer.received()),
+        None => seen_on_rabbitmq(&rabbit.received()),
+    };
+    let distinct = || {
+        seen()
+            .into_iter()
+            .map(|m| m.event_id)
+            .collect::<std::collections::HashSet<_>>()
+            .len()
     };
     let began = Instant::now();
     truth
@@ -60,12 +95,15 @@ async fn crash_and_recover(source: Source, backlog: usize, crashes: &[&str]) {
     wait_until(
         "the recovered relay delivering",
         Duration::from_secs(60),
-        || async { rabbit.distinct() >= written },
+        || {
+            let done = distinct() >= written;
+            async move { done }
+        },
     )
     .await;
     truth.stop_writers().await;
     let rate = truth.committed().saturating_sub(backlog) as f64 / began.elapsed().as_secs_f64();
-    let delivery = truth.check(&rabbit, Duration::from_secs(60)).await;
+    let delivery = truth.check_seen(seen, Duration::from_secs(60)).await;
     daemon.signal("TERM");
     let status = daemon.wait(Duration::from_secs(30)).await;
     assert!(
@@ -151,6 +189,32 @@ async fn crash_after_deleting_rows_before_confirming_the_position_loses_nothing(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_after_recording_the_position_before_reporting_it_loses_nothing() {
     crash_and_recover(Source::Wal, 0, &["wal.position.recorded:4"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_crash_after_a_delivery_report_before_the_settle_loses_nothing() {
+    crash_and_recover_to(Source::Wal, Sink::Kafka, 0, &["wal.publish.confirmed:300"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_crash_after_deleting_rows_before_confirming_the_position_loses_nothing() {
+    crash_and_recover_to(Source::Wal, Sink::Kafka, 0, &["wal.settle.deleted:40"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_crash_after_recording_the_position_before_reporting_it_loses_nothing() {
+    crash_and_recover_to(Source::Wal, Sink::Kafka, 0, &["wal.position.recorded:4"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_polling_crash_after_a_delivery_report_before_the_settle_loses_nothing() {
+    crash_and_recover_to(
+        Source::Polling,
+        Sink::Kafka,
+        0,
+        &["polling.publish.confirmed:300"],
+    )
+    .await;
 }
 
 /// The slot is dropped while no relay runs; the recovery is interrupted twice
