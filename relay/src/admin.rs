@@ -66,7 +66,10 @@ impl DeadLetterFilter {
 }
 
 /// One event that could not be published.
-#[derive(Clone, Debug, sqlx::FromRow)]
+///
+/// `dead-letters list|show --json` print it with these field names (stable; new
+/// fields may be added); `payload` and `headers` are embedded as JSON.
+#[derive(Clone, Debug, sqlx::FromRow, serde::Serialize)]
 pub struct DeadLetter {
     /// `dead-lettered` (in `outbox_dead_letter`) or `blocked` (parked in the outbox).
     pub status: String,
@@ -91,9 +94,20 @@ pub struct DeadLetter {
     /// Last failure.
     pub last_failed_at: Option<DateTime<Utc>>,
     /// Payload as JSON text.
+    #[serde(serialize_with = "embedded_json")]
     pub payload: String,
     /// Headers as JSON text.
+    #[serde(serialize_with = "embedded_json")]
     pub headers: String,
+}
+
+/// JSON text written as the JSON value it holds (as a string if it does not parse).
+fn embedded_json<S: serde::Serializer>(text: &str, serializer: S) -> Result<S::Ok, S::Error> {
+    use serde::Serialize;
+    match serde_json::from_str::<&serde_json::value::RawValue>(text) {
+        Ok(raw) => raw.serialize(serializer),
+        Err(_) => serializer.serialize_str(text),
+    }
 }
 
 /// `column` where the relay can represent it (finite, before year 262143), else null:
@@ -247,7 +261,13 @@ async fn apply_to_matching(
 }
 
 /// A snapshot of one outbox for `outbox-relay status`.
-#[derive(Clone, Debug, Default)]
+///
+/// `outbox-relay status --json` prints it as JSON with these field names (stable;
+/// new fields may be added): `pending`, `oldest_pending_secs` (null when nothing is
+/// pending), `retrying`, `blocked`, `dead_lettered`, `instances` (`[{"id",
+/// "partitions"}]`), `slots` (`[{"name", "active", "lag_bytes", "retained_bytes",
+/// "wal_status", "lifecycle", "drain": {"after", "upto"} | null}]`).
+#[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct Status {
     /// Events not yet published.
     pub pending: i64,
@@ -260,13 +280,31 @@ pub struct Status {
     /// Events in the dead-letter table.
     pub dead_lettered: i64,
     /// Live relay instances with the number of partitions each holds.
-    pub instances: Vec<(String, i64)>,
+    pub instances: Vec<RelayInstance>,
     /// Logical replication slots (pgoutput) of this database, for the WAL source.
     pub slots: Vec<SlotSummary>,
 }
 
+/// A live relay instance of the schema (polling source: by its instance lease).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RelayInstance {
+    /// The instance id (`[instance] id`, default host-pid-random).
+    pub id: String,
+    /// Work partitions it holds now.
+    pub partitions: i64,
+}
+
+/// Progress of a WAL table drain: rows up to sequence `after` of `upto` are settled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct DrainProgress {
+    /// Highest settled sequence.
+    pub after: i64,
+    /// The drain's end (the table's highest sequence when the slot was created).
+    pub upto: i64,
+}
+
 /// A pgoutput replication slot of the outbox's database.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct SlotSummary {
     /// Slot name.
     pub name: String,
@@ -281,8 +319,8 @@ pub struct SlotSummary {
     /// The WAL source's recorded lifecycle of the slot (`creating`, `draining`,
     /// `streaming`, `recovering`), if this schema's relay uses it.
     pub lifecycle: Option<String>,
-    /// While `draining`: the drain's settled sequence and its end, `(after, upto)`.
-    pub drain: Option<(i64, i64)>,
+    /// While `draining`: the drain's settled sequence and its end.
+    pub drain: Option<DrainProgress>,
 }
 
 impl std::fmt::Display for Status {
@@ -296,8 +334,8 @@ impl std::fmt::Display for Status {
         writeln!(f, "blocked (key held):  {}", self.blocked)?;
         writeln!(f, "dead-lettered:       {}", self.dead_lettered)?;
         writeln!(f, "live relays:         {}", self.instances.len())?;
-        for (instance, partitions) in &self.instances {
-            writeln!(f, "  {instance}: {partitions} partitions")?;
+        for instance in &self.instances {
+            writeln!(f, "  {}: {} partitions", instance.id, instance.partitions)?;
         }
         if !self.slots.is_empty() {
             writeln!(f, "replication slots:   {}", self.slots.len())?;
@@ -317,7 +355,7 @@ impl std::fmt::Display for Status {
                 write!(f, ", state {lifecycle}")?;
             }
             match slot.drain {
-                Some((after, upto)) => writeln!(
+                Some(DrainProgress { after, upto }) => writeln!(
                     f,
                     " (table drain: rows up to sequence {after} of {upto} settled)"
                 )?,
@@ -383,7 +421,9 @@ pub async fn status(pool: &PgPool, schema: &SchemaName) -> Result<Status> {
         .map(
             |(name, active, lag_bytes, retained_bytes, wal_status, lifecycle, after, upto)| {
                 let drain = match (lifecycle.as_deref(), after, upto) {
-                    (Some("draining"), Some(after), Some(upto)) => Some((after, upto)),
+                    (Some("draining"), Some(after), Some(upto)) => {
+                        Some(DrainProgress { after, upto })
+                    }
                     _ => None,
                 };
                 SlotSummary {
@@ -404,7 +444,10 @@ pub async fn status(pool: &PgPool, schema: &SchemaName) -> Result<Status> {
         retrying,
         blocked,
         dead_lettered,
-        instances,
+        instances: instances
+            .into_iter()
+            .map(|(id, partitions)| RelayInstance { id, partitions })
+            .collect(),
         slots,
     })
 }

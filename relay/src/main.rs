@@ -21,7 +21,12 @@ enum Command {
     /// Create the outbox schema and apply pending migrations (idempotent).
     Migrate(DatabaseArgs),
     /// Show pending, retrying, blocked and dead-lettered events and the live relays.
-    Status(DatabaseArgs),
+    Status {
+        #[command(flatten)]
+        db: DatabaseArgs,
+        #[command(flatten)]
+        output: OutputArgs,
+    },
     /// Inspect, retry or purge events that could not be published.
     DeadLetters {
         #[command(subcommand)]
@@ -37,6 +42,32 @@ struct RunArgs {
     /// Validate the configuration, print a summary (without secrets) and exit.
     #[arg(long)]
     check_config: bool,
+}
+
+#[derive(clap::Args, Debug)]
+struct OutputArgs {
+    /// Print JSON (one document on stdout; field names in the README's operations guide).
+    #[arg(long)]
+    json: bool,
+}
+
+impl OutputArgs {
+    /// Print `value` as JSON, or `text()` when --json is not given.
+    fn print<T: serde::Serialize>(
+        &self,
+        value: &T,
+        text: impl FnOnce() -> String,
+    ) -> anyhow::Result<()> {
+        if self.json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(value).context("writing JSON")?
+            );
+        } else {
+            print!("{}", text());
+        }
+        Ok(())
+    }
 }
 
 #[derive(clap::Args)]
@@ -76,6 +107,8 @@ enum DeadLetterAction {
         #[command(flatten)]
         db: DatabaseArgs,
         #[command(flatten)]
+        output: OutputArgs,
+        #[command(flatten)]
         filter: FilterArgs,
         /// At most this many.
         #[arg(long, default_value_t = 100)]
@@ -85,6 +118,8 @@ enum DeadLetterAction {
     Show {
         #[command(flatten)]
         db: DatabaseArgs,
+        #[command(flatten)]
+        output: OutputArgs,
         /// The event id.
         event_id: uuid::Uuid,
     },
@@ -94,12 +129,16 @@ enum DeadLetterAction {
         #[command(flatten)]
         db: DatabaseArgs,
         #[command(flatten)]
+        output: OutputArgs,
+        #[command(flatten)]
         filter: FilterArgs,
     },
     /// Delete the selected events for good (a blocked event's key continues without it).
     Purge {
         #[command(flatten)]
         db: DatabaseArgs,
+        #[command(flatten)]
+        output: OutputArgs,
         #[command(flatten)]
         filter: FilterArgs,
     },
@@ -266,10 +305,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Status(args) => {
-            let (pool, schema) = args.connect().await?;
-            print!("{}", admin::status(&pool, &schema).await?);
-            Ok(())
+        Command::Status { db, output } => {
+            let (pool, schema) = db.connect().await?;
+            let status = admin::status(&pool, &schema).await?;
+            output.print(&status, || status.to_string())
         }
         Command::DeadLetters { action } => dead_letters(action).await,
     }
@@ -277,28 +316,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 async fn dead_letters(action: DeadLetterAction) -> anyhow::Result<()> {
     match action {
-        DeadLetterAction::List { db, filter, limit } => {
+        DeadLetterAction::List {
+            db,
+            output,
+            filter,
+            limit,
+        } => {
             let (pool, schema) = db.connect().await?;
             let rows = admin::list_dead_letters(&pool, &schema, &filter.filter(), limit).await?;
-            println!(
-                "{:<14} {:<36} {:<24} {:<24} {:>8}  last error",
-                "status", "event id", "event type", "key", "attempts"
-            );
-            for row in &rows {
-                println!(
-                    "{:<14} {:<36} {:<24} {:<24} {:>8}  {}",
-                    row.status,
-                    row.event_id,
-                    row.event_type,
-                    row.partition_key,
-                    row.attempts,
-                    row.last_error
-                );
-            }
-            println!("{} shown", rows.len());
-            Ok(())
+            output.print(&rows, || dead_letter_table(&rows))
         }
-        DeadLetterAction::Show { db, event_id } => {
+        DeadLetterAction::Show {
+            db,
+            output,
+            event_id,
+        } => {
             let (pool, schema) = db.connect().await?;
             let filter = DeadLetterFilter {
                 event_ids: vec![event_id],
@@ -309,48 +341,70 @@ async fn dead_letters(action: DeadLetterAction) -> anyhow::Result<()> {
                 .into_iter()
                 .next()
                 .with_context(|| format!("no dead-lettered or blocked event {event_id}"))?;
-            println!("status:          {}", row.status);
-            println!("event id:        {}", row.event_id);
-            println!("sequence:        {}", row.sequence);
-            println!(
-                "aggregate:       {} {}",
-                row.aggregate_type, row.aggregate_id
-            );
-            println!("event type:      {}", row.event_type);
-            println!("partition key:   {}", row.partition_key);
-            println!("attempts:        {}", row.attempts);
-            println!(
-                "first failed at: {}",
-                row.first_failed_at
-                    .map(|t| t.to_rfc3339())
-                    .unwrap_or_default()
-            );
-            println!(
-                "last failed at:  {}",
-                row.last_failed_at
-                    .map(|t| t.to_rfc3339())
-                    .unwrap_or_default()
-            );
-            println!("last error:      {}", row.last_error);
-            println!("headers:         {}", row.headers);
-            println!("payload:         {}", row.payload);
-            Ok(())
+            output.print(&row, || dead_letter_details(&row))
         }
-        DeadLetterAction::Retry { db, filter } => {
+        DeadLetterAction::Retry { db, output, filter } => {
             let filter = filter.filter_for_change("retry")?;
             let (pool, schema) = db.connect().await?;
             let retried = admin::retry_dead_letters(&pool, &schema, &filter).await?;
-            println!("{retried} events queued for publishing again");
-            Ok(())
+            output.print(&serde_json::json!({ "retried": retried }), || {
+                format!("{retried} events queued for publishing again\n")
+            })
         }
-        DeadLetterAction::Purge { db, filter } => {
+        DeadLetterAction::Purge { db, output, filter } => {
             let filter = filter.filter_for_change("purge")?;
             let (pool, schema) = db.connect().await?;
             let purged = admin::purge_dead_letters(&pool, &schema, &filter).await?;
-            println!("{purged} events purged");
-            Ok(())
+            output.print(&serde_json::json!({ "purged": purged }), || {
+                format!("{purged} events purged\n")
+            })
         }
     }
+}
+
+fn dead_letter_table(rows: &[admin::DeadLetter]) -> String {
+    use std::fmt::Write;
+    let mut text = format!(
+        "{:<14} {:<36} {:<24} {:<24} {:>8}  last error\n",
+        "status", "event id", "event type", "key", "attempts"
+    );
+    for row in rows {
+        let _ = writeln!(
+            text,
+            "{:<14} {:<36} {:<24} {:<24} {:>8}  {}",
+            row.status,
+            row.event_id,
+            row.event_type,
+            row.partition_key,
+            row.attempts,
+            row.last_error
+        );
+    }
+    let _ = writeln!(text, "{} shown", rows.len());
+    text
+}
+
+fn dead_letter_details(row: &admin::DeadLetter) -> String {
+    let time =
+        |t: Option<chrono::DateTime<chrono::Utc>>| t.map(|t| t.to_rfc3339()).unwrap_or_default();
+    format!(
+        "status:          {}\nevent id:        {}\nsequence:        {}\naggregate:       {} {}\n\
+         event type:      {}\npartition key:   {}\nattempts:        {}\nfirst failed at: {}\n\
+         last failed at:  {}\nlast error:      {}\nheaders:         {}\npayload:         {}\n",
+        row.status,
+        row.event_id,
+        row.sequence,
+        row.aggregate_type,
+        row.aggregate_id,
+        row.event_type,
+        row.partition_key,
+        row.attempts,
+        time(row.first_failed_at),
+        time(row.last_failed_at),
+        row.last_error,
+        row.headers,
+        row.payload
+    )
 }
 
 /// Completes on SIGTERM or SIGINT.

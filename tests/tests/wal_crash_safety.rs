@@ -109,7 +109,7 @@ async fn an_interrupted_table_drain_resumes_where_it_stopped_and_loses_nothing()
         .unwrap();
     let slot = status.slots.iter().find(|s| s.name == db.slot).unwrap();
     assert_eq!(slot.lifecycle.as_deref(), Some("draining"));
-    let (after, upto) = slot.drain.unwrap();
+    let outbox_relay::admin::DrainProgress { after, upto } = slot.drain.unwrap();
     assert!(
         0 < after && after < upto,
         "drain progress {after} of {upto}"
