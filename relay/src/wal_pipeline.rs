@@ -25,7 +25,9 @@
 //!   commit order; keys publish concurrently up to `pipeline.max_in_flight`.
 //!   Broker trouble is retried in place (the lane's key waits, with backoff and
 //!   the circuit breaker); an event the broker rejects is retried up to
-//!   `pipeline.max_attempts` and then dead-lettered, and its key moves on.
+//!   `pipeline.max_attempts` and then dead-lettered, and its key moves on. A
+//!   [permanent](crate::sink::SinkError::is_permanent) rejection is
+//!   dead-lettered at its first attempt.
 //! * **Confirming**: a transaction is done when each of its events is delivered
 //!   or dead-lettered. The done prefix of transactions in commit order is
 //!   settled: its table rows are deleted, *then* its end LSN is confirmed to the
@@ -1032,7 +1034,9 @@ impl<S: Sink> LaneContext<S> {
                 Outcome::Rejected(error) => {
                     self.stats.rejected.fetch_add(1, Ordering::Relaxed);
                     item.attempts += 1;
-                    if item.attempts >= self.config.max_attempts {
+                    // A permanent rejection (over a size limit, a name the protocol
+                    // cannot carry) fails the same way every time: no retry.
+                    if item.attempts >= self.config.max_attempts || error.is_permanent() {
                         self.dead_letter(item, &error.message).await;
                         return false;
                     }
