@@ -206,6 +206,8 @@ async fn malformed_wal_messages_are_dead_lettered_raw_the_slot_passes_them_and_a
         lsns.push(emit_raw(&mut conn, content).await);
         ordinary.extend(enqueue_ordinary(&db.test, "between", 5).await);
     }
+    // Returned to the pool: closing it at the end waits for every connection.
+    drop(conn);
     // One more inside a transaction with valid events of other keys (table and wal-message).
     let mut tx = db.test.pool.begin().await.unwrap();
     let in_tx_table = Event::builder("tx", "1", "ok.tx").build().unwrap();
