@@ -213,7 +213,7 @@ async fn malformed_wal_messages_are_dead_lettered_raw_the_slot_passes_them_and_a
     let in_tx_table = Event::builder("tx", "1", "ok.tx").build().unwrap();
     let in_tx_message = Event::builder("tx", "2", "ok.tx").build().unwrap();
     outbox_for(&db.test)
-        .enqueue(&mut *tx, &in_tx_table)
+        .enqueue(&mut tx, &in_tx_table)
         .await
         .unwrap();
     let in_tx_garbage = b"in a transaction \x00\x01 with others".to_vec();
