@@ -470,8 +470,11 @@ pub enum WalError {
         timeout_ms: u64,
     },
 
-    /// A replicated change could not be read as an outbox event. The stream stops
-    /// there (it is never skipped); fix or remove the event's source and restart.
+    /// A replicated change could not be read at all (a protocol message out of
+    /// place, a publication without a needed column). The stream stops there (it
+    /// is never skipped); fix the cause and restart. Changes that are well formed
+    /// but no event (a malformed WAL message with the outbox prefix, a row with an
+    /// infinite `created_at`) are not errors: see [`Undecodable`].
     #[error("cannot decode the change at LSN {lsn}: {problem}")]
     Decode {
         /// Where in the WAL.
