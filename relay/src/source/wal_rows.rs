@@ -358,3 +358,23 @@ pub fn malformed_message_id(lsn: crate::source::wal::Lsn) -> uuid::Uuid {
     bytes[8..].copy_from_slice(&lsn.as_u64().to_be_bytes());
     uuid::Builder::from_custom_bytes(bytes).into_uuid()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::wal::Lsn;
+
+    #[test]
+    fn a_malformed_message_has_the_same_event_id_every_time_and_one_per_position() {
+        let lsn = Lsn(0x16_B374_D848);
+        assert_eq!(malformed_message_id(lsn), malformed_message_id(lsn));
+        assert_ne!(
+            malformed_message_id(lsn),
+            malformed_message_id(Lsn(lsn.0 + 1))
+        );
+        assert_eq!(
+            malformed_message_id(lsn).get_version(),
+            Some(uuid::Version::Custom)
+        );
+    }
+}
