@@ -169,6 +169,7 @@ pub async fn list_dead_letters(
 
 /// Publish the matching events again: dead-lettered ones re-enter the outbox,
 /// blocked ones are released. Idempotent. Returns how many were retried.
+/// Dead letters of malformed WAL messages stay (they are no event; purge them).
 pub async fn retry_dead_letters(
     pool: &PgPool,
     schema: &SchemaName,
@@ -176,6 +177,8 @@ pub async fn retry_dead_letters(
 ) -> Result<u64> {
     let outbox = schema.qualify("outbox");
     let dead = schema.qualify("outbox_dead_letter");
+    // A malformed WAL message is no event: re-entering its record would publish it.
+    let malformed = crate::source::wal_rows::MALFORMED_MESSAGE_EVENT_TYPE;
     let statements = [
         (
             format!(
@@ -187,7 +190,8 @@ pub async fn retry_dead_letters(
         ),
         (
             format!(
-                "with moved as (delete from {dead} where event_id = any($1) returning *) \
+                "with moved as (delete from {dead} where event_id = any($1) and event_type <> '{malformed}' \
+                        returning *) \
                  insert into {outbox} (event_id, aggregate_type, aggregate_id, event_type, partition_key, destination, \
                                        payload, headers, created_at) \
                  select event_id, aggregate_type, aggregate_id, event_type, partition_key, destination, payload, headers, \

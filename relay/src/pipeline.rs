@@ -79,6 +79,8 @@ pub struct RelayStats {
     pub wal_confirmed_lsn: AtomicU64,
     /// Times the slot was found lost and recovered from the table.
     pub wal_slot_losses: AtomicU64,
+    /// WAL messages with the outbox prefix that were no event, dead-lettered.
+    pub wal_malformed_messages: AtomicU64,
 }
 
 /// A snapshot of [`RelayStats`], returned when the relay stops.

@@ -25,7 +25,14 @@
 //!   commit order; keys publish concurrently up to `pipeline.max_in_flight`.
 //!   Broker trouble is retried in place (the lane's key waits, with backoff and
 //!   the circuit breaker); an event the broker rejects is retried up to
-//!   `pipeline.max_attempts` and then dead-lettered, and its key moves on.
+//!   `pipeline.max_attempts` and then dead-lettered, and its key moves on. A
+//!   [permanent](crate::sink::SinkError::is_permanent) rejection is
+//!   dead-lettered at its first attempt.
+//! * **Hostile input**: a change that is no event (a WAL message with the
+//!   outbox prefix that does not decode, a row with an infinite `created_at`)
+//!   is dead-lettered at once with its raw content and the reason, on a lane of
+//!   its own key (a malformed message: `wal-message:<lsn>`); its transaction is
+//!   confirmed as usual, so the slot moves past it and the stream never stops.
 //! * **Confirming**: a transaction is done when each of its events is delivered
 //!   or dead-lettered. The done prefix of transactions in commit order is
 //!   settled: its table rows are deleted, *then* its end LSN is confirmed to the
@@ -44,6 +51,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -56,7 +64,9 @@ use crate::resilience::{Backoff, CircuitBreaker};
 use crate::route::Router;
 use crate::sink::{Outcome, Sink};
 use crate::source::leader::Leadership;
-use crate::source::wal::{Lsn, SlotMonitor, WalError, WalSource, WalStart, WalTransaction};
+use crate::source::wal::{
+    Lsn, SlotMonitor, Undecodable, WalError, WalSource, WalStart, WalTransaction,
+};
 use crate::source::wal_rows::WalRows;
 
 /// Events handed to one lane task at a time (progress is reported per chunk).
@@ -72,6 +82,9 @@ const RESTART_GRACE: Duration = Duration::from_secs(5);
 /// How often rows a delete did not find are tried again, and for how long.
 const STRAY_RETRY_INTERVAL: Duration = Duration::from_millis(200);
 const STRAY_RETRY_FOR: Duration = Duration::from_secs(30);
+/// How long a streamed row to dead-letter is looked for when it is not visible
+/// yet (its commit can reach the stream microseconds before other sessions see it).
+const UNDECODABLE_ROW_WAIT: Duration = Duration::from_secs(5);
 /// Rows read per page of the table drain.
 const DRAIN_PAGE: usize = 1_000;
 /// Record the confirmed position at most this often (and at least every
@@ -102,13 +115,60 @@ pub(crate) enum SessionEnd {
     Restart(String),
 }
 
-/// One event on its way through a lane.
+/// One event (or one undecodable change) on its way through a lane.
 #[derive(Debug)]
 struct Item {
     unit: u64,
+    work: Work,
+}
+
+/// What a lane does with an item.
+#[derive(Debug)]
+enum Work {
+    /// Publish it until it is delivered or dead-lettered.
+    Publish(Publish),
+    /// A change that is no event: straight to the dead-letter table, never published.
+    DeadLetter {
+        undecodable: Undecodable,
+        committed_at: DateTime<Utc>,
+    },
+}
+
+/// An event to publish.
+#[derive(Debug)]
+struct Publish {
     event: OutboxEvent,
     has_row: bool,
     attempts: u32,
+}
+
+impl Item {
+    fn publish(unit: u64, event: OutboxEvent, has_row: bool) -> Item {
+        Item {
+            unit,
+            work: Work::Publish(Publish {
+                event,
+                has_row,
+                attempts: 0,
+            }),
+        }
+    }
+
+    /// The lane: the event's partition key; a malformed WAL message has none and
+    /// gets a key of its own, so it can hold back nothing.
+    fn key(&self) -> String {
+        match &self.work {
+            Work::Publish(publish) => publish.event.partition_key.clone(),
+            Work::DeadLetter {
+                undecodable: Undecodable::Row { partition_key, .. },
+                ..
+            } => partition_key.clone(),
+            Work::DeadLetter {
+                undecodable: Undecodable::Message(message),
+                ..
+            } => format!("wal-message:{}", message.lsn),
+        }
+    }
 }
 
 /// What a lane task finished: per event, its unit and whether it was delivered
@@ -623,12 +683,7 @@ impl<S: Sink> WalRelay<S> {
                         let rows: Vec<i64> = page.iter().map(|e| e.sequence).collect();
                         let unit = tracker.push_drain(DrainMark::Page(last), page.len(), rows);
                         for event in page {
-                            lanes.add(Item {
-                                unit,
-                                event,
-                                has_row: true,
-                                attempts: 0,
-                            });
+                            lanes.add(Item::publish(unit, event, true));
                         }
                         lanes.spawn_ready(&context, &done_tx);
                         failpoint!("wal.drain.page");
@@ -750,16 +805,22 @@ impl<S: Sink> WalRelay<S> {
         rows.sort_unstable();
         let unit = tracker.push(
             Some(transaction.end_lsn),
-            transaction.events.len(),
+            transaction.events.len() + transaction.undecodable.len(),
             rows.clone(),
         );
         for event in transaction.events {
             let has_row = rows.binary_search(&event.sequence).is_ok();
+            lanes.add(Item::publish(unit, event, has_row));
+        }
+        // Counted in the unit like events: the transaction is confirmed (the slot
+        // moves past them) only once each is in the dead-letter table.
+        for undecodable in transaction.undecodable {
             lanes.add(Item {
                 unit,
-                event,
-                has_row,
-                attempts: 0,
+                work: Work::DeadLetter {
+                    undecodable,
+                    committed_at: transaction.commit_time,
+                },
             });
         }
     }
@@ -900,7 +961,7 @@ struct Lanes {
 
 impl Lanes {
     fn add(&mut self, item: Item) {
-        let key = item.event.partition_key.clone();
+        let key = item.key();
         let queue = self.queued.entry(key.clone()).or_default();
         if queue.is_empty() && !self.busy.contains(&key) {
             self.ready.push(key);
@@ -979,15 +1040,105 @@ impl<S: Sink> LaneContext<S> {
             key,
             finished: Vec::with_capacity(items.len()),
         };
-        for mut item in items {
-            let delivered = self.publish_until_done(&mut item).await;
+        for item in items {
+            let delivered = match item.work {
+                Work::Publish(mut publish) => self.publish_until_done(&mut publish).await,
+                Work::DeadLetter {
+                    undecodable,
+                    committed_at,
+                } => {
+                    self.dead_letter_undecodable(&undecodable, committed_at)
+                        .await;
+                    false
+                }
+            };
             done.finished.push((item.unit, delivered));
         }
         done
     }
 
+    /// Move a change that is no event to the dead-letter table (raw values kept),
+    /// retrying database trouble; a row found in neither table (not visible yet)
+    /// is looked for again for up to [`UNDECODABLE_ROW_WAIT`].
+    async fn dead_letter_undecodable(
+        &self,
+        undecodable: &Undecodable,
+        committed_at: DateTime<Utc>,
+    ) {
+        let mut backoff = Backoff::new(
+            self.config.retry_backoff_initial,
+            self.config.retry_backoff_max,
+        );
+        let started = Instant::now();
+        loop {
+            let result = match undecodable {
+                Undecodable::Row {
+                    sequence, reason, ..
+                } => self.rows.dead_letter_streamed_row(*sequence, reason).await,
+                Undecodable::Message(message) => {
+                    self.rows.dead_letter_message(message, committed_at).await
+                }
+            };
+            match (result, undecodable) {
+                (Ok(true), Undecodable::Message(message)) => {
+                    self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                    self.stats
+                        .wal_malformed_messages
+                        .fetch_add(1, Ordering::Relaxed);
+                    // Never the content or the reason (it can quote the content).
+                    tracing::error!(
+                        lsn = %message.lsn,
+                        prefix = %message.prefix,
+                        content_bytes = message.content.len(),
+                        "a WAL message with the outbox prefix that is no event was dead-lettered \
+                         (reason and raw content in the dead-letter table); the stream continues"
+                    );
+                    return;
+                }
+                (Ok(false), Undecodable::Message(message)) => {
+                    tracing::debug!(lsn = %message.lsn, "the malformed WAL message was dead-lettered before");
+                    return;
+                }
+                (
+                    Ok(true),
+                    Undecodable::Row {
+                        sequence,
+                        event_id,
+                        reason,
+                        ..
+                    },
+                ) => {
+                    self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(
+                        sequence,
+                        event_id = %event_id,
+                        error = %reason,
+                        "undecodable outbox row dead-lettered; its key continues"
+                    );
+                    return;
+                }
+                (Ok(false), Undecodable::Row { sequence, .. }) => {
+                    if started.elapsed() >= UNDECODABLE_ROW_WAIT {
+                        tracing::warn!(
+                            sequence,
+                            "an undecodable outbox row is gone from the table (deleted by someone else); \
+                             nothing to dead-letter"
+                        );
+                        return;
+                    }
+                    tokio::time::sleep(STRAY_RETRY_INTERVAL).await;
+                }
+                (Err(db_error), _) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(%db_error, retry_in_ms = delay.as_millis() as u64, "could not dead-letter an undecodable change; retrying");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+
     /// True when delivered, false when dead-lettered.
-    async fn publish_until_done(&self, item: &mut Item) -> bool {
+    async fn publish_until_done(&self, item: &mut Publish) -> bool {
         let mut backoff = Backoff::new(
             self.config.retry_backoff_initial,
             self.config.retry_backoff_max,
@@ -1032,7 +1183,9 @@ impl<S: Sink> LaneContext<S> {
                 Outcome::Rejected(error) => {
                     self.stats.rejected.fetch_add(1, Ordering::Relaxed);
                     item.attempts += 1;
-                    if item.attempts >= self.config.max_attempts {
+                    // A permanent rejection (over a size limit, a name the protocol
+                    // cannot carry) fails the same way every time: no retry.
+                    if item.attempts >= self.config.max_attempts || error.is_permanent() {
                         self.dead_letter(item, &error.message).await;
                         return false;
                     }
@@ -1056,7 +1209,7 @@ impl<S: Sink> LaneContext<S> {
     }
 
     /// Move a poison event to the dead-letter table, retrying database trouble.
-    async fn dead_letter(&self, item: &Item, error: &str) {
+    async fn dead_letter(&self, item: &Publish, error: &str) {
         let mut backoff = Backoff::new(
             self.config.retry_backoff_initial,
             self.config.retry_backoff_max,

@@ -16,7 +16,8 @@ use outbox_core::{Enqueued, Event, EventId, Outbox, OutboxConfig, SchemaName, wa
 use outbox_relay::RelayError;
 use outbox_relay::event::OutboxEvent;
 use outbox_relay::source::wal::{
-    Lsn, SlotLossReason, WalError, WalSource, WalSourceConfig, WalStart, WalTransaction,
+    Lsn, SlotLossReason, Undecodable, WalError, WalSource, WalSourceConfig, WalStart,
+    WalTransaction,
 };
 use outbox_tests::wal::{drop_database, drop_database_blocking};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -357,30 +358,41 @@ async fn wal_message_events_arrive_and_a_rolled_back_emit_does_not() {
         .unwrap();
     assert_eq!(rows, 1, "wal-message mode leaves no rows behind");
 
-    // An event that cannot be decoded stops the stream there: never skipped, also after a reconnect.
+    // A message with the outbox prefix that is no event never stops the stream: it
+    // comes in its transaction as undecodable (never skipped silently), with its raw
+    // content; unconfirmed, it comes again after a reconnect.
     source.confirm(alone.end_lsn);
     sqlx::query("select pg_logical_emit_message(true, 'outbox', 'not an event')")
         .execute(&db.pool)
         .await
         .unwrap();
-    let mut failed_at = Vec::new();
+    let mut seen_at = Vec::new();
     for _ in 0..2 {
-        match tokio::time::timeout(DEADLINE, source.next_transaction())
+        let transaction = tokio::time::timeout(DEADLINE, source.next_transaction())
             .await
             .unwrap()
-        {
-            Err(WalError::Decode { lsn, problem }) => {
-                assert!(problem.contains("not a valid outbox event"), "{problem}");
-                failed_at.push(lsn);
+            .unwrap()
+            .unwrap();
+        assert!(transaction.events.is_empty());
+        match transaction.undecodable.as_slice() {
+            [Undecodable::Message(message)] => {
+                assert!(
+                    message.reason.contains("not a valid outbox event"),
+                    "{}",
+                    message.reason
+                );
+                assert_eq!(message.content, b"not an event");
+                assert_eq!(message.prefix, "outbox");
+                seen_at.push(message.lsn);
             }
-            other => panic!("expected a decode error, got {other:?}"),
+            other => panic!("expected one malformed message, got {other:?}"),
         }
         tokio::time::timeout(DEADLINE, source.reconnect())
             .await
             .unwrap()
             .unwrap();
     }
-    assert_eq!(failed_at[0], failed_at[1]);
+    assert_eq!(seen_at[0], seen_at[1]);
 
     source.shutdown().await.unwrap();
     db.cleanup().await;

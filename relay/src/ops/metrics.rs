@@ -56,6 +56,9 @@ pub const WAL_RETAINED: &str = "outbox_relay_wal_retained_bytes";
 pub const WAL_CONFIRMED_LSN: &str = "outbox_relay_wal_confirmed_lsn";
 /// Times the slot was found lost and recovered from the table (counter, WAL source).
 pub const WAL_SLOT_LOSSES: &str = "outbox_relay_wal_slot_losses_total";
+/// Logical decoding messages with the outbox prefix that were no event and went
+/// to the dead-letter table (counter, WAL source; also in [`EVENTS_DEAD_LETTERED`]).
+pub const WAL_MALFORMED_MESSAGES: &str = "outbox_relay_wal_malformed_messages_total";
 
 /// Gauges sampled from the outbox tables.
 #[derive(Debug, Default, Clone, Copy)]
@@ -205,6 +208,13 @@ pub fn render(stats: &RelayStats, sample: Option<OutboxSample>) -> String {
             "Times the slot was found lost and recovered from the outbox table.",
             counter(&stats.wal_slot_losses),
         );
+        metric(
+            &mut out,
+            WAL_MALFORMED_MESSAGES,
+            "counter",
+            "WAL messages with the outbox prefix that were no event, dead-lettered.",
+            counter(&stats.wal_malformed_messages),
+        );
     }
     if let Some(sample) = sample {
         metric(
@@ -281,5 +291,6 @@ mod tests {
         let text = render(&stats, None);
         assert!(text.contains("outbox_relay_wal_slot_lag_bytes 4096\n"));
         assert!(text.contains("outbox_relay_wal_leader 1\n"));
+        assert!(text.contains("outbox_relay_wal_malformed_messages_total 0\n"));
     }
 }

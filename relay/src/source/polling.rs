@@ -37,6 +37,16 @@ pub(crate) const CREATED_AT_COLUMNS: &str = "case when isfinite(o.created_at) \
        and o.created_at < '262143-01-01 00:00:00+00'::timestamptz then o.created_at end as created_at, \
      o.created_at::text as created_at_text";
 
+/// The dead-letter reason of a row whose `created_at` (its text `raw`) no event can carry.
+pub(crate) fn unpublishable_created_at(raw: &str) -> String {
+    format!(
+        "created_at is '{raw}', which is not a time the relay can publish (infinite, or \
+         beyond year 262142), so the row can never be sent as it is; set a real \
+         created_at on it (outbox_core's writer always does), then \
+         `outbox-relay dead-letters retry`"
+    )
+}
+
 /// Events claimed together, with the lease tokens they were claimed under.
 #[derive(Debug, Default)]
 pub struct Batch {
@@ -477,13 +487,7 @@ impl ClaimRow {
         };
         let undecodable = match self.created_at {
             Some(_) => None,
-            None => Some(format!(
-                "created_at is '{}', which is not a time the relay can publish (infinite, or \
-                 beyond year 262142), so the row can never be sent as it is; set a real \
-                 created_at on it (outbox_core's writer always does), then \
-                 `outbox-relay dead-letters retry`",
-                self.created_at_text
-            )),
+            None => Some(unpublishable_created_at(&self.created_at_text)),
         };
         Ok(ClaimedEvent {
             partition: u32::try_from(self.partition).unwrap_or_default(),

@@ -122,7 +122,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use outbox_core::SchemaName;
+use outbox_core::{EventId, SchemaName};
 use pgwire_replication::{
     PgWireError, ReplicationClient, ReplicationConfig, ReplicationEvent, TlsConfig,
 };
@@ -470,8 +470,11 @@ pub enum WalError {
         timeout_ms: u64,
     },
 
-    /// A replicated change could not be read as an outbox event. The stream stops
-    /// there (it is never skipped); fix or remove the event's source and restart.
+    /// A replicated change could not be read at all (a protocol message out of
+    /// place, a publication without a needed column). The stream stops there (it
+    /// is never skipped); fix the cause and restart. Changes that are well formed
+    /// but no event (a malformed WAL message with the outbox prefix, a row with an
+    /// infinite `created_at`) are not errors: see [`Undecodable`].
     #[error("cannot decode the change at LSN {lsn}: {problem}")]
     Decode {
         /// Where in the WAL.
@@ -688,6 +691,61 @@ pub struct WalTransaction {
     /// Outbox sequences of the events that are table rows: delete those rows
     /// once the transaction is confirmed (wal-message events have no row).
     pub row_sequences: Vec<i64>,
+    /// Changes with the outbox's marks that cannot become events, in write
+    /// order: dead-letter each (it is never published), then confirm the
+    /// transaction as usual, so the slot moves past them.
+    pub undecodable: Vec<Undecodable>,
+}
+
+/// A change in the stream that looks like an outbox event and cannot be one.
+/// Anyone who can write the outbox table or connect (any role may call
+/// `pg_logical_emit_message`) can produce these: they must never stop the stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Undecodable {
+    /// An outbox row with a value no event can carry (an infinite `created_at`).
+    /// Its row stays in the table until it is moved to the dead-letter table as it
+    /// is (raw values kept); it is not in [`WalTransaction::row_sequences`].
+    Row {
+        /// The row's outbox sequence.
+        sequence: i64,
+        /// The row's event id.
+        event_id: EventId,
+        /// The row's partition key.
+        partition_key: String,
+        /// Why it cannot be published.
+        reason: String,
+    },
+    /// A transactional logical decoding message with the outbox prefix whose
+    /// content is not an event document (bad bytes, unknown version, invalid
+    /// JSON, missing or empty fields).
+    Message(MalformedMessage),
+}
+
+/// A logical decoding message with the outbox prefix that is not an event; see
+/// [`Undecodable::Message`]. Its content is kept for the dead-letter table only:
+/// never log it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct MalformedMessage {
+    /// The message record's position (its end LSN, as for wal-message events).
+    pub lsn: Lsn,
+    /// The message's prefix.
+    pub prefix: String,
+    /// The raw content, as emitted.
+    pub content: Vec<u8>,
+    /// Why it is not an event.
+    pub reason: String,
+}
+
+impl fmt::Debug for MalformedMessage {
+    // The content is whatever anyone emitted: keep it out of logs.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MalformedMessage")
+            .field("lsn", &self.lsn)
+            .field("prefix", &self.prefix)
+            .field("content_bytes", &self.content.len())
+            .finish_non_exhaustive()
+    }
 }
 
 /// Positions the source tracks, for metrics and tests.
@@ -827,6 +885,7 @@ struct OpenTransaction {
     xid: u32,
     events: Vec<OutboxEvent>,
     row_sequences: Vec<i64>,
+    undecodable: Vec<Undecodable>,
 }
 
 #[derive(Debug)]
@@ -1348,6 +1407,7 @@ impl WalSource {
                     xid,
                     events: Vec::new(),
                     row_sequences: Vec::new(),
+                    undecodable: Vec::new(),
                 });
             }
             ReplicationEvent::XLogData {
@@ -1375,12 +1435,32 @@ impl WalSource {
                 let sequence = lsn
                     .to_i64()
                     .ok_or_else(|| decode_error("LSN beyond i64".to_owned()))?;
-                let decoded = outbox_core::wal_message::decode(&content)
-                    .map_err(|e| decode_error(e.to_string()))?;
                 let open = self
                     .open
                     .as_mut()
                     .ok_or_else(|| decode_error("WAL message outside a transaction".to_owned()))?;
+                let decoded = match outbox_core::wal_message::decode(&content) {
+                    Ok(decoded) => decoded,
+                    Err(error) => {
+                        // The reason can quote the content: it goes to the dead-letter table only.
+                        tracing::warn!(
+                            %lsn, %prefix, content_bytes = content.len(),
+                            "a WAL message with the outbox prefix is not an event; dead-lettering it"
+                        );
+                        open.undecodable.push(Undecodable::Message(MalformedMessage {
+                            reason: format!(
+                                "the WAL message at LSN {lsn} with prefix {prefix:?} ({} bytes) cannot be \
+                                 published: {error}; its raw content is in payload.wal_message \
+                                 (content_base64, and content_text when it is UTF-8)",
+                                content.len()
+                            ),
+                            lsn,
+                            prefix,
+                            content: content.to_vec(),
+                        }));
+                        return Ok(None);
+                    }
+                };
                 open.events.push(OutboxEvent {
                     sequence,
                     event_id: decoded.event_id,
@@ -1406,7 +1486,7 @@ impl WalSource {
                     lsn: commit_lsn,
                     problem: "Commit without Begin".to_owned(),
                 })?;
-                if open.events.is_empty() {
+                if open.events.is_empty() && open.undecodable.is_empty() {
                     self.idle = self.idle.max(end_lsn);
                     return Ok(None);
                 }
@@ -1418,6 +1498,7 @@ impl WalSource {
                     commit_time: pg_time(commit_time_micros),
                     events: open.events,
                     row_sequences: open.row_sequences,
+                    undecodable: open.undecodable,
                 }));
             }
             ReplicationEvent::KeepAlive { wal_end, .. } => {
@@ -1463,13 +1544,23 @@ impl WalSource {
                         )));
                     }
                 };
-                let event = columns.event(&values).map_err(decode_error)?;
+                let (event, undecodable) = columns.event(&values).map_err(decode_error)?;
                 let open = self
                     .open
                     .as_mut()
                     .ok_or_else(|| decode_error("Insert outside a transaction".to_owned()))?;
-                open.row_sequences.push(event.sequence);
-                open.events.push(event);
+                match undecodable {
+                    None => {
+                        open.row_sequences.push(event.sequence);
+                        open.events.push(event);
+                    }
+                    Some(reason) => open.undecodable.push(Undecodable::Row {
+                        sequence: event.sequence,
+                        event_id: event.event_id,
+                        partition_key: event.partition_key,
+                        reason,
+                    }),
+                }
             }
             // Type, Origin, and Update/Delete/Truncate of a publication that publishes
             // more than inserts: nothing the outbox needs.

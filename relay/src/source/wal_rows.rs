@@ -15,6 +15,15 @@ use crate::config::DatabaseConfig;
 use crate::error::{Result, db_call};
 use crate::event::OutboxEvent;
 use crate::source::polling::{CREATED_AT_COLUMNS, ClaimRow};
+use crate::source::wal::MalformedMessage;
+
+/// Most bytes of a malformed WAL message's content kept in its dead letter
+/// (base64 in `payload`); longer content is cut there, its full length recorded.
+pub const MAX_KEPT_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+/// `aggregate_type` of the dead letter of a malformed WAL message.
+pub const MALFORMED_MESSAGE_AGGREGATE_TYPE: &str = "outbox.wal-message";
+/// `event_type` of the dead letter of a malformed WAL message.
+pub const MALFORMED_MESSAGE_EVENT_TYPE: &str = "outbox.malformed-wal-message";
 
 /// SQL on the outbox tables of one schema, for the WAL relay.
 #[derive(Debug, Clone)]
@@ -26,6 +35,8 @@ pub struct WalRows {
     high_water: String,
     page: String,
     dead_letter_row: String,
+    dead_letter_streamed_row: String,
+    dead_letter_message: String,
 }
 
 impl WalRows {
@@ -71,7 +82,97 @@ impl WalRows {
                         last_error = excluded.last_error, last_failed_at = excluded.last_failed_at, \
                         dead_lettered_at = now()"
             ),
+            // As `dead_letter_row`, for a row seen in the stream; says whether the row is
+            // in the dead-letter table now (moved now, or by an earlier session).
+            dead_letter_streamed_row: format!(
+                "with moved as (delete from {outbox} where sequence = $1 returning *), \
+                 inserted as ( \
+                   insert into {dead} (sequence, event_id, aggregate_type, aggregate_id, event_type, partition_key, \
+                                       destination, payload, headers, created_at, attempts, last_error, \
+                                       first_failed_at, last_failed_at) \
+                   select sequence, event_id, aggregate_type, aggregate_id, event_type, partition_key, destination, \
+                          payload, headers, created_at, least(greatest(attempts, 0), 2147483646) + 1, $2, \
+                          coalesce(first_failed_at, now()), now() \
+                   from moved \
+                   on conflict (event_id) do update set attempts = excluded.attempts, \
+                          last_error = excluded.last_error, last_failed_at = excluded.last_failed_at, \
+                          dead_lettered_at = now() \
+                   returning 1) \
+                 select exists (select from inserted) or exists (select from {dead} where sequence = $1)"
+            ),
+            // A message seen again after a restart (moved, not yet confirmed) keeps its first
+            // dead letter: the event id is made from the LSN.
+            dead_letter_message: format!(
+                "insert into {dead} (sequence, event_id, aggregate_type, aggregate_id, event_type, partition_key, \
+                                     destination, payload, headers, created_at, attempts, last_error, \
+                                     first_failed_at, last_failed_at) \
+                 values ($1, $2, $3, $4, $5, $6, null, \
+                         jsonb_build_object('wal_message', jsonb_build_object( \
+                           'lsn', $4::text, 'prefix', $7::text, 'content_bytes', $8::int8, \
+                           'truncated', $9::bool, 'content_base64', translate(encode($10::bytea, 'base64'), E'\\n', ''), \
+                           'content_text', $11::text)), \
+                         '{{}}'::jsonb, $12, 1, $13, now(), now()) \
+                 on conflict do nothing"
+            ),
         }
+    }
+
+    /// Move the streamed outbox row `sequence` that cannot become an event to the
+    /// dead-letter table as it is, with `reason`. False when the row is in
+    /// neither table (not visible yet, or deleted by someone): try again later.
+    pub async fn dead_letter_streamed_row(&self, sequence: i64, reason: &str) -> Result<bool> {
+        db_call(
+            "dead-lettering an undecodable outbox row",
+            self.timeout,
+            sqlx::query_scalar(AssertSqlSafe(self.dead_letter_streamed_row.as_str()))
+                .bind(sequence)
+                .bind(reason)
+                .fetch_one(&self.pool),
+        )
+        .await
+    }
+
+    /// Record a malformed WAL message in the dead-letter table: sequence = its
+    /// LSN, a fixed `aggregate_type`/`event_type`
+    /// ([`MALFORMED_MESSAGE_AGGREGATE_TYPE`], [`MALFORMED_MESSAGE_EVENT_TYPE`]),
+    /// `aggregate_id` = the LSN, `created_at` = its commit time, the reason in
+    /// `last_error`, and `payload = {"wal_message": {"lsn", "prefix",
+    /// "content_bytes", "truncated", "content_base64", "content_text"}}`
+    /// (`content_text` when the content is UTF-8 without NUL, else null; at most
+    /// [`MAX_KEPT_MESSAGE_BYTES`] kept). Its event id is derived from the LSN, so
+    /// seeing it again after a restart changes nothing: false then.
+    pub async fn dead_letter_message(
+        &self,
+        message: &MalformedMessage,
+        committed_at: chrono::DateTime<chrono::Utc>,
+    ) -> Result<bool> {
+        let sequence = message.lsn.to_i64().unwrap_or(i64::MAX);
+        let kept = &message.content[..message.content.len().min(MAX_KEPT_MESSAGE_BYTES)];
+        let text = std::str::from_utf8(kept)
+            .ok()
+            .filter(|text| !text.contains('\0'));
+        let lsn = message.lsn.to_string();
+        let inserted = db_call(
+            "dead-lettering a malformed WAL message",
+            self.timeout,
+            sqlx::query(AssertSqlSafe(self.dead_letter_message.as_str()))
+                .bind(sequence)
+                .bind(malformed_message_id(message.lsn))
+                .bind(MALFORMED_MESSAGE_AGGREGATE_TYPE)
+                .bind(&lsn)
+                .bind(MALFORMED_MESSAGE_EVENT_TYPE)
+                .bind(format!("wal-message:{lsn}"))
+                .bind(&message.prefix)
+                .bind(i64::try_from(message.content.len()).unwrap_or(i64::MAX))
+                .bind(kept.len() < message.content.len())
+                .bind(kept)
+                .bind(text)
+                .bind(committed_at)
+                .bind(&message.reason)
+                .execute(&self.pool),
+        )
+        .await?;
+        Ok(inserted.rows_affected() == 1)
     }
 
     /// Delete the rows of confirmed events; returns the sequences deleted.
@@ -246,5 +347,34 @@ impl WalRows {
         )
         .await?;
         Ok(())
+    }
+}
+
+/// The dead letter's event id of the malformed WAL message at `lsn`: a UUID
+/// version 8 of a fixed marker and the LSN, the same every time it is seen.
+pub fn malformed_message_id(lsn: crate::source::wal::Lsn) -> uuid::Uuid {
+    let mut bytes = [0_u8; 16];
+    bytes[..8].copy_from_slice(b"outboxwm");
+    bytes[8..].copy_from_slice(&lsn.as_u64().to_be_bytes());
+    uuid::Builder::from_custom_bytes(bytes).into_uuid()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::wal::Lsn;
+
+    #[test]
+    fn a_malformed_message_has_the_same_event_id_every_time_and_one_per_position() {
+        let lsn = Lsn(0x16_B374_D848);
+        assert_eq!(malformed_message_id(lsn), malformed_message_id(lsn));
+        assert_ne!(
+            malformed_message_id(lsn),
+            malformed_message_id(Lsn(lsn.0 + 1))
+        );
+        assert_eq!(
+            malformed_message_id(lsn).get_version(),
+            Some(uuid::Version::Custom)
+        );
     }
 }

@@ -6,7 +6,7 @@
 //! client; Type, Origin, Update, Delete and Truncate are not needed (the
 //! publication publishes inserts only) and are skipped.
 
-use chrono::{DateTime, NaiveDateTime, TimeDelta, Utc};
+use chrono::{DateTime, Datelike, NaiveDateTime, TimeDelta, Utc};
 use outbox_core::{EventId, Headers};
 
 use crate::event::OutboxEvent;
@@ -207,8 +207,14 @@ impl OutboxColumns {
         })
     }
 
-    /// The event in an inserted outbox row.
-    pub(super) fn event(&self, values: &[Value<'_>]) -> Result<OutboxEvent, String> {
+    /// The event in an inserted outbox row, and why it cannot be published when
+    /// a value is one no event can carry (`created_at` infinite or beyond year
+    /// 262142, written by another writer): such a row is dead-lettered as it is.
+    /// The event's `created_at` is then a placeholder, never published.
+    pub(super) fn event(
+        &self,
+        values: &[Value<'_>],
+    ) -> Result<(OutboxEvent, Option<String>), String> {
         let text = |index: usize, name: &str| -> Result<Option<&str>, String> {
             match values.get(index) {
                 Some(Value::Text(bytes)) => std::str::from_utf8(bytes)
@@ -235,7 +241,16 @@ impl OutboxColumns {
         let event_id: EventId = event_id
             .parse()
             .map_err(|_| format!("event_id {event_id:?} is not a UUID"))?;
-        let created_at = parse_timestamptz(required(self.created_at, "created_at")?)?;
+        let created_at_text = required(self.created_at, "created_at")?;
+        let (created_at, undecodable) = match parse_timestamptz(created_at_text) {
+            Ok(created_at) => (created_at, None),
+            Err(_) => (
+                DateTime::<Utc>::UNIX_EPOCH,
+                Some(crate::source::polling::unpublishable_created_at(
+                    created_at_text,
+                )),
+            ),
+        };
         let headers = match self.headers {
             Some(index) => match text(index, "headers")? {
                 Some(json) => parse_headers(json)?,
@@ -256,7 +271,7 @@ impl OutboxColumns {
             },
             None => 0,
         };
-        Ok(OutboxEvent {
+        let event = OutboxEvent {
             sequence,
             event_id,
             aggregate_type: required(self.aggregate_type, "aggregate_type")?.to_owned(),
@@ -268,7 +283,8 @@ impl OutboxColumns {
             headers,
             created_at,
             attempts,
-        })
+        };
+        Ok((event, undecodable))
     }
 }
 
@@ -290,14 +306,15 @@ fn parse_headers(json: &str) -> Result<Headers, String> {
 }
 
 /// Parse a `timestamptz` in the text form of a session with `DateStyle = ISO`:
-/// `2026-11-23 10:30:15.123456+00` (fraction and offset minutes optional).
+/// `2026-11-23 10:30:15.123456+00` (fraction and offset minutes optional; a
+/// ` BC` suffix for years before 1). `infinity`, `-infinity` and years beyond
+/// chrono's range (262142) are errors: no event time can carry them.
 pub(super) fn parse_timestamptz(text: &str) -> Result<DateTime<Utc>, String> {
-    match text {
-        "infinity" => return Ok(DateTime::<Utc>::MAX_UTC),
-        "-infinity" => return Ok(DateTime::<Utc>::MIN_UTC),
-        _ => {}
-    }
     let bad = || format!("created_at {text:?} is not an ISO timestamp with time zone");
+    let (text, before_christ) = match text.strip_suffix(" BC") {
+        Some(text) => (text, true),
+        None => (text, false),
+    };
     // The offset starts at the last '+' or '-' after the date part.
     let split = text
         .get(10..)
@@ -305,7 +322,12 @@ pub(super) fn parse_timestamptz(text: &str) -> Result<DateTime<Utc>, String> {
         .map(|i| i + 10)
         .ok_or_else(bad)?;
     let (local, offset) = text.split_at(split);
-    let local = NaiveDateTime::parse_from_str(local, "%Y-%m-%d %H:%M:%S%.f").map_err(|_| bad())?;
+    let mut local =
+        NaiveDateTime::parse_from_str(local, "%Y-%m-%d %H:%M:%S%.f").map_err(|_| bad())?;
+    if before_christ {
+        // Year 1 BC is year 0 of the proleptic Gregorian calendar PostgreSQL and chrono use.
+        local = local.with_year(1 - local.year()).ok_or_else(bad)?;
+    }
     let sign: i64 = if offset.starts_with('-') { -1 } else { 1 };
     let mut offset_seconds = 0_i64;
     for (i, part) in offset[1..].split(':').enumerate() {
@@ -403,7 +425,8 @@ mod tests {
         let message = insert_message(7, &values);
         let (oid, tuple) = parse_insert(&message).unwrap();
         assert_eq!(oid, 7);
-        let event = map.event(&tuple).unwrap();
+        let (event, undecodable) = map.event(&tuple).unwrap();
+        assert_eq!(undecodable, None);
         assert_eq!(event.sequence, 42);
         assert_eq!(event.event_id, id);
         assert_eq!(event.aggregate_type, "order");
@@ -470,10 +493,13 @@ mod tests {
         );
         assert_eq!(parse_timestamptz("2026-01-01 22:04:05-05").unwrap(), base);
         assert_eq!(
-            parse_timestamptz("infinity").unwrap(),
-            DateTime::<Utc>::MAX_UTC
+            parse_timestamptz("0044-03-15 12:00:00+00 BC").unwrap(),
+            Utc.with_ymd_and_hms(-43, 3, 15, 12, 0, 0).unwrap()
         );
         for bad in [
+            "infinity",
+            "-infinity",
+            "294276-12-31 23:59:59+00",
             "",
             "2026-01-02",
             "2026-01-02 03:04:05",
