@@ -1,14 +1,30 @@
 //! Example writer: an order service that places and cancels orders, writing
 //! each change and its event in one transaction through the outbox.
 //!
+//! `--mode table` (default) enqueues each event as a row of the outbox table
+//! (either relay source reads it); `--mode wal-message` emits it as a
+//! transactional logical decoding message (`outbox_core::wal_message::emit`): no
+//! table row, only a relay with `source = "wal"` whose slot already exists sees it.
+//!
 //! ```text
 //! cargo run -p outbox-examples --bin order-service -- --orders 100
+//! cargo run -p outbox-examples --bin order-service -- --orders 100 --mode wal-message
 //! ```
 
 use anyhow::Context;
-use clap::Parser;
-use outbox_core::{Event, Outbox, OutboxConfig, SchemaName};
+use clap::{Parser, ValueEnum};
+use outbox_core::{Event, Outbox, OutboxConfig, SchemaName, wal_message};
 use serde::Serialize;
+use sqlx::PgConnection;
+
+/// How events are stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    /// A row in the outbox table, in the order's transaction.
+    Table,
+    /// A transactional WAL message in the order's transaction (WAL source only).
+    WalMessage,
+}
 
 /// Places orders (and cancels some), publishing events through the outbox.
 #[derive(Parser, Debug)]
@@ -25,6 +41,36 @@ struct Args {
     /// Cancel every n-th order after placing it (0: never).
     #[arg(long, default_value_t = 5)]
     cancel_every: u32,
+    /// Where events go: the outbox table, or WAL messages.
+    #[arg(long, value_enum, default_value_t = Mode::Table)]
+    mode: Mode,
+    /// Prefix of the WAL messages (the relay's `wal.message_prefix`), with `--mode wal-message`.
+    #[arg(long, default_value = wal_message::DEFAULT_PREFIX)]
+    wal_prefix: String,
+}
+
+/// Writes events in the chosen mode into the caller's transaction.
+struct Writer {
+    mode: Mode,
+    outbox: Outbox,
+    wal_prefix: String,
+}
+
+impl Writer {
+    async fn write(&self, conn: &mut PgConnection, event: &Event) -> outbox_core::Result<()> {
+        match self.mode {
+            Mode::Table => self.outbox.enqueue(conn, event).await.map(drop),
+            Mode::WalMessage => {
+                wal_message::emit(
+                    conn,
+                    &self.wal_prefix,
+                    event,
+                    outbox_core::writer::DEFAULT_MAX_PAYLOAD_BYTES,
+                )
+                .await
+            }
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -49,10 +95,14 @@ async fn main() -> anyhow::Result<()> {
     let schema = SchemaName::new(args.schema.clone()).context("--schema")?;
     outbox_core::migrate(&pool, &schema).await?;
     outbox_examples::create_shop_tables(&pool).await?;
-    let outbox = Outbox::new(OutboxConfig {
-        schema,
-        ..OutboxConfig::default()
-    });
+    let writer = Writer {
+        mode: args.mode,
+        outbox: Outbox::new(OutboxConfig {
+            schema,
+            ..OutboxConfig::default()
+        }),
+        wal_prefix: args.wal_prefix.clone(),
+    };
 
     let mut placed = 0;
     let mut cancelled = 0;
@@ -77,7 +127,7 @@ async fn main() -> anyhow::Result<()> {
             })
             .header("schema-version", "1")
             .build()?;
-        outbox.enqueue(&mut tx, &event).await?;
+        writer.write(&mut tx, &event).await?;
         tx.commit().await?;
         placed += 1;
 
@@ -98,14 +148,18 @@ async fn main() -> anyhow::Result<()> {
                 })
                 .header("schema-version", "1")
                 .build()?;
-            outbox.enqueue(&mut tx, &event).await?;
+            writer.write(&mut tx, &event).await?;
             tx.commit().await?;
             cancelled += 1;
         }
     }
     println!(
-        "order-service: placed {placed} orders, cancelled {cancelled}; {} events enqueued",
-        placed + cancelled
+        "order-service: placed {placed} orders, cancelled {cancelled}; {} events written ({})",
+        placed + cancelled,
+        match args.mode {
+            Mode::Table => "outbox table",
+            Mode::WalMessage => "WAL messages",
+        }
     );
     Ok(())
 }
