@@ -13,8 +13,14 @@ pub const SLOT_RELEASE_TIMEOUT: Duration = Duration::from_secs(120);
 /// Schema of the example order service's business tables.
 pub const SHOP_SCHEMA: &str = "shop";
 
-/// Create the order service's `shop.orders` table if it is missing.
+/// Create the order service's `shop.orders` table if it is missing. Safe to run
+/// from several instances at once (`create … if not exists` alone is not: two
+/// sessions can both find the schema missing), so it runs under an advisory lock.
 pub async fn create_shop_tables(pool: &PgPool) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("select pg_advisory_xact_lock(hashtext('outbox-examples.shop'))")
+        .execute(&mut *tx)
+        .await?;
     sqlx::raw_sql(
         "create schema if not exists shop;
          create table if not exists shop.orders (
@@ -26,9 +32,9 @@ pub async fn create_shop_tables(pool: &PgPool) -> Result<(), sqlx::Error> {
              updated_at  timestamptz not null default now()
          );",
     )
-    .execute(pool)
+    .execute(&mut *tx)
     .await?;
-    Ok(())
+    tx.commit().await
 }
 
 /// Whether a walsender streams from `slot` (it has left the `startup` state of slot creation).

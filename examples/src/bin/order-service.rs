@@ -11,6 +11,8 @@
 //! cargo run -p outbox-examples --bin order-service -- --orders 100 --mode wal-message
 //! ```
 
+use std::time::Duration;
+
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use outbox_core::{Event, Outbox, OutboxConfig, SchemaName, wal_message};
@@ -41,6 +43,9 @@ struct Args {
     /// Cancel every n-th order after placing it (0: never).
     #[arg(long, default_value_t = 5)]
     cancel_every: u32,
+    /// Orders placed per second (0: as fast as the database takes them).
+    #[arg(long, default_value_t = 0)]
+    rate: u32,
     /// Where events go: the outbox table, or WAL messages.
     #[arg(long, value_enum, default_value_t = Mode::Table)]
     mode: Mode,
@@ -87,8 +92,17 @@ struct OrderCancelled {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+async fn main() -> std::process::ExitCode {
+    match run(Args::parse()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("order-service: error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
     let pool = sqlx::PgPool::connect(&args.database_url)
         .await
         .context("connecting to PostgreSQL (set DATABASE_URL)")?;
@@ -106,7 +120,15 @@ async fn main() -> anyhow::Result<()> {
 
     let mut placed = 0;
     let mut cancelled = 0;
+    let mut pace = (args.rate > 0).then(|| {
+        let mut pace = tokio::time::interval(Duration::from_secs(1) / args.rate);
+        pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        pace
+    });
     for n in 1..=args.orders {
+        if let Some(pace) = pace.as_mut() {
+            pace.tick().await;
+        }
         let customer = format!("customer-{}", n % 10);
         let total_cents = i64::from(n) * 100 + 99;
 
