@@ -120,19 +120,23 @@ pub const DATABASE_OUTAGE_LIMIT: Duration = Duration::from_secs(30);
 /// `None`), or the process got Ctrl-C / SIGTERM. An error when the database stays
 /// unreachable for [`DATABASE_OUTAGE_LIMIT`].
 ///
-/// Every branch awaits (a timer, a signal, a query): nothing here spins.
+/// The consumer helpers poll this future once they are subscribed: it prints
+/// `ready` then (after the signal handlers are in place, so a signal from then on
+/// stops the consumer cleanly). Every branch awaits (a timer, a signal, a query):
+/// nothing here spins.
 pub async fn wait_for_stop(
     pool: &PgPool,
     count_sql: &'static str,
     expect: u64,
     timeout: Option<Duration>,
+    ready: &str,
 ) -> anyhow::Result<StopReason> {
     let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+    let mut signals = Signals::new().context("installing the signal handlers")?;
+    println!("{ready}");
     let start = count_rows(pool, count_sql)
         .await
         .context("counting the consumer's effects at start")?;
-    let signal = shutdown_signal();
-    tokio::pin!(signal);
     let mut tick = tokio::time::interval(STOP_POLL_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing_since: Option<Instant> = None;
@@ -144,7 +148,7 @@ pub async fn wait_for_stop(
             }
         };
         tokio::select! {
-            _ = &mut signal => return Ok(StopReason::Signal),
+            _ = signals.recv() => return Ok(StopReason::Signal),
             _ = timer => return Ok(StopReason::Timeout),
             _ = tick.tick() => {}
         }
@@ -175,26 +179,45 @@ async fn count_rows(pool: &PgPool, count_sql: &'static str) -> Result<u64, sqlx:
     Ok(u64::try_from(count).unwrap_or(0))
 }
 
-/// Completes on Ctrl-C, or on SIGTERM on Unix.
-pub async fn shutdown_signal() {
+/// Ctrl-C and (on Unix) SIGTERM, caught from creation on: a signal that arrives
+/// before [`Signals::recv`] is awaited is not lost and does not kill the process.
+pub struct Signals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
+    terminate: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Install the handlers now.
+    pub fn new() -> std::io::Result<Signals> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Ok(Signals {
+                terminate: signal(SignalKind::terminate())?,
+                interrupt: signal(SignalKind::interrupt())?,
+            })
+        }
+        #[cfg(not(unix))]
+        {
+            Ok(Signals {})
         }
     }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+
+    /// Completes on the next Ctrl-C or SIGTERM.
+    pub async fn recv(&mut self) {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                _ = self.terminate.recv() => {}
+                _ = self.interrupt.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 

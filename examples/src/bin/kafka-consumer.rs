@@ -178,8 +178,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let stop = stop.clone();
         let pool = pool.clone();
         let expect = args.expect;
+        let ready = format!(
+            "kafka-consumer: consuming topic {} (Ctrl-C to stop)",
+            args.topic
+        );
         async move {
-            let reason = wait_for_stop(&pool, COUNT_PARCELS, expect, timeout).await;
+            let reason = wait_for_stop(&pool, COUNT_PARCELS, expect, timeout, &ready).await;
             let _ = stop.set(reason);
         }
     };

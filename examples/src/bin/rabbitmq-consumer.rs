@@ -173,8 +173,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let stop = stop.clone();
         let pool = pool.clone();
         let expect = args.expect;
+        let ready = format!(
+            "rabbitmq-consumer: consuming queue {} (Ctrl-C to stop)",
+            args.queue
+        );
         async move {
-            let reason = wait_for_stop(&pool, COUNT_LEDGER, expect, timeout).await;
+            let reason = wait_for_stop(&pool, COUNT_LEDGER, expect, timeout, &ready).await;
             let _ = stop.set(reason);
         }
     };
