@@ -96,4 +96,6 @@ fn the_demo_delivers_every_event_once_through_both_brokers_and_shuts_down_cleanl
         "{output}"
     );
     assert!(output.contains("duplicates skipped:"), "{output}");
+    // The script's logs (kept when it fails, for a look).
+    let _ = std::fs::remove_dir_all(workspace_root().join(format!("target/demo-test-{id}")));
 }
