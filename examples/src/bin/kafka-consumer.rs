@@ -67,7 +67,8 @@ struct Args {
     #[arg(long, default_value_t = 0)]
     timeout_secs: u64,
     /// Messages handled at once (different order ids).
-    #[arg(long, default_value_t = 64)]
+    /// Each holds a database connection while its handler runs.
+    #[arg(long, default_value_t = 16)]
     max_in_flight: u16,
     /// Create the topics (if missing) and the parcels table, then exit (the demo runs
     /// this before the relay starts: the relay dead-letters events for a missing topic).
@@ -134,7 +135,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| format!("{}.dead-letters", args.topic));
     let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(u32::from(args.max_in_flight.clamp(1, 16)) + 1)
+        // One connection per message in flight, plus one for the stop condition's count.
+        .max_connections(u32::from(args.max_in_flight.max(1)) + 1)
         .acquire_timeout(Duration::from_secs(10))
         .connect(&args.database_url)
         .await

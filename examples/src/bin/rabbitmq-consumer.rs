@@ -62,7 +62,8 @@ struct Args {
     #[arg(long, default_value_t = 0)]
     timeout_secs: u64,
     /// Messages handled at once (different order ids); also the prefetch.
-    #[arg(long, default_value_t = 64)]
+    /// Each holds a database connection while its handler runs.
+    #[arg(long, default_value_t = 16)]
     max_in_flight: u16,
     /// (Re)create the exchange, the queue (empty) with its dead-letter queue, and the
     /// ledger table, then exit (the demo runs this before the relay starts).
@@ -130,7 +131,8 @@ async fn main() -> std::process::ExitCode {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(u32::from(args.max_in_flight.clamp(1, 16)) + 1)
+        // One connection per message in flight, plus one for the stop condition's count.
+        .max_connections(u32::from(args.max_in_flight.max(1)) + 1)
         .acquire_timeout(Duration::from_secs(10))
         .connect(&args.database_url)
         .await
@@ -185,7 +187,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let result = consumer.run(&channel, &args.queue, shutdown).await;
     let _ = connection.close(200, "consumer stopped".into()).await;
     pool.close().await;
-    let stats = result.context("consuming from RabbitMQ")?;
+    let stats = result.with_context(|| {
+        format!(
+            "consuming queue {} from RabbitMQ (`--setup-only` declares it)",
+            args.queue
+        )
+    })?;
     let reason = match Arc::try_unwrap(stop).ok().and_then(OnceLock::into_inner) {
         Some(reason) => reason?,
         None => anyhow::bail!(
