@@ -36,6 +36,7 @@ use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
 pub mod admin;
+mod check;
 pub mod config;
 pub mod error;
 pub mod event;
@@ -48,6 +49,7 @@ pub mod sink;
 pub mod source;
 mod wal_pipeline;
 
+pub use check::check_connections;
 pub use config::{RawConfig, RelayConfig};
 pub use error::{RelayError, Result};
 pub use pipeline::{RelayStats, RunSummary};

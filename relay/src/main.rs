@@ -42,6 +42,9 @@ struct RunArgs {
     /// Validate the configuration, print a summary (without secrets) and exit.
     #[arg(long)]
     check_config: bool,
+    /// With --check-config: also connect to PostgreSQL and the broker once each.
+    #[arg(long, requires = "check_config")]
+    check_connections: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -285,6 +288,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let config = outbox_relay::RawConfig::load(args.config.as_deref())?.validate()?;
             if args.check_config {
                 println!("configuration is valid: {}", config.summary());
+                if args.check_connections {
+                    for line in outbox_relay::check_connections(&config).await? {
+                        println!("{line}");
+                    }
+                }
                 return Ok(());
             }
             let summary = outbox_relay::run(config, shutdown_signal()).await?;

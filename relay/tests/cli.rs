@@ -335,3 +335,42 @@ fn check_config_names_source_sink_and_hosts_but_no_secret() {
     assert!(!text.contains(DB_PASSWORD), "{text}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_connections_tries_each_connection_and_names_the_failing_one_without_secrets() {
+    let test = TestSchema::new().await;
+    let dir = temp_dir();
+    let check = |path: &Path| {
+        let output = Command::new(binary())
+            .args(["run", "--check-config", "--check-connections", "--config"])
+            .arg(path)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&output.stdout).into_owned()
+            + &String::from_utf8_lossy(&output.stderr);
+        (output.status.success(), text)
+    };
+
+    let good = write_config(&dir, &test, &amqp_url(), "unused");
+    let (ok, text) = check(&good);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("PostgreSQL at") && text.contains("RabbitMQ at"),
+        "{text}"
+    );
+    assert_eq!(text.matches(": connected").count(), 2, "{text}");
+
+    let bad = write_config(
+        &dir,
+        &test,
+        &with_password(&amqp_url(), MQ_PASSWORD),
+        "unused",
+    );
+    let (ok, text) = check(&bad);
+    assert!(!ok, "a refused broker login passed the check: {text}");
+    assert!(text.contains("password"), "says what to check: {text}");
+    assert!(
+        leaks(&text, &[DB_PASSWORD, MQ_PASSWORD]).is_empty(),
+        "{text}"
+    );
+}
