@@ -134,6 +134,45 @@ async fn poison_effects(test: &TestSchema, table: &str) -> i64 {
     .unwrap()
 }
 
+/// The consumer instances' tasks.
+type Runs = Vec<tokio::task::JoinHandle<Result<ConsumerStats, outbox_core::Error>>>;
+
+/// Wait until every event but the poison one has exactly one effect (never two), then
+/// stop the instances and add up what they did.
+async fn wait_for_effects_then_stop(
+    test: &TestSchema,
+    table: &str,
+    until: Instant,
+    stops: Vec<tokio::sync::oneshot::Sender<()>>,
+    runs: Runs,
+) -> ConsumerStats {
+    loop {
+        let (distinct, repeated) = effect_counts(test, table).await;
+        assert_eq!(repeated, 0, "an event's effect happened twice");
+        if distinct == EVENTS - 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "{distinct} of {} events have their effect after {DEADLINE:?}",
+            EVENTS - 1
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for stop in stops {
+        let _ = stop.send(());
+    }
+    let mut total = ConsumerStats::default();
+    for run in runs {
+        let stats = run.await.unwrap().unwrap();
+        total.handled += stats.handled;
+        total.duplicates += stats.duplicates;
+        total.retries += stats.retries;
+        total.dead_lettered += stats.dead_lettered;
+    }
+    total
+}
+
 fn payload(n: i64) -> Vec<u8> {
     serde_json::to_vec(&serde_json::json!({ "n": n })).unwrap()
 }
@@ -293,30 +332,7 @@ async fn amqp_helper_applies_each_event_once_across_duplicates_and_two_instances
     }
     assert_eq!(dead_ids, [event_id(POISON_N), event_id(POISON_N)]);
 
-    loop {
-        let (distinct, repeated) = effect_counts(&test, &table).await;
-        assert_eq!(repeated, 0, "an event's effect happened twice");
-        if distinct == EVENTS - 1 {
-            break;
-        }
-        assert!(
-            Instant::now() < until,
-            "{distinct} of {} events have their effect after {DEADLINE:?}",
-            EVENTS - 1
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    for stop in stops {
-        let _ = stop.send(());
-    }
-    let mut total = ConsumerStats::default();
-    for run in runs {
-        let stats = run.await.unwrap().unwrap();
-        total.handled += stats.handled;
-        total.duplicates += stats.duplicates;
-        total.retries += stats.retries;
-        total.dead_lettered += stats.dead_lettered;
-    }
+    let total = wait_for_effects_then_stop(&test, &table, until, stops, runs).await;
     eprintln!("amqp consumer stats: {total:?}");
     assert_eq!(total.handled, (EVENTS - 1) as u64);
     // Second copies still queued when the consumers stopped are redelivered later.
@@ -422,29 +438,7 @@ async fn kafka_helper_applies_each_event_once_across_duplicates_and_two_instance
     }
 
     let until = Instant::now() + DEADLINE;
-    loop {
-        let (distinct, repeated) = effect_counts(&test, &table).await;
-        assert_eq!(repeated, 0, "an event's effect happened twice");
-        if distinct == EVENTS - 1 {
-            break;
-        }
-        assert!(
-            Instant::now() < until,
-            "{distinct} of {} events have their effect after {DEADLINE:?}",
-            EVENTS - 1
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    for stop in stops {
-        let _ = stop.send(());
-    }
-    let mut total = ConsumerStats::default();
-    for run in runs {
-        let stats = run.await.unwrap().unwrap();
-        total.handled += stats.handled;
-        total.duplicates += stats.duplicates;
-        total.dead_lettered += stats.dead_lettered;
-    }
+    let total = wait_for_effects_then_stop(&test, &table, until, stops, runs).await;
     eprintln!("kafka consumer stats: {total:?}");
     assert_eq!(total.handled, (EVENTS - 1) as u64);
     // Four copies of each event reach the two groups; one is handled, and copies not yet
