@@ -148,3 +148,14 @@ pub fn unique_schema() -> SchemaName {
     let id = uuid::Uuid::new_v4().simple().to_string();
     SchemaName::new(format!("t_{}", &id[..16])).expect("generated schema names are valid")
 }
+
+/// Relay logs on stderr when `RUST_LOG` is set (the runtimes are multi-threaded, so
+/// the test harness cannot capture them per test); nothing otherwise.
+pub fn init_tracing() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
+}

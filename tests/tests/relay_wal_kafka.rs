@@ -24,16 +24,7 @@ use outbox_tests::kafka::{
 use outbox_tests::relay::{RunningRelay, wait_for_empty_outbox};
 use outbox_tests::wal::WalDatabase;
 
-/// Relay logs on stderr when `RUST_LOG` is set (the runtimes are multi-threaded,
-/// so the test harness cannot capture them per test).
-fn init_tracing() {
-    if std::env::var_os("RUST_LOG").is_some() {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-            .with_writer(std::io::stderr)
-            .try_init();
-    }
-}
+use outbox_tests::init_tracing;
 
 /// A WAL-mode relay configuration for `db` publishing to `topic` on `brokers`.
 fn kafka_config(db: &WalDatabase, brokers: &str, topic: &str) -> RawConfig {

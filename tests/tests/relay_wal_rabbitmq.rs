@@ -28,16 +28,7 @@ const DEADLINE: Duration = Duration::from_secs(30);
 /// Longest wait for a few thousand events to arrive.
 const DELIVERY_DEADLINE: Duration = Duration::from_secs(50);
 
-/// Relay logs on stderr when `RUST_LOG` is set (the runtimes are multi-threaded,
-/// so the test harness cannot capture them per test).
-fn init_tracing() {
-    if std::env::var_os("RUST_LOG").is_some() {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-            .with_writer(std::io::stderr)
-            .try_init();
-    }
-}
+use outbox_tests::init_tracing;
 
 fn outbox_for(test: &TestSchema) -> Outbox {
     Outbox::new(OutboxConfig {

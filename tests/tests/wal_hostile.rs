@@ -18,15 +18,7 @@ use sqlx::AssertSqlSafe;
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
-/// Logs to stderr when `RUST_LOG` is set (for debugging a failure).
-fn init_tracing() {
-    if std::env::var_os("RUST_LOG").is_some() {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-            .with_writer(std::io::stderr)
-            .try_init();
-    }
-}
+use outbox_tests::init_tracing;
 
 async fn wait_until(what: &str, deadline: Duration, mut check: impl AsyncFnMut() -> bool) {
     let until = tokio::time::Instant::now() + deadline;
