@@ -1,0 +1,242 @@
+//! The configuration as written (`Raw*`), before validation; `Debug` masks passwords.
+
+use serde::Deserialize;
+
+use super::redact_url;
+
+/// The configuration as written, before validation. Units are in the names.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// `rabbitmq` (or `kafka` when built with that sink).
+    pub sink: Option<String>,
+    /// `polling` (default) or `wal`.
+    pub source: Option<String>,
+    /// PostgreSQL settings.
+    #[serde(default)]
+    pub database: RawDatabase,
+    /// Polling source settings.
+    #[serde(default)]
+    pub polling: RawPolling,
+    /// Pipeline settings.
+    #[serde(default)]
+    pub pipeline: RawPipeline,
+    /// WAL source settings (with `source = "wal"`).
+    pub wal: Option<RawWal>,
+    /// RabbitMQ sink settings.
+    pub rabbitmq: Option<RawRabbitMq>,
+    /// Kafka sink settings.
+    pub kafka: Option<RawKafka>,
+    /// This instance.
+    #[serde(default)]
+    pub instance: RawInstance,
+    /// Metrics and health endpoint.
+    #[serde(default)]
+    pub ops: RawOps,
+}
+
+/// `[ops]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOps {
+    /// Address of the `/metrics`, `/healthz`, `/readyz` endpoint, e.g. `0.0.0.0:9187`; unset: none.
+    pub listen_addr: Option<String>,
+}
+
+/// `[database]`; its `Debug` masks the password of the url.
+#[derive(Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDatabase {
+    /// PostgreSQL URL.
+    pub url: Option<String>,
+    /// Schema of the outbox tables.
+    pub schema: Option<String>,
+    /// Connections for settling and dead-lettering (claiming has its own).
+    pub pool_size: Option<u32>,
+    /// Connect timeout.
+    pub connect_timeout_ms: Option<u64>,
+    /// Statement timeout set on every connection.
+    pub statement_timeout_ms: Option<u64>,
+}
+
+/// `[polling]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPolling {
+    /// Rows claimed per batch.
+    pub batch_size: Option<usize>,
+    /// Longest wait between claims when idle.
+    pub poll_interval_ms: Option<u64>,
+    /// Work partitions shared by all relays of the schema.
+    pub partitions: Option<u32>,
+    /// Partition lease duration.
+    pub lease_ms: Option<u64>,
+    /// `delete` (default) or `mark`.
+    pub settle: Option<String>,
+    /// With `mark`: how long published rows are kept.
+    pub published_retention_ms: Option<u64>,
+}
+
+/// `[wal]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWal {
+    /// Replication slot (default `outbox_relay_<schema>`; unique in the cluster).
+    pub slot: Option<String>,
+    /// Publication on `<schema>.outbox` (default `outbox_relay_<schema>`).
+    pub publication: Option<String>,
+    /// Prefix of wal-message events (default `outbox`, as the writer's).
+    pub message_prefix: Option<String>,
+    /// Interval of standby status updates and of recording the confirmed position.
+    pub status_interval_ms: Option<u64>,
+    /// How long to wait for a slot another session still streams from (rolling restarts).
+    pub slot_busy_timeout_ms: Option<u64>,
+    /// How often a standby tries to become the leader.
+    pub leader_retry_ms: Option<u64>,
+    /// Claimed-but-unconfirmed events at most (default: `polling.batch_size`).
+    pub max_in_flight_events: Option<usize>,
+    /// How often the slot's lag and retained WAL are sampled.
+    pub lag_sample_interval_ms: Option<u64>,
+    /// WAL the slot may hold back before `over_budget` applies, in bytes; unset: no budget.
+    pub retained_wal_budget_bytes: Option<u64>,
+    /// `warn` (default) or `fallback-polling` (drop the slot and poll the table).
+    pub over_budget: Option<String>,
+}
+
+/// `[pipeline]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPipeline {
+    /// Keys publishing at once.
+    pub max_in_flight: Option<usize>,
+    /// Attempts before dead-lettering an event the broker rejects.
+    pub max_attempts: Option<u32>,
+    /// First retry delay.
+    pub retry_backoff_initial_ms: Option<u64>,
+    /// Longest retry delay.
+    pub retry_backoff_max_ms: Option<u64>,
+    /// Time to finish in-flight work after a shutdown signal.
+    pub shutdown_grace_ms: Option<u64>,
+    /// `skip` (dead-letter a poison event, its key continues) or `block` (hold its key).
+    pub poison_policy: Option<String>,
+    /// Consecutive failed rounds that open the circuit breaker.
+    pub breaker_failure_threshold: Option<u32>,
+}
+
+/// `[rabbitmq]`; its `Debug` masks the password of the url.
+#[derive(Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRabbitMq {
+    /// AMQP URL.
+    pub url: Option<String>,
+    /// Exchange template.
+    pub exchange: Option<String>,
+    /// Routing-key template.
+    pub routing_key: Option<String>,
+    /// `app_id` property.
+    pub app_id: Option<String>,
+    /// Connect timeout.
+    pub connect_timeout_ms: Option<u64>,
+    /// Publish-until-confirm timeout.
+    pub publish_timeout_ms: Option<u64>,
+    /// Largest payload sent, in bytes (the broker's `max_message_size`, default 16 MiB);
+    /// larger events are dead-lettered at the first attempt.
+    pub max_message_bytes: Option<usize>,
+    /// Exchanges to declare at start.
+    #[serde(default)]
+    pub declare_exchanges: Vec<RawExchange>,
+    /// PEM file of the CA that signed the broker's certificate (amqps).
+    pub tls_ca_file: Option<String>,
+}
+
+/// `[kafka]`; its `Debug` shows the names of the `extra` settings, not their values.
+#[derive(Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawKafka {
+    /// Bootstrap servers, `host:port[,host:port…]`.
+    pub brokers: Option<String>,
+    /// Topic template.
+    pub topic: Option<String>,
+    /// Message-key template (default `{partition_key}`: per-key order is per-partition order).
+    pub key: Option<String>,
+    /// Producer `client.id`.
+    pub client_id: Option<String>,
+    /// librdkafka partitioner (default `murmur2_random`, as Java clients).
+    pub partitioner: Option<String>,
+    /// Bound on one delivery including librdkafka's own retries.
+    pub message_timeout_ms: Option<u64>,
+    /// Largest event accepted (key + payload + headers), in bytes.
+    pub max_message_bytes: Option<usize>,
+    /// Send every event to this partition.
+    pub partition: Option<i32>,
+    /// Further librdkafka settings (security.protocol, sasl.*, ssl.*), passed through.
+    #[serde(default)]
+    pub extra: std::collections::BTreeMap<String, String>,
+}
+
+/// `[[rabbitmq.declare_exchanges]]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawExchange {
+    /// Exchange name.
+    pub name: String,
+    /// `topic` (default), `direct`, `fanout` or `headers`.
+    pub kind: Option<String>,
+    /// Survives a broker restart (default true).
+    pub durable: Option<bool>,
+}
+
+/// `[instance]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawInstance {
+    /// Name of this relay instance in leases and logs (default: host-pid-random).
+    pub id: Option<String>,
+    /// How long to wait at start for PostgreSQL and the broker to answer before
+    /// giving up; unset: wait as long as it takes (logging every attempt).
+    pub startup_timeout_ms: Option<u64>,
+}
+
+impl std::fmt::Debug for RawDatabase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawDatabase")
+            .field("url", &self.url.as_deref().map(redact_url))
+            .field("schema", &self.schema)
+            .field("pool_size", &self.pool_size)
+            .field("connect_timeout_ms", &self.connect_timeout_ms)
+            .field("statement_timeout_ms", &self.statement_timeout_ms)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for RawRabbitMq {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawRabbitMq")
+            .field("url", &self.url.as_deref().map(redact_url))
+            .field("exchange", &self.exchange)
+            .field("routing_key", &self.routing_key)
+            .field("app_id", &self.app_id)
+            .field("connect_timeout_ms", &self.connect_timeout_ms)
+            .field("publish_timeout_ms", &self.publish_timeout_ms)
+            .field("max_message_bytes", &self.max_message_bytes)
+            .field("declare_exchanges", &self.declare_exchanges)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for RawKafka {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let extra: Vec<&str> = self.extra.keys().map(String::as_str).collect();
+        f.debug_struct("RawKafka")
+            .field("brokers", &self.brokers)
+            .field("topic", &self.topic)
+            .field("key", &self.key)
+            .field("client_id", &self.client_id)
+            .field("partitioner", &self.partitioner)
+            .field("message_timeout_ms", &self.message_timeout_ms)
+            .field("max_message_bytes", &self.max_message_bytes)
+            .field("partition", &self.partition)
+            .field("extra (values hidden)", &extra)
+            .finish()
+    }
+}
