@@ -41,6 +41,7 @@ pub mod config;
 pub mod error;
 pub mod event;
 pub mod failpoint;
+pub mod logging;
 pub mod ops;
 mod pipeline;
 pub mod resilience;
@@ -237,9 +238,7 @@ pub async fn run(
             }
         }
     };
-    if let Some(ops) = ops {
-        ops.abort();
-    }
+    drop(ops);
     result
 }
 
@@ -253,21 +252,46 @@ pub async fn run_with_sink<S: sink::Sink>(
     stats.beat();
     let ops = start_ops(&config, &stats, shutdown.clone()).await?;
     let result = relay_with_sink(config, sink, shutdown, stats, tokio::time::Instant::now()).await;
-    if let Some(ops) = ops {
-        ops.abort();
-    }
+    drop(ops);
     result
 }
 
+/// Background tasks of operations (the ops endpoint, the progress line), aborted when the relay stops.
+struct OpsTasks(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for OpsTasks {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
+}
+
 /// Bind the ops endpoint (if configured) and serve it in a task; failing to bind
-/// is an error with the cause, not a warning.
+/// is an error with the cause, not a warning. Start the progress line.
 async fn start_ops(
     config: &RelayConfig,
     stats: &Arc<RelayStats>,
     shutdown: tokio::sync::watch::Receiver<bool>,
-) -> Result<Option<tokio::task::JoinHandle<()>>> {
+) -> Result<OpsTasks> {
+    let mut tasks = Vec::new();
+    // Lazy: the endpoint must answer while PostgreSQL does not, yet.
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(config.database.connect_timeout)
+        .connect_lazy_with(connect_options(&config.database)?);
+    let schema = config.database.schema.clone();
+    if let Some(interval) = config.progress_interval {
+        tasks.push(tokio::spawn(ops::progress::report(
+            stats.clone(),
+            pool.clone(),
+            schema.clone(),
+            interval,
+            shutdown.clone(),
+        )));
+    }
     let Some(addr) = config.ops_listen_addr.clone() else {
-        return Ok(None);
+        return Ok(OpsTasks(tasks));
     };
     let listener = tokio::net::TcpListener::bind(addr.as_str())
         .await
@@ -275,17 +299,15 @@ async fn start_ops(
             addr: addr.clone(),
             source,
         })?;
-    // Lazy: the endpoint must answer while PostgreSQL does not, yet.
-    let pool = PgPoolOptions::new()
-        .max_connections(1)
-        .acquire_timeout(config.database.connect_timeout)
-        .connect_lazy_with(connect_options(&config.database)?);
-    let (stats, schema) = (stats.clone(), config.database.schema.clone());
-    Ok(Some(tokio::spawn(async move {
-        if let Err(error) = ops::http::serve(listener, stats, pool, schema, shutdown).await {
+    let (stats, interval) = (stats.clone(), config.ops_sample_interval);
+    tasks.push(tokio::spawn(async move {
+        if let Err(error) =
+            ops::http::serve(listener, stats, pool, schema, interval, shutdown).await
+        {
             tracing::error!(%addr, %error, "the ops endpoint failed");
         }
-    })))
+    }));
+    Ok(OpsTasks(tasks))
 }
 
 /// Delay before the next start-up attempt, or the error that ends the wait.

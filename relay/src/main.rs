@@ -12,6 +12,15 @@ use sqlx::postgres::PgPoolOptions;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log lines on stderr as `text` (colour only on a terminal) or `json` (one object per line).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value_t,
+        env = "OUTBOX_RELAY_LOG_FORMAT"
+    )]
+    log_format: outbox_relay::logging::LogFormat,
 }
 
 #[derive(Subcommand, Debug)]
@@ -196,14 +205,16 @@ impl FilterArgs {
 
 impl DatabaseArgs {
     async fn connect(&self) -> anyhow::Result<(sqlx::PgPool, SchemaName)> {
-        let from_file = match &self.config {
-            Some(path) => Some(outbox_relay::RawConfig::load(Some(path))?.database),
-            None => None,
+        // The file (if any) with OUTBOX_RELAY__… overrides, as `run` reads them, so
+        // OUTBOX_RELAY__DATABASE__URL_FILE works here too.
+        let from_file = Some(outbox_relay::RawConfig::load(self.config.as_deref())?);
+        let url = match (&self.database_url, &from_file) {
+            (Some(url), _) => Some(url.clone()),
+            (None, Some(raw)) => raw.database_url()?,
+            (None, None) => None,
         };
-        let url = self
-            .database_url
-            .clone()
-            .or_else(|| from_file.as_ref().and_then(|d| d.url.clone()))
+        let from_file = from_file.map(|raw| raw.database);
+        let url = url
             .context("no database URL: pass --database-url, set OUTBOX_RELAY__DATABASE__URL, or give --config")?;
         let schema = self
             .schema
@@ -257,10 +268,8 @@ impl DatabaseArgs {
 const RUNTIME_SHUTDOWN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(outbox_relay::log_filter())
-        .with_writer(std::io::stderr)
-        .init();
+    let cli = Cli::parse();
+    outbox_relay::logging::init(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -271,7 +280,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(run(Cli::parse()));
+    let result = runtime.block_on(run(cli));
     runtime.shutdown_timeout(RUNTIME_SHUTDOWN_TIMEOUT);
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

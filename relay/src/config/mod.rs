@@ -58,6 +58,11 @@ pub const DEFAULT_STATEMENT_TIMEOUT_MS: u64 = 30_000;
 /// Default retention of published rows when `settle = "mark"`, in milliseconds (one day).
 pub const DEFAULT_PUBLISHED_RETENTION_MS: u64 = 86_400_000;
 
+/// Default interval of the sampled outbox gauges, in milliseconds.
+pub const DEFAULT_SAMPLE_INTERVAL_MS: u64 = 15_000;
+/// Default interval of the progress log line, in milliseconds.
+pub const DEFAULT_PROGRESS_INTERVAL_MS: u64 = 30_000;
+
 /// An invalid setting: which one, what is wrong, and how to fix it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid configuration: {field}: {problem}; {fix}")]
@@ -80,6 +85,7 @@ fn invalid(field: &str, problem: impl Into<String>, fix: impl Into<String>) -> C
 
 mod raw;
 mod redact;
+mod secrets;
 mod sections;
 #[cfg(test)]
 mod tests;
@@ -123,6 +129,10 @@ pub struct RelayConfig {
     /// Where to serve `/metrics`, `/healthz` and `/readyz`, if anywhere: `host:port`
     /// with an IP address or a host name.
     pub ops_listen_addr: Option<String>,
+    /// How often the outbox gauges are sampled from PostgreSQL (`ops.sample_interval_ms`).
+    pub ops_sample_interval: Duration,
+    /// How often a progress line is logged while events flow; `None`: never.
+    pub progress_interval: Option<Duration>,
     /// Longest wait at start for PostgreSQL and the broker; `None`: no limit.
     pub startup_timeout: Option<Duration>,
 }
@@ -184,6 +194,11 @@ impl RawConfig {
 
     /// Check every setting and resolve defaults.
     pub fn validate(self) -> Result<RelayConfig, ConfigError> {
+        let this = self.read_secret_files()?;
+        this.validate_sections()
+    }
+
+    fn validate_sections(self) -> Result<RelayConfig, ConfigError> {
         let database = validate_database(self.database)?;
         let polling = validate_polling(self.polling)?;
         let pipeline = validate_pipeline(self.pipeline)?;
@@ -274,6 +289,23 @@ impl RawConfig {
             None | Some("") => None,
             Some(addr) => Some(validate_listen_addr(addr)?),
         };
+        let ops_sample_interval = ms(
+            "ops.sample_interval_ms",
+            self.ops.sample_interval_ms,
+            DEFAULT_SAMPLE_INTERVAL_MS,
+            100,
+            3_600_000,
+        )?;
+        let progress_interval = match self.ops.progress_interval_ms {
+            Some(0) => None,
+            value => Some(ms(
+                "ops.progress_interval_ms",
+                value,
+                DEFAULT_PROGRESS_INTERVAL_MS,
+                1_000,
+                86_400_000,
+            )?),
+        };
         let startup_timeout = match self.instance.startup_timeout_ms {
             None => None,
             Some(ms_value) => Some(ms(
@@ -293,6 +325,8 @@ impl RawConfig {
             router,
             instance_id,
             ops_listen_addr,
+            ops_sample_interval,
+            progress_interval,
             startup_timeout,
         })
     }

@@ -41,6 +41,12 @@ pub struct RawConfig {
 pub struct RawOps {
     /// Address of the `/metrics`, `/healthz`, `/readyz` endpoint, e.g. `0.0.0.0:9187`; unset: none.
     pub listen_addr: Option<String>,
+    /// How often the outbox gauges (backlog, oldest age, dead letters) are sampled
+    /// from PostgreSQL, in milliseconds (default 15000).
+    pub sample_interval_ms: Option<u64>,
+    /// A progress line is logged this often while events flow, in milliseconds
+    /// (default 30000; 0: never).
+    pub progress_interval_ms: Option<u64>,
 }
 
 /// `[database]`; its `Debug` masks the password of the url.
@@ -49,6 +55,8 @@ pub struct RawOps {
 pub struct RawDatabase {
     /// PostgreSQL URL.
     pub url: Option<String>,
+    /// A file holding the PostgreSQL URL (a Docker or Kubernetes secret), read at start.
+    pub url_file: Option<String>,
     /// Schema of the outbox tables.
     pub schema: Option<String>,
     /// Connections for settling and dead-lettering (claiming has its own).
@@ -129,6 +137,8 @@ pub struct RawPipeline {
 pub struct RawRabbitMq {
     /// AMQP URL.
     pub url: Option<String>,
+    /// A file holding the AMQP URL (a Docker or Kubernetes secret), read at start.
+    pub url_file: Option<String>,
     /// Exchange template.
     pub exchange: Option<String>,
     /// Routing-key template.
@@ -172,6 +182,10 @@ pub struct RawKafka {
     /// Further librdkafka settings (security.protocol, sasl.*, ssl.*), passed through.
     #[serde(default)]
     pub extra: std::collections::BTreeMap<String, String>,
+    /// librdkafka settings whose values are read from files at start, e.g.
+    /// `"sasl.password" = "/run/secrets/kafka-password"`.
+    #[serde(default)]
+    pub extra_files: std::collections::BTreeMap<String, String>,
 }
 
 /// `[[rabbitmq.declare_exchanges]]`
@@ -201,6 +215,7 @@ impl std::fmt::Debug for RawDatabase {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RawDatabase")
             .field("url", &self.url.as_deref().map(redact_url))
+            .field("url_file", &self.url_file)
             .field("schema", &self.schema)
             .field("pool_size", &self.pool_size)
             .field("connect_timeout_ms", &self.connect_timeout_ms)
@@ -213,6 +228,7 @@ impl std::fmt::Debug for RawRabbitMq {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RawRabbitMq")
             .field("url", &self.url.as_deref().map(redact_url))
+            .field("url_file", &self.url_file)
             .field("exchange", &self.exchange)
             .field("routing_key", &self.routing_key)
             .field("app_id", &self.app_id)
@@ -237,6 +253,7 @@ impl std::fmt::Debug for RawKafka {
             .field("max_message_bytes", &self.max_message_bytes)
             .field("partition", &self.partition)
             .field("extra (values hidden)", &extra)
+            .field("extra_files", &self.extra_files)
             .finish()
     }
 }

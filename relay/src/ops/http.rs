@@ -25,12 +25,13 @@ struct OpsState {
 }
 
 /// Serve `/metrics`, `/healthz` and `/readyz` on `listener` until `shutdown` turns true;
-/// samples the outbox gauges every [`metrics::SAMPLE_INTERVAL`].
+/// samples the outbox gauges every `sample_interval` (`ops.sample_interval_ms`).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     stats: Arc<RelayStats>,
     pool: sqlx::PgPool,
     schema: outbox_core::SchemaName,
+    sample_interval: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     let addr: Option<SocketAddr> = listener.local_addr().ok();
@@ -57,7 +58,7 @@ pub async fn serve(
                     }
                 }
                 tokio::select! {
-                    _ = tokio::time::sleep(metrics::SAMPLE_INTERVAL) => {}
+                    _ = tokio::time::sleep(sample_interval) => {}
                     _ = shutdown.changed() => return,
                 }
             }

@@ -2,16 +2,12 @@
 //!
 //! Counters come from [`RelayStats`]; outbox gauges (backlog, oldest age, dead
 //! letters) are sampled from PostgreSQL by [`sample_outbox`] every
-//! [`SAMPLE_INTERVAL`]. Labels are low-cardinality only (none per event or key).
+//! `ops.sample_interval_ms` (default 15 s), so they can be that stale. Labels are low-cardinality only (none per event or key).
 
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use crate::pipeline::RelayStats;
-
-/// How often outbox gauges are sampled from PostgreSQL.
-pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(15);
 
 /// Events published and settled (counter).
 pub const EVENTS_PUBLISHED: &str = "outbox_relay_events_published_total";

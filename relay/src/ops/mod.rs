@@ -1,4 +1,5 @@
-//! Operations: Prometheus metrics and health/readiness over HTTP.
+//! Operations: Prometheus metrics and health/readiness over HTTP, and the progress log line.
 
 pub mod http;
 pub mod metrics;
+pub(crate) mod progress;
