@@ -43,7 +43,11 @@ pub struct Inbox {
     schema: SchemaName,
     record_sql: String,
     purge_sql: String,
+    count_sql: String,
 }
+
+/// Ids deleted per statement by [`Inbox::purge`].
+pub const PURGE_BATCH: i64 = 1_000;
 
 impl Inbox {
     /// An inbox whose table lives in `schema`.
@@ -53,8 +57,14 @@ impl Inbox {
             record_sql: format!(
                 "insert into {table} (consumer, message_id) values ($1, $2) on conflict do nothing"
             ),
+            // One small batch per statement: a purge never holds many row locks or
+            // one long transaction, and skips rows a consumer is writing right now.
             purge_sql: format!(
-                "delete from {table} where received_at < now() - make_interval(secs => $1)"
+                "delete from {table} where ctid = any(array(select ctid from {table} \
+                 where received_at < now() - make_interval(secs => $1) limit $2 for update skip locked))"
+            ),
+            count_sql: format!(
+                "select count(*) from {table} where received_at < now() - make_interval(secs => $1)"
             ),
             schema,
         }
@@ -149,15 +159,44 @@ impl Inbox {
         Ok(inserted == 1)
     }
 
-    /// Forget ids older than the policy's retention window; returns how many were deleted.
+    /// Forget ids older than the policy's retention window, in batches of
+    /// [`PURGE_BATCH`] (each its own short statement); returns how many were deleted.
     pub async fn purge(&self, pool: &PgPool, policy: &InboxRetention) -> Result<u64> {
+        let mut total = 0;
+        loop {
+            let deleted = self.purge_batch(pool, policy, PURGE_BATCH).await?;
+            total += deleted;
+            if deleted < PURGE_BATCH as u64 {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// Delete at most `limit` ids older than the retention window; returns how many.
+    pub async fn purge_batch(
+        &self,
+        pool: &PgPool,
+        policy: &InboxRetention,
+        limit: i64,
+    ) -> Result<u64> {
         let deleted = sqlx::query(AssertSqlSafe(self.purge_sql.as_str()))
             .bind(policy.retention.as_secs_f64())
+            .bind(limit)
             .execute(pool)
             .await
             .map_err(Error::database("purging old inbox ids"))?
             .rows_affected();
         Ok(deleted)
+    }
+
+    /// How many ids [`Inbox::purge`] would delete now.
+    pub async fn count_purgeable(&self, pool: &PgPool, policy: &InboxRetention) -> Result<u64> {
+        let count: i64 = sqlx::query_scalar(AssertSqlSafe(self.count_sql.as_str()))
+            .bind(policy.retention.as_secs_f64())
+            .fetch_one(pool)
+            .await
+            .map_err(Error::database("counting old inbox ids"))?;
+        Ok(u64::try_from(count).unwrap_or_default())
     }
 }
 

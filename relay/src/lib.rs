@@ -45,6 +45,7 @@ pub mod logging;
 pub mod ops;
 mod pipeline;
 pub mod resilience;
+pub mod retention;
 pub mod route;
 pub mod sink;
 pub mod source;
@@ -267,8 +268,26 @@ impl Drop for OpsTasks {
     }
 }
 
+/// What the retention task purges: published rows with `settle = "mark"` (polling
+/// source) and the `[inbox]` ids.
+fn retention_plan(config: &RelayConfig) -> retention::RetentionPlan {
+    let published = match (&config.wal, config.polling.settle) {
+        (None, config::SettleMode::Mark { retention }) => {
+            Some((config.database.schema.clone(), retention))
+        }
+        _ => None,
+    };
+    retention::RetentionPlan {
+        published,
+        inbox: config
+            .inbox
+            .as_ref()
+            .map(|inbox| (inbox.schema.clone(), inbox.retention)),
+    }
+}
+
 /// Bind the ops endpoint (if configured) and serve it in a task; failing to bind
-/// is an error with the cause, not a warning. Start the progress line.
+/// is an error with the cause, not a warning. Start the progress line and retention.
 async fn start_ops(
     config: &RelayConfig,
     stats: &Arc<RelayStats>,
@@ -277,10 +296,18 @@ async fn start_ops(
     let mut tasks = Vec::new();
     // Lazy: the endpoint must answer while PostgreSQL does not, yet.
     let pool = PgPoolOptions::new()
-        .max_connections(1)
+        .max_connections(2)
         .acquire_timeout(config.database.connect_timeout)
         .connect_lazy_with(connect_options(&config.database)?);
     let schema = config.database.schema.clone();
+    let plan = retention_plan(config);
+    if !plan.is_empty() {
+        tasks.push(tokio::spawn(retention::run(
+            pool.clone(),
+            plan,
+            shutdown.clone(),
+        )));
+    }
     if let Some(interval) = config.progress_interval {
         tasks.push(tokio::spawn(ops::progress::report(
             stats.clone(),

@@ -41,6 +41,56 @@ enum Command {
         #[command(subcommand)]
         action: DeadLetterAction,
     },
+    /// Maintain the consumers' inbox of processed message ids.
+    Inbox {
+        #[command(subcommand)]
+        action: InboxAction,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum InboxAction {
+    /// Delete processed-message ids older than the retention, in small batches.
+    /// Refuses a retention shorter than the redelivery horizon.
+    Purge {
+        #[command(flatten)]
+        db: DatabaseArgs,
+        #[command(flatten)]
+        output: OutputArgs,
+        /// Keep ids this long, e.g. `8d`, `36h` (default: inbox.retention_ms of --config).
+        #[arg(long, value_parser = parse_duration)]
+        older_than: Option<std::time::Duration>,
+        /// The longest time after which a message may still be delivered again
+        /// (default: inbox.redelivery_horizon_ms of --config, else 7d).
+        #[arg(long, value_parser = parse_duration)]
+        redelivery_horizon: Option<std::time::Duration>,
+        /// Only count what would be deleted.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+/// `500ms`, `90s`, `30m`, `36h` or `8d`.
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("{text:?} has no unit; use ms, s, m, h or d, e.g. 8d"))?;
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} does not start with a whole number, e.g. 8d"))?;
+    let millis = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        other => return Err(format!("unknown unit {other:?}; use ms, s, m, h or d")),
+    };
+    number
+        .checked_mul(millis)
+        .map(std::time::Duration::from_millis)
+        .ok_or_else(|| format!("{text:?} is too long"))
 }
 
 #[derive(clap::Args, Debug)]
@@ -328,7 +378,56 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             output.print(&status, || status.to_string())
         }
         Command::DeadLetters { action } => dead_letters(action).await,
+        Command::Inbox { action } => inbox(action).await,
     }
+}
+
+async fn inbox(action: InboxAction) -> anyhow::Result<()> {
+    let InboxAction::Purge {
+        db,
+        output,
+        older_than,
+        redelivery_horizon,
+        dry_run,
+    } = action;
+    let configured = outbox_relay::RawConfig::load(db.config.as_deref())?.inbox;
+    let ms = std::time::Duration::from_millis;
+    let retention = older_than
+        .or_else(|| configured.as_ref().and_then(|c| c.retention_ms).map(ms))
+        .context(
+            "no retention: pass --older-than (e.g. 8d) or set inbox.retention_ms in --config",
+        )?;
+    let horizon = redelivery_horizon
+        .or_else(|| {
+            configured
+                .as_ref()
+                .and_then(|c| c.redelivery_horizon_ms)
+                .map(ms)
+        })
+        .unwrap_or(ms(outbox_relay::config::DEFAULT_REDELIVERY_HORIZON_MS));
+    let policy = outbox_core::InboxRetention::new(retention, horizon).map_err(|_| {
+        anyhow::anyhow!(
+            "refusing to purge: a retention of {retention:?} is shorter than the redelivery horizon \
+             {horizon:?}, so a duplicate arriving later would run its handler again; pass a longer \
+             --older-than, or --redelivery-horizon if redeliveries end sooner"
+        )
+    })?;
+    let (pool, schema) = db.connect().await?;
+    let schema = match configured.and_then(|c| c.schema) {
+        Some(name) if db.schema.is_none() => SchemaName::new(name).context("inbox.schema")?,
+        _ => schema,
+    };
+    let inbox = outbox_core::Inbox::new(schema);
+    if dry_run {
+        let count = inbox.count_purgeable(&pool, &policy).await?;
+        return output.print(&serde_json::json!({ "would_purge": count }), || {
+            format!("{count} inbox ids are older than {retention:?} and would be purged\n")
+        });
+    }
+    let purged = inbox.purge(&pool, &policy).await?;
+    output.print(&serde_json::json!({ "purged": purged }), || {
+        format!("{purged} inbox ids older than {retention:?} purged\n")
+    })
 }
 
 async fn dead_letters(action: DeadLetterAction) -> anyhow::Result<()> {

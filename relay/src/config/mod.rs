@@ -92,21 +92,22 @@ mod tests;
 mod validate;
 
 pub use raw::{
-    RawConfig, RawDatabase, RawExchange, RawInstance, RawKafka, RawOps, RawPipeline, RawPolling,
-    RawRabbitMq, RawWal,
+    RawConfig, RawDatabase, RawExchange, RawInbox, RawInstance, RawKafka, RawOps, RawPipeline,
+    RawPolling, RawRabbitMq, RawWal,
 };
 pub use redact::{redact_url, scrub_password};
 pub use sections::{
-    DatabaseConfig, OverBudget, PipelineConfig, PoisonPolicy, PollingConfig, SettleMode,
-    SinkConfig, WalConfig,
+    DatabaseConfig, InboxConfig, OverBudget, PipelineConfig, PoisonPolicy, PollingConfig,
+    SettleMode, SinkConfig, WalConfig,
 };
+pub use validate::DEFAULT_REDELIVERY_HORIZON_MS;
 #[cfg(feature = "kafka")]
 use validate::validate_kafka;
 #[cfg(feature = "rabbitmq")]
 use validate::validate_rabbitmq;
 use validate::{
-    default_instance_id, ms, validate_database, validate_listen_addr, validate_pipeline,
-    validate_polling, validate_wal,
+    default_instance_id, ms, validate_database, validate_inbox, validate_listen_addr,
+    validate_pipeline, validate_polling, validate_wal,
 };
 
 /// The validated configuration of one relay instance.
@@ -133,6 +134,8 @@ pub struct RelayConfig {
     pub ops_sample_interval: Duration,
     /// How often a progress line is logged while events flow; `None`: never.
     pub progress_interval: Option<Duration>,
+    /// The inbox the relay purges, if any (`[inbox]`).
+    pub inbox: Option<InboxConfig>,
     /// Longest wait at start for PostgreSQL and the broker; `None`: no limit.
     pub startup_timeout: Option<Duration>,
 }
@@ -316,7 +319,12 @@ impl RawConfig {
                 86_400_000,
             )?),
         };
+        let inbox = match self.inbox {
+            None => None,
+            Some(raw) => Some(validate_inbox(raw, &database)?),
+        };
         Ok(RelayConfig {
+            inbox,
             database,
             polling,
             pipeline,

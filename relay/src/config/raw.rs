@@ -33,6 +33,21 @@ pub struct RawConfig {
     /// Metrics and health endpoint.
     #[serde(default)]
     pub ops: RawOps,
+    /// Purging the consumers' inbox ids (`[inbox]`; unset: the relay leaves the inbox alone).
+    pub inbox: Option<RawInbox>,
+}
+
+/// `[inbox]`: the relay deletes processed-message ids older than the retention.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawInbox {
+    /// Schema of the `inbox` table (default: `database.schema`).
+    pub schema: Option<String>,
+    /// Keep ids this long, in milliseconds; required in this section.
+    pub retention_ms: Option<u64>,
+    /// The longest time after which a message may still be delivered again
+    /// (default 7 days, Kafka's default topic retention); the retention must not be shorter.
+    pub redelivery_horizon_ms: Option<u64>,
 }
 
 /// `[ops]`

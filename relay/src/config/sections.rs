@@ -154,3 +154,12 @@ pub enum SinkConfig {
     #[cfg(feature = "kafka")]
     Kafka(crate::sink::kafka::KafkaConfig),
 }
+
+/// Validated `[inbox]` settings: which inbox the relay purges, and how far back it keeps ids.
+#[derive(Clone, Debug)]
+pub struct InboxConfig {
+    /// Schema of the `inbox` table.
+    pub schema: SchemaName,
+    /// The retention window (never shorter than the redelivery horizon).
+    pub retention: outbox_core::InboxRetention,
+}

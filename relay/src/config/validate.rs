@@ -573,3 +573,48 @@ pub(super) fn default_instance_id() -> String {
     let random = uuid::Uuid::new_v4().simple().to_string();
     format!("{host}-{}-{}", std::process::id(), &random[..8])
 }
+
+/// The default redelivery horizon of `[inbox]`: 7 days.
+pub const DEFAULT_REDELIVERY_HORIZON_MS: u64 = 7 * 86_400_000;
+
+pub(super) fn validate_inbox(
+    raw: RawInbox,
+    database: &DatabaseConfig,
+) -> Result<InboxConfig, ConfigError> {
+    let schema = match raw.schema {
+        None => database.schema.clone(),
+        Some(name) => SchemaName::new(name).map_err(|error| {
+            invalid(
+                "inbox.schema",
+                error.to_string(),
+                "use the schema the consumers' Inbox uses",
+            )
+        })?,
+    };
+    let Some(retention_ms) = raw.retention_ms else {
+        return Err(invalid(
+            "inbox.retention_ms",
+            "is missing: an [inbox] section purges ids older than it",
+            "set retention_ms (at least the redelivery horizon), or remove [inbox]",
+        ));
+    };
+    let horizon = raw
+        .redelivery_horizon_ms
+        .unwrap_or(DEFAULT_REDELIVERY_HORIZON_MS);
+    let retention = outbox_core::InboxRetention::new(
+        Duration::from_millis(retention_ms),
+        Duration::from_millis(horizon),
+    )
+    .map_err(|_| {
+        invalid(
+            "inbox.retention_ms",
+            format!(
+                "{retention_ms} ms is shorter than inbox.redelivery_horizon_ms ({horizon} ms): \
+                 a duplicate arriving after its id was purged would run its handler again"
+            ),
+            "raise retention_ms, or lower redelivery_horizon_ms if redeliveries end sooner \
+             (lease, broker and consumer-group retention)",
+        )
+    })?;
+    Ok(InboxConfig { schema, retention })
+}
