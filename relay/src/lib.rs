@@ -44,6 +44,7 @@ pub mod failpoint;
 pub mod logging;
 pub mod ops;
 mod pipeline;
+pub mod replay;
 pub mod resilience;
 pub mod retention;
 pub mod route;

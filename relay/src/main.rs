@@ -41,11 +41,47 @@ enum Command {
         #[command(subcommand)]
         action: DeadLetterAction,
     },
+    /// Publish retained events (settle = "mark") again, in per-key order, with their
+    /// original event ids and an `outbox-replay` header.
+    Replay(ReplayArgs),
     /// Maintain the consumers' inbox of processed message ids.
     Inbox {
         #[command(subcommand)]
         action: InboxAction,
     },
+}
+
+#[derive(clap::Args, Debug)]
+struct ReplayArgs {
+    /// TOML configuration file of the relay (database and sink); OUTBOX_RELAY__… variables override it.
+    #[arg(long, short, env = "OUTBOX_RELAY_CONFIG")]
+    config: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    output: OutputArgs,
+    /// Only events created at or after this time (RFC 3339).
+    #[arg(long)]
+    since: Option<chrono::DateTime<chrono::Utc>>,
+    /// Only events created before this time (RFC 3339).
+    #[arg(long)]
+    until: Option<chrono::DateTime<chrono::Utc>>,
+    /// Only this aggregate type.
+    #[arg(long)]
+    aggregate_type: Option<String>,
+    /// Only this aggregate id.
+    #[arg(long)]
+    aggregate_id: Option<String>,
+    /// Only this event type.
+    #[arg(long)]
+    event_type: Option<String>,
+    /// Publish to this exchange (RabbitMQ) or topic (Kafka) instead of each event's own route.
+    #[arg(long)]
+    to: Option<String>,
+    /// Only count the events and keys that would be replayed.
+    #[arg(long)]
+    dry_run: bool,
+    /// Replay every retained event (required when no filter narrows the selection).
+    #[arg(long)]
+    all: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -379,7 +415,63 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::DeadLetters { action } => dead_letters(action).await,
         Command::Inbox { action } => inbox(action).await,
+        Command::Replay(args) => replay(args).await,
     }
+}
+
+async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
+    let selection = outbox_relay::replay::ReplaySelection {
+        since: args.since,
+        until: args.until,
+        aggregate_type: args.aggregate_type,
+        aggregate_id: args.aggregate_id,
+        event_type: args.event_type,
+    };
+    if selection.is_empty() && !args.all {
+        anyhow::bail!(
+            "refusing to replay every retained event: narrow it with --since/--until, \
+             --aggregate-type/--aggregate-id or --event-type, or pass --all"
+        );
+    }
+    let config = outbox_relay::RawConfig::load(args.config.as_deref())?.validate()?;
+    let report = if args.dry_run {
+        let pool = outbox_relay::connect_pool(&config.database, 1).await?;
+        outbox_relay::replay::count(&pool, &config.database.schema, &selection).await?
+    } else {
+        outbox_relay::replay::run(&config, &selection, args.to.as_deref()).await?
+    };
+    args.output
+        .print(&report, || replay_text(&report, args.dry_run))?;
+    if report.failed.is_empty() {
+        Ok(())
+    } else {
+        anyhow::bail!(
+            "{} keys stopped at an event the broker refused",
+            report.failed.len()
+        )
+    }
+}
+
+fn replay_text(report: &outbox_relay::replay::ReplayReport, dry_run: bool) -> String {
+    use std::fmt::Write;
+    if dry_run {
+        return format!(
+            "{} retained events of {} keys would be replayed\n",
+            report.selected, report.keys
+        );
+    }
+    let mut text = format!(
+        "replay {}: {} of {} selected events published ({} keys)\n",
+        report.replay_id, report.published, report.selected, report.keys
+    );
+    for failure in &report.failed {
+        let _ = writeln!(
+            text,
+            "key {} stopped at event {}: {}",
+            failure.partition_key, failure.event_id, failure.error
+        );
+    }
+    text
 }
 
 async fn inbox(action: InboxAction) -> anyhow::Result<()> {

@@ -472,6 +472,11 @@ pub(crate) struct ClaimRow {
 }
 
 impl ClaimRow {
+    /// The row's outbox sequence.
+    pub(crate) fn sequence(&self) -> i64 {
+        self.sequence
+    }
+
     pub(crate) fn into_claimed(self) -> Result<ClaimedEvent> {
         // Rows written by other writers (SQL, other languages) may carry non-string header
         // values; carry them as their JSON text rather than dropping or failing the event.
