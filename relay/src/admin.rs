@@ -270,7 +270,11 @@ async fn apply_to_matching(
 /// new fields may be added): `pending`, `oldest_pending_secs` (null when nothing is
 /// pending), `retrying`, `blocked`, `dead_lettered`, `instances` (`[{"id",
 /// "partitions"}]`), `slots` (`[{"name", "active", "lag_bytes", "retained_bytes",
-/// "wal_status", "lifecycle", "drain": {"after", "upto"} | null}]`).
+/// "wal_status", "lifecycle", "drain": {"after", "upto"} | null}]`), `stalls`
+/// (`{"long_transactions": [{"pid", "age_secs", "application_name", "state",
+/// "wrote"}], "held_keys": [{"partition_key", "event_id", "reason", "attempts",
+/// "last_error", "next_attempt_in_secs"}], "orphaned_leases": [{"owner",
+/// "partitions", "expires_in_secs"}]}`).
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct Status {
     /// Events not yet published.
@@ -287,6 +291,8 @@ pub struct Status {
     pub instances: Vec<RelayInstance>,
     /// Logical replication slots (pgoutput) of this database, for the WAL source.
     pub slots: Vec<SlotSummary>,
+    /// What holds the relay back (long transactions, held keys, orphaned leases).
+    pub stalls: crate::stalls::StallReport,
 }
 
 /// A live relay instance of the schema (polling source: by its instance lease).
@@ -366,12 +372,22 @@ impl std::fmt::Display for Status {
                 None => writeln!(f)?,
             }
         }
-        Ok(())
+        write!(f, "{}", self.stalls)
     }
 }
 
-/// Read the current [`Status`] of `schema`'s outbox.
+/// Read the current [`Status`] of `schema`'s outbox; transactions open longer
+/// than [`crate::stalls::LONG_TRANSACTION`] count as stalls.
 pub async fn status(pool: &PgPool, schema: &SchemaName) -> Result<Status> {
+    status_with(pool, schema, crate::stalls::LONG_TRANSACTION).await
+}
+
+/// [`status`] with transactions open longer than `long_transaction` reported as stalls.
+pub async fn status_with(
+    pool: &PgPool,
+    schema: &SchemaName,
+    long_transaction: std::time::Duration,
+) -> Result<Status> {
     let outbox = schema.qualify("outbox");
     let dead = schema.qualify("outbox_dead_letter");
     let leases = schema.qualify("relay_lease");
@@ -453,5 +469,6 @@ pub async fn status(pool: &PgPool, schema: &SchemaName) -> Result<Status> {
             .map(|(id, partitions)| RelayInstance { id, partitions })
             .collect(),
         slots,
+        stalls: crate::stalls::stall_report(pool, schema, long_transaction).await?,
     })
 }

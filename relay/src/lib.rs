@@ -50,6 +50,7 @@ pub mod retention;
 pub mod route;
 pub mod sink;
 pub mod source;
+pub mod stalls;
 mod wal_pipeline;
 
 pub use check::check_connections;

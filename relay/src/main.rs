@@ -35,6 +35,9 @@ enum Command {
         db: DatabaseArgs,
         #[command(flatten)]
         output: OutputArgs,
+        /// Report transactions open longer than this as holding the relay back.
+        #[arg(long, value_parser = parse_duration, default_value = "60s")]
+        long_transaction: std::time::Duration,
     },
     /// Inspect, retry or purge events that could not be published.
     DeadLetters {
@@ -408,9 +411,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Status { db, output } => {
+        Command::Status {
+            db,
+            output,
+            long_transaction,
+        } => {
             let (pool, schema) = db.connect().await?;
-            let status = admin::status(&pool, &schema).await?;
+            let status = admin::status_with(&pool, &schema, long_transaction).await?;
             output.print(&status, || status.to_string())
         }
         Command::DeadLetters { action } => dead_letters(action).await,

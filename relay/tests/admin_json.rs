@@ -127,3 +127,77 @@ async fn dead_letter_commands_print_json_matching_the_dead_letter_table() {
         serde_json::json!([])
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_names_what_holds_the_relay_back() {
+    let test = TestSchema::new().await;
+    let (outbox, leases) = (test.table("outbox"), test.table("relay_lease"));
+    // A key waiting for a retry, a blocked key, and a partition lease of an
+    // instance that stopped sending heartbeats.
+    sqlx::raw_sql(AssertSqlSafe(format!(
+        "insert into {outbox} (event_id, aggregate_type, aggregate_id, event_type, partition_key, \
+             payload, created_at, attempts, last_error, first_failed_at, last_failed_at, available_at) \
+         values (gen_random_uuid(), 'order', 'o-1', 'order.placed', 'order:o-1', '{{}}', now(), 2, \
+                 'NOT_FOUND - no exchange', now(), now(), now() + interval '1 hour'), \
+                (gen_random_uuid(), 'order', 'o-2', 'order.placed', 'order:o-2', '{{}}', now(), 5, \
+                 'message too large', now(), now(), 'infinity'); \
+         insert into {leases} (name, owner, fencing_token, expires_at) \
+         values ('partition:3', 'ghost-relay', 1, now() + interval '30 seconds')"
+    )))
+    .execute(&test.pool)
+    .await
+    .unwrap();
+    // A transaction that wrote and stays open.
+    let mut open = test.pool.begin().await.unwrap();
+    sqlx::query(AssertSqlSafe(format!(
+        "update {outbox} set attempts = attempts where aggregate_id = 'o-1'"
+    )))
+    .execute(&mut *open)
+    .await
+    .unwrap();
+    let pid: i32 = sqlx::query_scalar("select pg_backend_pid()")
+        .fetch_one(&mut *open)
+        .await
+        .unwrap();
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let status = loop {
+        let status = json(&test, &["status", "--long-transaction", "1s"]);
+        let found = status["stalls"]["long_transactions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["pid"] == pid);
+        if found || std::time::Instant::now() > until {
+            break status;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    open.rollback().await.unwrap();
+
+    let stalls = &status["stalls"];
+    let transaction = stalls["long_transactions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["pid"] == pid)
+        .unwrap_or_else(|| panic!("the open transaction is named: {stalls}"));
+    assert_eq!(transaction["wrote"], true);
+    assert!(transaction["age_secs"].as_f64().unwrap() >= 1.0);
+    assert!(
+        !transaction.to_string().contains("update"),
+        "never the query text: {transaction}"
+    );
+    let held = stalls["held_keys"].as_array().unwrap();
+    let reason = |key: &str| {
+        held.iter()
+            .find(|k| k["partition_key"] == key)
+            .map(|k| k["reason"].as_str().unwrap().to_owned())
+    };
+    assert_eq!(reason("order:o-1").as_deref(), Some("retrying"), "{held:?}");
+    assert_eq!(reason("order:o-2").as_deref(), Some("blocked"), "{held:?}");
+    assert_eq!(
+        stalls["orphaned_leases"][0]["owner"], "ghost-relay",
+        "{stalls}"
+    );
+    assert_eq!(stalls["orphaned_leases"][0]["partitions"], 1);
+}

@@ -42,6 +42,17 @@ pub const OUTBOX_BLOCKED: &str = "outbox_relay_outbox_blocked_events";
 /// Rows in the dead-letter table (gauge, sampled).
 pub const DEAD_LETTER_ROWS: &str = "outbox_relay_dead_letter_events";
 
+/// Transactions of this database open longer than 60 s (gauge, sampled).
+pub const LONG_TRANSACTIONS: &str = "outbox_relay_long_transactions";
+/// Age of the oldest transaction open longer than 60 s, in seconds; 0 when none (gauge, sampled).
+pub const OLDEST_TRANSACTION_AGE: &str = "outbox_relay_oldest_transaction_age_seconds";
+/// Pending events waiting for a retry after a broker rejection (gauge, sampled).
+pub const OUTBOX_RETRYING: &str = "outbox_relay_outbox_retrying_events";
+/// Partitions leased by instances with no heartbeat (gauge, sampled).
+pub const ORPHANED_PARTITIONS: &str = "outbox_relay_orphaned_partitions";
+/// Always 1, labelled with the relay's `version` (gauge).
+pub const BUILD_INFO: &str = "outbox_relay_build_info";
+
 /// Whether this instance leads its replication slot: 1 leader, 0 standby (gauge, WAL source).
 pub const WAL_LEADER: &str = "outbox_relay_wal_leader";
 /// WAL written after the slot's confirmed position, in bytes (gauge, sampled, WAL source).
@@ -67,6 +78,14 @@ pub struct OutboxSample {
     pub blocked: i64,
     /// Dead-lettered events.
     pub dead_lettered: i64,
+    /// Pending events waiting for a retry.
+    pub retrying: i64,
+    /// Transactions open longer than 60 s.
+    pub long_transactions: i64,
+    /// Age of the oldest of them, in seconds (0 when none).
+    pub oldest_transaction_secs: f64,
+    /// Partitions leased by instances with no heartbeat.
+    pub orphaned_partitions: i64,
 }
 
 fn metric(out: &mut String, name: &str, kind: &str, help: &str, value: f64) {
@@ -79,6 +98,13 @@ fn metric(out: &mut String, name: &str, kind: &str, help: &str, value: f64) {
 pub fn render(stats: &RelayStats, sample: Option<OutboxSample>) -> String {
     let counter = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed) as f64;
     let mut out = String::new();
+    let _ = writeln!(out, "# HELP {BUILD_INFO} The relay's version; always 1.");
+    let _ = writeln!(out, "# TYPE {BUILD_INFO} gauge");
+    let _ = writeln!(
+        out,
+        "{BUILD_INFO}{{version=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION")
+    );
     metric(
         &mut out,
         EVENTS_PUBLISHED,
@@ -241,6 +267,34 @@ pub fn render(stats: &RelayStats, sample: Option<OutboxSample>) -> String {
             "Events in the dead-letter table.",
             sample.dead_lettered as f64,
         );
+        metric(
+            &mut out,
+            OUTBOX_RETRYING,
+            "gauge",
+            "Pending events waiting for a retry after a broker rejection.",
+            sample.retrying as f64,
+        );
+        metric(
+            &mut out,
+            LONG_TRANSACTIONS,
+            "gauge",
+            "Transactions of this database open longer than 60 s.",
+            sample.long_transactions as f64,
+        );
+        metric(
+            &mut out,
+            OLDEST_TRANSACTION_AGE,
+            "gauge",
+            "Age of the oldest transaction open longer than 60 s, in seconds (0: none).",
+            sample.oldest_transaction_secs,
+        );
+        metric(
+            &mut out,
+            ORPHANED_PARTITIONS,
+            "gauge",
+            "Partitions leased by relay instances with no heartbeat.",
+            sample.orphaned_partitions as f64,
+        );
     }
     out
 }
@@ -256,6 +310,15 @@ pub async fn sample_outbox(
         oldest_age_secs: status.oldest_pending_secs.unwrap_or(0.0),
         blocked: status.blocked,
         dead_lettered: status.dead_lettered,
+        retrying: status.retrying,
+        long_transactions: status.stalls.long_transactions.len() as i64,
+        oldest_transaction_secs: status.stalls.oldest_transaction_secs().unwrap_or(0.0),
+        orphaned_partitions: status
+            .stalls
+            .orphaned_leases
+            .iter()
+            .map(|lease| lease.partitions)
+            .sum(),
     })
 }
 
