@@ -503,7 +503,13 @@ async fn relay_with_sink<S: sink::Sink>(
     stats
         .started
         .store(true, std::sync::atomic::Ordering::Relaxed);
-    let sink = Arc::new(sink);
+    let system = match &config.sink {
+        #[cfg(feature = "rabbitmq")]
+        SinkConfig::RabbitMq(_) => "rabbitmq",
+        #[cfg(feature = "kafka")]
+        SinkConfig::Kafka(_) => "kafka",
+    };
+    let sink = Arc::new(sink::InstrumentedSink::new(sink, stats.clone(), system));
     match config.wal.clone() {
         None => run_polling(&config, sink, settle_pool, stats, shutdown).await,
         Some(wal) => {

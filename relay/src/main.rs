@@ -358,7 +358,7 @@ const RUNTIME_SHUTDOWN_TIMEOUT: std::time::Duration = std::time::Duration::from_
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    outbox_relay::logging::init(cli.log_format);
+    let _log_guard = outbox_relay::logging::init(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -81,6 +81,10 @@ pub struct RelayStats {
     pub wal_slot_losses: AtomicU64,
     /// WAL messages with the outbox prefix that were no event, dead-lettered.
     pub wal_malformed_messages: AtomicU64,
+    /// Time from an event's `created_at` to the broker's confirm, per delivered event.
+    pub commit_to_confirm: crate::ops::histogram::Histogram,
+    /// Duration of each publish until the broker's verdict.
+    pub publish_duration: crate::ops::histogram::Histogram,
 }
 
 /// A snapshot of [`RelayStats`], returned when the relay stops.

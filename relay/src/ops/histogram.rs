@@ -35,10 +35,16 @@ impl Histogram {
         self.count.load(Ordering::Relaxed)
     }
 
-    /// Append this histogram as `name` with `help` in the Prometheus text format.
-    pub fn render(&self, out: &mut String, name: &str, help: &str) {
+    /// Append this histogram as `name` with `help` in the Prometheus text format;
+    /// `labels` (e.g. `sink="kafka"`) go on every sample.
+    pub fn render(&self, out: &mut String, name: &str, help: &str, labels: &str) {
         let _ = writeln!(out, "# HELP {name} {help}");
         let _ = writeln!(out, "# TYPE {name} histogram");
+        let (with, alone) = if labels.is_empty() {
+            (String::new(), String::new())
+        } else {
+            (format!("{labels},"), format!("{{{labels}}}"))
+        };
         // Read the count first: buckets observed after it only make `+Inf` lag, never exceed.
         let count = self.count();
         let mut cumulative = 0;
@@ -46,14 +52,14 @@ impl Histogram {
             cumulative += bucket.load(Ordering::Relaxed);
             let _ = writeln!(
                 out,
-                "{name}_bucket{{le=\"{bound}\"}} {}",
+                "{name}_bucket{{{with}le=\"{bound}\"}} {}",
                 cumulative.min(count)
             );
         }
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "{name}_bucket{{{with}le=\"+Inf\"}} {count}");
         let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
-        let _ = writeln!(out, "{name}_sum {sum}");
-        let _ = writeln!(out, "{name}_count {count}");
+        let _ = writeln!(out, "{name}_sum{alone} {sum}");
+        let _ = writeln!(out, "{name}_count{alone} {count}");
     }
 }
 
@@ -68,7 +74,7 @@ mod tests {
         histogram.observe(Duration::from_millis(20));
         histogram.observe(Duration::from_secs(120));
         let mut out = String::new();
-        histogram.render(&mut out, "x_seconds", "X.");
+        histogram.render(&mut out, "x_seconds", "X.", "");
         assert!(out.contains("# TYPE x_seconds histogram\n"));
         assert!(out.contains("x_seconds_bucket{le=\"0.001\"} 1\n"), "{out}");
         assert!(out.contains("x_seconds_bucket{le=\"0.025\"} 2\n"), "{out}");
@@ -76,5 +82,15 @@ mod tests {
         assert!(out.contains("x_seconds_bucket{le=\"+Inf\"} 3\n"), "{out}");
         assert!(out.contains("x_seconds_sum 120.0205\n"), "{out}");
         assert!(out.contains("x_seconds_count 3\n"), "{out}");
+        let mut labelled = String::new();
+        histogram.render(&mut labelled, "x_seconds", "X.", "sink=\"kafka\"");
+        assert!(
+            labelled.contains("x_seconds_bucket{sink=\"kafka\",le=\"+Inf\"} 3\n"),
+            "{labelled}"
+        );
+        assert!(
+            labelled.contains("x_seconds_count{sink=\"kafka\"} 3\n"),
+            "{labelled}"
+        );
     }
 }

@@ -50,6 +50,11 @@ pub const OLDEST_TRANSACTION_AGE: &str = "outbox_relay_oldest_transaction_age_se
 pub const OUTBOX_RETRYING: &str = "outbox_relay_outbox_retrying_events";
 /// Partitions leased by instances with no heartbeat (gauge, sampled).
 pub const ORPHANED_PARTITIONS: &str = "outbox_relay_orphaned_partitions";
+/// Seconds from an event's `created_at` (the writer's clock at enqueue) to the
+/// broker's confirm, per delivered event (histogram).
+pub const COMMIT_TO_CONFIRM: &str = "outbox_relay_commit_to_confirm_seconds";
+/// Seconds from handing an event to the sink to the broker's verdict (histogram).
+pub const PUBLISH_DURATION: &str = "outbox_relay_publish_duration_seconds";
 /// Always 1, labelled with the relay's `version` (gauge).
 pub const BUILD_INFO: &str = "outbox_relay_build_info";
 
@@ -238,6 +243,18 @@ pub fn render(stats: &RelayStats, sample: Option<OutboxSample>) -> String {
             counter(&stats.wal_malformed_messages),
         );
     }
+    stats.commit_to_confirm.render(
+        &mut out,
+        COMMIT_TO_CONFIRM,
+        "Seconds from the event's created_at (writer's clock) to the broker's confirm.",
+        "",
+    );
+    stats.publish_duration.render(
+        &mut out,
+        PUBLISH_DURATION,
+        "Seconds from handing an event to the sink to the broker's verdict.",
+        "",
+    );
     if let Some(sample) = sample {
         metric(
             &mut out,

@@ -11,6 +11,9 @@ use std::future::Future;
 use crate::event::OutboxEvent;
 use crate::route::Route;
 
+pub(crate) use instrumented::InstrumentedSink;
+
+mod instrumented;
 #[cfg(feature = "kafka")]
 pub mod kafka;
 #[cfg(feature = "kafka")]

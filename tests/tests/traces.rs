@@ -1,0 +1,86 @@
+//! A trace continues from the writer through the relay: the relay's `publish`
+//! span of an event is a child of the span the writer enqueued it in (its
+//! `traceparent` header), in a tracing-opentelemetry subscriber. One test per
+//! binary: it installs the global subscriber.
+
+#![allow(clippy::unwrap_used)] // a test should fail loudly at the broken step
+
+use std::time::Duration;
+
+use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
+use outbox_core::{Event, Outbox, OutboxConfig};
+use outbox_tests::TestSchema;
+use outbox_tests::amqp::RabbitFixture;
+use outbox_tests::relay::{RunningRelay, raw_config};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::layer::SubscriberExt;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relays_publish_span_is_a_child_of_the_writers_span() {
+    let exporter = opentelemetry_sdk::trace::InMemorySpanExporter::default();
+    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+        .with_simple_exporter(exporter.clone())
+        .build();
+    let subscriber = tracing_subscriber::registry()
+        .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("outbox-tests")));
+    tracing::subscriber::set_global_default(subscriber).unwrap();
+
+    let test = TestSchema::new().await;
+    let rabbit = RabbitFixture::with_binding("order.placed").await;
+    let (event, trace_id, writer_span_id) = {
+        let span = tracing::info_span!("place_order");
+        let _entered = span.enter();
+        let context = span.context();
+        let writer = context.span().span_context().clone();
+        let event = Event::builder("order", "o-1", "order.placed")
+            .payload(&serde_json::json!({ "total": 1 }))
+            .build()
+            .unwrap();
+        (event, writer.trace_id(), writer.span_id())
+    };
+    assert!(event.headers().contains_key("traceparent"));
+    Outbox::new(OutboxConfig {
+        schema: test.schema.clone(),
+        ..OutboxConfig::default()
+    })
+    .enqueue(&mut test.pool.acquire().await.unwrap(), &event)
+    .await
+    .unwrap();
+
+    let relay = RunningRelay::start(raw_config(&test, &rabbit.exchange).validate().unwrap());
+    rabbit.wait_for_distinct(1, Duration::from_secs(30)).await;
+    relay.stop().await;
+    provider.force_flush().unwrap();
+
+    let spans = exporter.get_finished_spans().unwrap();
+    let publish = spans
+        .iter()
+        .find(|span| span.name == "publish")
+        .unwrap_or_else(|| {
+            panic!(
+                "a publish span: {:?}",
+                spans.iter().map(|s| &s.name).collect::<Vec<_>>()
+            )
+        });
+    assert_eq!(
+        publish.span_context.trace_id(),
+        trace_id,
+        "the writer's trace"
+    );
+    assert_eq!(
+        publish.parent_span_id, writer_span_id,
+        "a child of the writer's span"
+    );
+    let attribute = |key: &str| {
+        publish
+            .attributes
+            .iter()
+            .find(|kv| kv.key.as_str() == key)
+            .map(|kv| kv.value.to_string())
+    };
+    assert_eq!(attribute("messaging.system").as_deref(), Some("rabbitmq"));
+    assert_eq!(
+        attribute("messaging.message.id"),
+        Some(event.id().to_string())
+    );
+}
