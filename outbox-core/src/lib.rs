@@ -41,7 +41,7 @@ pub mod error;
 pub mod inbox;
 pub mod message;
 pub mod schema;
-mod trace;
+pub mod trace;
 pub mod wal_message;
 pub mod writer;
 

@@ -1,7 +1,8 @@
-//! A trace continues from the writer through the relay: the relay's `publish`
-//! span of an event is a child of the span the writer enqueued it in (its
-//! `traceparent` header), in a tracing-opentelemetry subscriber. One test per
-//! binary: it installs the global subscriber.
+//! A trace continues from the writer through the relay to the consumer: the
+//! relay's `publish` span of an event and the consumer helper's `outbox.consume`
+//! span are children of the span the writer enqueued it in (its `traceparent`
+//! header), in a tracing-opentelemetry subscriber. One test per binary: it
+//! installs the global subscriber.
 
 #![allow(clippy::unwrap_used)] // a test should fail loudly at the broken step
 
@@ -47,9 +48,54 @@ async fn the_relays_publish_span_is_a_child_of_the_writers_span() {
     .await
     .unwrap();
 
+    // A second queue on the exchange, consumed through the inbox by the helper.
+    let connection = lapin::Connection::connect(
+        &outbox_tests::amqp::amqp_url(),
+        lapin::ConnectionProperties::default(),
+    )
+    .await
+    .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let queue = format!("traces-{}", uuid::Uuid::new_v4().simple());
+    channel
+        .queue_declare(
+            queue.as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                auto_delete: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    channel
+        .queue_bind(
+            queue.as_str().into(),
+            rabbit.exchange.as_str().into(),
+            "order.placed".into(),
+            Default::default(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+
     let relay = RunningRelay::start(raw_config(&test, &rabbit.exchange).validate().unwrap());
     rabbit.wait_for_distinct(1, Duration::from_secs(30)).await;
     relay.stop().await;
+
+    let (handled_tx, mut handled_rx) = tokio::sync::mpsc::unbounded_channel();
+    let consumer = outbox_core::consumer::amqp::AmqpConsumer::new(
+        test.pool.clone(),
+        outbox_core::Inbox::new(test.schema.clone()),
+        outbox_core::consumer::ConsumerConfig::new("traces"),
+        Recorder(handled_tx),
+    );
+    let until_handled = async move {
+        let _ = tokio::time::timeout(Duration::from_secs(30), handled_rx.recv()).await;
+    };
+    let stats = consumer.run(&channel, &queue, until_handled).await.unwrap();
+    let _ = connection.close(200, "done".into()).await;
+    assert_eq!(stats.handled, 1, "{stats:?}");
     provider.force_flush().unwrap();
 
     let spans = exporter.get_finished_spans().unwrap();
@@ -83,4 +129,32 @@ async fn the_relays_publish_span_is_a_child_of_the_writers_span() {
         attribute("messaging.message.id"),
         Some(event.id().to_string())
     );
+
+    let consume = spans
+        .iter()
+        .find(|span| span.name == "outbox.consume")
+        .expect("the consumer helper's span");
+    assert_eq!(
+        consume.span_context.trace_id(),
+        trace_id,
+        "the writer's trace"
+    );
+    assert_eq!(
+        consume.parent_span_id, writer_span_id,
+        "a child of the writer's span"
+    );
+}
+
+/// Reports each handled message.
+struct Recorder(tokio::sync::mpsc::UnboundedSender<String>);
+
+impl outbox_core::consumer::Handler for Recorder {
+    async fn handle(
+        &self,
+        message: &outbox_core::consumer::Message,
+        _conn: &mut sqlx::PgConnection,
+    ) -> Result<(), outbox_core::consumer::HandlerError> {
+        let _ = self.0.send(message.meta.event_id.clone());
+        Ok(())
+    }
 }

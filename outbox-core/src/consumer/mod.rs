@@ -280,6 +280,8 @@ impl<H: Handler> Processor<H> {
             event_type = meta.event_type.as_deref().unwrap_or(""),
             traceparent = meta.traceparent.as_deref().unwrap_or(""),
         );
+        // The handler's span continues the writer's trace.
+        crate::trace::follow(&span, meta.traceparent.as_deref());
         self.process_in_span(meta, payload, stopping, stats)
             .instrument(span)
             .await

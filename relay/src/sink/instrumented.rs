@@ -67,70 +67,9 @@ impl<S: Sink> Sink for InstrumentedSink<S> {
 }
 
 /// Make `span` a child of the writer's span named by the event's `traceparent`.
-#[cfg(feature = "opentelemetry")]
 fn follow_writer(span: &tracing::Span, event: &OutboxEvent) {
-    use opentelemetry::trace::TraceContextExt;
-    use tracing_opentelemetry::OpenTelemetrySpanExt;
-
-    if let Some(parent) = event
-        .headers
-        .get("traceparent")
-        .and_then(|value| parse_traceparent(value))
-    {
-        // Without an OpenTelemetry layer there is nothing to attach to; that is fine.
-        let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(parent));
-    }
-}
-
-#[cfg(not(feature = "opentelemetry"))]
-fn follow_writer(_span: &tracing::Span, _event: &OutboxEvent) {}
-
-/// A W3C `traceparent` (`00-<trace id>-<span id>-<flags>`) as a remote span context.
-#[cfg(feature = "opentelemetry")]
-pub(crate) fn parse_traceparent(value: &str) -> Option<opentelemetry::trace::SpanContext> {
-    use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState};
-
-    let mut parts = value.trim().split('-');
-    let (version, trace_id, span_id, flags) =
-        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-    if version.len() != 2 || version == "ff" || trace_id.len() != 32 || span_id.len() != 16 {
-        return None;
-    }
-    if version == "00" && parts.next().is_some() {
-        return None;
-    }
-    let context = SpanContext::new(
-        TraceId::from_hex(trace_id).ok()?,
-        SpanId::from_hex(span_id).ok()?,
-        TraceFlags::new(u8::from_str_radix(flags, 16).ok()?),
-        true,
-        TraceState::default(),
-    );
-    context.is_valid().then_some(context)
-}
-
-#[cfg(all(test, feature = "opentelemetry"))]
-mod tests {
-    use super::parse_traceparent;
-
-    #[test]
-    fn parses_a_valid_traceparent_and_refuses_bad_ones() {
-        let context =
-            parse_traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").unwrap();
-        assert_eq!(
-            context.trace_id().to_string(),
-            "4bf92f3577b34da6a3ce929d0e0e4736"
-        );
-        assert!(context.is_remote() && context.is_sampled());
-        for bad in [
-            "",
-            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
-            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-            "00-4bf92f35-00f067aa0ba902b7-01",
-            "00-zzf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-        ] {
-            assert!(parse_traceparent(bad).is_none(), "{bad:?}");
-        }
-    }
+    #[cfg(feature = "opentelemetry")]
+    outbox_core::trace::follow(span, event.headers.get("traceparent").map(String::as_str));
+    #[cfg(not(feature = "opentelemetry"))]
+    let _ = (span, event);
 }
