@@ -274,7 +274,8 @@ async fn apply_to_matching(
 /// (`{"long_transactions": [{"pid", "age_secs", "application_name", "state",
 /// "wrote"}], "held_keys": [{"partition_key", "event_id", "reason", "attempts",
 /// "last_error", "next_attempt_in_secs"}], "orphaned_leases": [{"owner",
-/// "partitions", "expires_in_secs"}]}`).
+/// "partitions", "expires_in_secs"}]}`), `pauses` (`[{"instance_group",
+/// "paused_at", "paused_by", "reason"}]`).
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct Status {
     /// Events not yet published.
@@ -293,6 +294,8 @@ pub struct Status {
     pub slots: Vec<SlotSummary>,
     /// What holds the relay back (long transactions, held keys, orphaned leases).
     pub stalls: crate::stalls::StallReport,
+    /// Instance groups an operator paused (`outbox-relay pause`).
+    pub pauses: Vec<crate::pause::Pause>,
 }
 
 /// A live relay instance of the schema (polling source: by its instance lease).
@@ -371,6 +374,21 @@ impl std::fmt::Display for Status {
                 )?,
                 None => writeln!(f)?,
             }
+        }
+        for pause in &self.pauses {
+            writeln!(
+                f,
+                "PAUSED:              group {:?} since {} by {}{} (outbox-relay resume --group {})",
+                pause.instance_group,
+                pause.paused_at.to_rfc3339(),
+                pause.paused_by,
+                if pause.reason.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", pause.reason)
+                },
+                pause.instance_group
+            )?;
         }
         write!(f, "{}", self.stalls)
     }
@@ -470,5 +488,6 @@ pub async fn status_with(
             .collect(),
         slots,
         stalls: crate::stalls::stall_report(pool, schema, long_transaction).await?,
+        pauses: crate::pause::pauses(pool, schema).await?,
     })
 }

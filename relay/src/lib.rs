@@ -43,6 +43,7 @@ pub mod event;
 pub mod failpoint;
 pub mod logging;
 pub mod ops;
+pub mod pause;
 mod pipeline;
 pub mod replay;
 pub mod resilience;
@@ -302,6 +303,15 @@ async fn start_ops(
         .acquire_timeout(config.database.connect_timeout)
         .connect_lazy_with(connect_options(&config.database)?);
     let schema = config.database.schema.clone();
+    let (pause_tx, _) = tokio::sync::watch::channel(None);
+    tasks.push(tokio::spawn(pause::watch_pause(
+        pool.clone(),
+        config.database.schema.clone(),
+        config.instance_group.clone(),
+        pause_tx,
+        stats.clone(),
+        shutdown.clone(),
+    )));
     let plan = retention_plan(config);
     if !plan.is_empty() {
         tasks.push(tokio::spawn(retention::run(

@@ -47,6 +47,30 @@ enum Command {
     /// Publish retained events (settle = "mark") again, in per-key order, with their
     /// original event ids and an `outbox-replay` header.
     Replay(ReplayArgs),
+    /// Stop publishing on every relay of an instance group within a second (they keep
+    /// running; events accumulate in the outbox) until `resume`.
+    Pause {
+        #[command(flatten)]
+        db: DatabaseArgs,
+        #[command(flatten)]
+        output: OutputArgs,
+        /// The instance group (`instance.group` of the relays; default `default`).
+        #[arg(long, default_value = outbox_relay::pause::DEFAULT_GROUP)]
+        group: String,
+        /// Why, shown by `status` and logged by the relays.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Continue publishing on the relays of an instance group.
+    Resume {
+        #[command(flatten)]
+        db: DatabaseArgs,
+        #[command(flatten)]
+        output: OutputArgs,
+        /// The instance group (default `default`).
+        #[arg(long, default_value = outbox_relay::pause::DEFAULT_GROUP)]
+        group: String,
+    },
     /// Maintain the consumers' inbox of processed message ids.
     Inbox {
         #[command(subcommand)]
@@ -423,6 +447,41 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::DeadLetters { action } => dead_letters(action).await,
         Command::Inbox { action } => inbox(action).await,
         Command::Replay(args) => replay(args).await,
+        Command::Pause {
+            db,
+            output,
+            group,
+            reason,
+        } => {
+            let (pool, schema) = db.connect().await?;
+            let by = format!(
+                "{}@{}",
+                std::env::var("USER").unwrap_or_else(|_| "operator".to_owned()),
+                std::fs::read_to_string("/etc/hostname")
+                    .map(|h| h.trim().to_owned())
+                    .unwrap_or_else(|_| "localhost".to_owned())
+            );
+            let pause = outbox_relay::pause::pause(&pool, &schema, &group, &by, &reason).await?;
+            output.print(&pause, || {
+                format!(
+                    "group {:?} paused since {}: its relays stop taking new events within {} ms\n",
+                    pause.instance_group,
+                    pause.paused_at.to_rfc3339(),
+                    outbox_relay::pause::CHECK_INTERVAL.as_millis()
+                )
+            })
+        }
+        Command::Resume { db, output, group } => {
+            let (pool, schema) = db.connect().await?;
+            let resumed = outbox_relay::pause::resume(&pool, &schema, &group).await?;
+            output.print(&serde_json::json!({ "resumed": resumed }), || {
+                if resumed {
+                    format!("group {group:?} resumed\n")
+                } else {
+                    format!("group {group:?} was not paused\n")
+                }
+            })
+        }
     }
 }
 

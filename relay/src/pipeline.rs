@@ -85,6 +85,8 @@ pub struct RelayStats {
     pub commit_to_confirm: crate::ops::histogram::Histogram,
     /// Duration of each publish until the broker's verdict.
     pub publish_duration: crate::ops::histogram::Histogram,
+    /// Whether an operator paused this relay's instance group (`outbox-relay pause`).
+    pub paused: std::sync::atomic::AtomicBool,
 }
 
 /// A snapshot of [`RelayStats`], returned when the relay stops.

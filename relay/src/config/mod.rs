@@ -127,6 +127,8 @@ pub struct RelayConfig {
     pub router: Router,
     /// Name of this instance.
     pub instance_id: String,
+    /// The instance group (`instance.group`), paused and resumed together.
+    pub instance_group: String,
     /// Where to serve `/metrics`, `/healthz` and `/readyz`, if anywhere: `host:port`
     /// with an IP address or a host name.
     pub ops_listen_addr: Option<String>,
@@ -292,6 +294,17 @@ impl RawConfig {
             None | Some("") => None,
             Some(addr) => Some(validate_listen_addr(addr)?),
         };
+        let instance_group = match self.instance.group {
+            None => crate::pause::DEFAULT_GROUP.to_owned(),
+            Some(group) if !group.is_empty() && group.len() <= 200 => group,
+            Some(_) => {
+                return Err(invalid(
+                    "instance.group",
+                    "must be 1 to 200 characters",
+                    "name the group of relays paused together, or leave it unset",
+                ));
+            }
+        };
         let ops_sample_interval = ms(
             "ops.sample_interval_ms",
             self.ops.sample_interval_ms,
@@ -332,6 +345,7 @@ impl RawConfig {
             sink,
             router,
             instance_id,
+            instance_group,
             ops_listen_addr,
             ops_sample_interval,
             progress_interval,

@@ -221,6 +221,9 @@ pub struct RawExchange {
 pub struct RawInstance {
     /// Name of this relay instance in leases and logs (default: host-pid-random).
     pub id: Option<String>,
+    /// The instance group this relay belongs to, for `outbox-relay pause --group`
+    /// (default `default`).
+    pub group: Option<String>,
     /// How long to wait at start for PostgreSQL and the broker to answer before
     /// giving up; unset: wait as long as it takes (logging every attempt).
     pub startup_timeout_ms: Option<u64>,

@@ -112,6 +112,17 @@ async fn readyz(State(state): State<OpsState>) -> (StatusCode, String) {
             "not ready: starting, waiting for PostgreSQL and the broker to answer\n".into(),
         );
     }
+    if state
+        .stats
+        .paused
+        .load(std::sync::atomic::Ordering::Relaxed)
+    {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: publishing paused by an operator (outbox-relay status shows who; outbox-relay resume continues)\n"
+                .into(),
+        );
+    }
     let breaker = state.stats.breaker();
     let database = state
         .stats

@@ -55,6 +55,8 @@ pub const ORPHANED_PARTITIONS: &str = "outbox_relay_orphaned_partitions";
 pub const COMMIT_TO_CONFIRM: &str = "outbox_relay_commit_to_confirm_seconds";
 /// Seconds from handing an event to the sink to the broker's verdict (histogram).
 pub const PUBLISH_DURATION: &str = "outbox_relay_publish_duration_seconds";
+/// 1 while an operator paused this relay's instance group (gauge).
+pub const PAUSED: &str = "outbox_relay_paused";
 /// Always 1, labelled with the relay's `version` (gauge).
 pub const BUILD_INFO: &str = "outbox_relay_build_info";
 
@@ -243,6 +245,17 @@ pub fn render(stats: &RelayStats, sample: Option<OutboxSample>) -> String {
             counter(&stats.wal_malformed_messages),
         );
     }
+    metric(
+        &mut out,
+        PAUSED,
+        "gauge",
+        "1 while an operator paused this relay's instance group.",
+        if stats.paused.load(Ordering::Relaxed) {
+            1.0
+        } else {
+            0.0
+        },
+    );
     stats.commit_to_confirm.render(
         &mut out,
         COMMIT_TO_CONFIRM,
