@@ -17,6 +17,9 @@ pub const CHECK_INTERVAL: Duration = Duration::from_millis(500);
 /// The instance group of relays that set none (`instance.group`).
 pub const DEFAULT_GROUP: &str = "default";
 
+/// A `relay_pause` row: group, since, by, reason.
+type PauseRow = (String, DateTime<Utc>, String, String);
+
 /// A pause in effect.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Pause {
@@ -75,7 +78,7 @@ pub async fn resume(pool: &PgPool, schema: &SchemaName, group: &str) -> Result<b
 /// Every pause in effect in `schema`.
 pub async fn pauses(pool: &PgPool, schema: &SchemaName) -> Result<Vec<Pause>> {
     let table = schema.qualify("relay_pause");
-    let rows: Vec<(String, DateTime<Utc>, String, String)> = sqlx::query_as(AssertSqlSafe(format!(
+    let rows: Vec<PauseRow> = sqlx::query_as(AssertSqlSafe(format!(
         "select instance_group, paused_at, paused_by, reason from {table} order by instance_group"
     )))
     .fetch_all(pool)
@@ -107,7 +110,7 @@ pub(crate) async fn watch_pause(
         "select instance_group, paused_at, paused_by, reason from {table} where instance_group = $1"
     );
     loop {
-        let row: std::result::Result<Option<(String, DateTime<Utc>, String, String)>, _> =
+        let row: std::result::Result<Option<PauseRow>, _> =
             sqlx::query_as(AssertSqlSafe(sql.as_str()))
                 .bind(&group)
                 .fetch_optional(&pool)
