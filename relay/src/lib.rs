@@ -281,8 +281,24 @@ async fn start_ops(
         .acquire_timeout(config.database.connect_timeout)
         .connect_lazy_with(connect_options(&config.database)?);
     let (stats, schema) = (stats.clone(), config.database.schema.clone());
+    let console = match &config.console {
+        Some(console) => Some(ops::console::Console::new(
+            console,
+            // Its own small pool: the sampler's single connection stays free, and two
+            // tabs' actions really run at once (the admin functions make that safe).
+            PgPoolOptions::new()
+                .max_connections(4)
+                .acquire_timeout(config.database.connect_timeout)
+                .connect_lazy_with(connect_options(&config.database)?),
+            schema.clone(),
+            stats.clone(),
+            config.router.clone(),
+        )?),
+        None => None,
+    };
     Ok(Some(tokio::spawn(async move {
-        if let Err(error) = ops::http::serve(listener, stats, pool, schema, shutdown).await {
+        if let Err(error) = ops::http::serve(listener, stats, pool, schema, console, shutdown).await
+        {
             tracing::error!(%addr, %error, "the ops endpoint failed");
         }
     })))

@@ -44,6 +44,7 @@ pub fn raw_config(test: &TestSchema, exchange: &str) -> RawConfig {
         }),
         instance: Default::default(),
         ops: Default::default(),
+        console: Default::default(),
     }
 }
 

@@ -58,6 +58,9 @@ pub const DEFAULT_STATEMENT_TIMEOUT_MS: u64 = 30_000;
 /// Default retention of published rows when `settle = "mark"`, in milliseconds (one day).
 pub const DEFAULT_PUBLISHED_RETENTION_MS: u64 = 86_400_000;
 
+/// Shortest console token accepted, in characters: the token guards retry and purge.
+pub const MIN_CONSOLE_TOKEN_CHARS: usize = 16;
+
 /// An invalid setting: which one, what is wrong, and how to fix it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid configuration: {field}: {problem}; {fix}")]
@@ -86,21 +89,21 @@ mod tests;
 mod validate;
 
 pub use raw::{
-    RawConfig, RawDatabase, RawExchange, RawInstance, RawKafka, RawOps, RawPipeline, RawPolling,
-    RawRabbitMq, RawWal,
+    RawConfig, RawConsole, RawDatabase, RawExchange, RawInstance, RawKafka, RawOps, RawPipeline,
+    RawPolling, RawRabbitMq, RawWal,
 };
 pub use redact::{redact_url, scrub_password};
 pub use sections::{
-    DatabaseConfig, OverBudget, PipelineConfig, PoisonPolicy, PollingConfig, SettleMode,
-    SinkConfig, WalConfig,
+    ConsoleConfig, ConsoleToken, DatabaseConfig, OverBudget, PipelineConfig, PoisonPolicy,
+    PollingConfig, SettleMode, SinkConfig, WalConfig,
 };
 #[cfg(feature = "kafka")]
 use validate::validate_kafka;
 #[cfg(feature = "rabbitmq")]
 use validate::validate_rabbitmq;
 use validate::{
-    default_instance_id, ms, validate_database, validate_listen_addr, validate_pipeline,
-    validate_polling, validate_wal,
+    default_instance_id, ms, validate_console, validate_database, validate_listen_addr,
+    validate_pipeline, validate_polling, validate_wal,
 };
 
 /// The validated configuration of one relay instance.
@@ -125,6 +128,8 @@ pub struct RelayConfig {
     pub ops_listen_addr: Option<String>,
     /// Longest wait at start for PostgreSQL and the broker; `None`: no limit.
     pub startup_timeout: Option<Duration>,
+    /// The dead-letter console under `/console` of the ops endpoint; `None`: off.
+    pub console: Option<ConsoleConfig>,
 }
 
 impl RelayConfig {
@@ -274,6 +279,7 @@ impl RawConfig {
             None | Some("") => None,
             Some(addr) => Some(validate_listen_addr(addr)?),
         };
+        let console = validate_console(self.console, ops_listen_addr.as_deref())?;
         let startup_timeout = match self.instance.startup_timeout_ms {
             None => None,
             Some(ms_value) => Some(ms(
@@ -294,6 +300,7 @@ impl RawConfig {
             instance_id,
             ops_listen_addr,
             startup_timeout,
+            console,
         })
     }
 }

@@ -33,6 +33,21 @@ pub struct RawConfig {
     /// Metrics and health endpoint.
     #[serde(default)]
     pub ops: RawOps,
+    /// The dead-letter console on the ops endpoint.
+    #[serde(default)]
+    pub console: RawConsole,
+}
+
+/// `[console]`; its `Debug` hides the token.
+#[derive(Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConsole {
+    /// Serve the dead-letter console under `/console` on the ops endpoint (default false).
+    pub enabled: Option<bool>,
+    /// Bearer token the console asks for; better set as `OUTBOX_RELAY__CONSOLE__TOKEN`.
+    pub token: Option<String>,
+    /// File holding the bearer token (read at start; surrounding whitespace ignored).
+    pub token_file: Option<String>,
 }
 
 /// `[ops]`
@@ -205,6 +220,16 @@ impl std::fmt::Debug for RawDatabase {
             .field("pool_size", &self.pool_size)
             .field("connect_timeout_ms", &self.connect_timeout_ms)
             .field("statement_timeout_ms", &self.statement_timeout_ms)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for RawConsole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawConsole")
+            .field("enabled", &self.enabled)
+            .field("token", &self.token.as_ref().map(|_| "***"))
+            .field("token_file", &self.token_file)
             .finish()
     }
 }

@@ -1,4 +1,5 @@
-//! Operations: Prometheus metrics and health/readiness over HTTP.
+//! Operations: Prometheus metrics, health/readiness and the dead-letter console over HTTP.
 
+pub mod console;
 pub mod http;
 pub mod metrics;
