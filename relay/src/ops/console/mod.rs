@@ -157,8 +157,9 @@ fn html(status: StatusCode, frame: &Frame, body: String) -> Response {
     );
     headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     headers.insert(
+        // Not no-referrer: with it browsers send `Origin: null` on same-origin form posts.
         header::REFERRER_POLICY,
-        HeaderValue::from_static("no-referrer"),
+        HeaderValue::from_static("same-origin"),
     );
     response
 }
