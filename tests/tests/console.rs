@@ -81,10 +81,12 @@ fn deliveries_of(rabbit: &RabbitFixture, id: uuid::Uuid) -> usize {
 
 /// Where screenshots go: `<workspace>/target/console-screenshots/`.
 fn screenshot_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
+    let dir = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"))
-        .join("console-screenshots")
+        .join("console-screenshots");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.canonicalize().unwrap()
 }
 
 const BEARER: (&str, &str) = (

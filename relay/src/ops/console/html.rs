@@ -77,6 +77,10 @@ button.plain{background:#fff;color:#1b1f24}\
 .problem{background:#ffebe9;border:1px solid #cf222e;border-radius:6px;padding:.5rem .7rem;margin:.6rem 0}\
 .muted{color:#57606a;font-size:.85rem}\
 .paging{display:flex;gap:1rem;margin:.6rem 0}\
+@media (max-width:40rem){table.rows tr:first-child{display:none}\
+table.rows tr{display:block;border-bottom:1px solid #d6d9de;padding:.3rem 0}\
+table.rows td{display:block;border:none;padding:.1rem .5rem;max-width:none}\
+table.rows td[data-label]::before{content:attr(data-label) \": \";font-weight:600;color:#57606a}}\
 ";
 
 /// A whole page: `body` (already escaped HTML) in the frame with the navigation.

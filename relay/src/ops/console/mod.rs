@@ -133,6 +133,8 @@ impl Console {
 }
 
 type Shared = State<Arc<Console>>;
+/// A form's decoded fields.
+type Fields = Vec<(String, String)>;
 
 /// An HTML response with the console's security headers.
 fn html(status: StatusCode, frame: &Frame, body: String) -> Response {
@@ -180,7 +182,7 @@ fn authorize(
     console: &Console,
     headers: &HeaderMap,
     remote: SocketAddr,
-) -> Result<Access, Response> {
+) -> Result<Access, Box<Response>> {
     match console.auth.check(headers) {
         Ok(access) => Ok(access),
         Err(denied) => {
@@ -198,7 +200,7 @@ fn authorize(
                 }
                 Denied::ForeignHost => {
                     tracing::warn!(%remote, "console request for a non-loopback host refused");
-                    return Err(html(
+                    return Err(Box::new(html(
                         StatusCode::FORBIDDEN,
                         &frame,
                         pages::problem(
@@ -206,7 +208,7 @@ fn authorize(
                             "Forbidden",
                             "Without a console token the console answers only to localhost, 127.0.0.1 or [::1].",
                         ),
-                    ));
+                    )));
                 }
             };
             let mut response = html(status, &frame, pages::login(&frame, message));
@@ -214,7 +216,7 @@ fn authorize(
                 header::WWW_AUTHENTICATE,
                 HeaderValue::from_static("Bearer realm=\"outbox-relay console\""),
             );
-            Err(response)
+            Err(Box::new(response))
         }
     }
 }
@@ -280,7 +282,7 @@ async fn logout(
 ) -> Response {
     let access = match authorize(&console, &headers, remote) {
         Ok(access) => access,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     let fields = actions::form_fields(&body);
     if let Err(problem) = console
@@ -304,7 +306,7 @@ async fn overview(
 ) -> Response {
     let access = match authorize(&console, &headers, remote) {
         Ok(access) => access,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     let stats = &console.stats;
     let published = stats.published.load(Ordering::Relaxed);
@@ -334,7 +336,7 @@ async fn dead_letters(
 ) -> Response {
     let access = match authorize(&console, &headers, remote) {
         Ok(access) => access,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     let frame = console.frame(Some(access));
     let (list, problems) = filters::parse(uri.query());
@@ -370,7 +372,7 @@ async fn detail(
 ) -> Response {
     let access = match authorize(&console, &headers, remote) {
         Ok(access) => access,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     let frame = console.frame(Some(access));
     let Ok(event_id) = uuid::Uuid::parse_str(&id) else {
@@ -443,7 +445,7 @@ fn checked_post(
     headers: &HeaderMap,
     remote: SocketAddr,
     body: &[u8],
-) -> Result<(Access, Vec<(String, String)>), Response> {
+) -> Result<(Access, Fields), Box<Response>> {
     let access = authorize(console, headers, remote)?;
     let fields = actions::form_fields(body);
     if let Err(problem) = console
@@ -452,11 +454,11 @@ fn checked_post(
     {
         tracing::warn!(%remote, problem, "console POST refused");
         let frame = console.frame(Some(access));
-        return Err(html(
+        return Err(Box::new(html(
             StatusCode::FORBIDDEN,
             &frame,
             pages::problem(&frame, "Forbidden", problem),
-        ));
+        )));
     }
     Ok((access, fields))
 }
@@ -469,7 +471,7 @@ async fn confirm(
 ) -> Response {
     let (access, fields) = match checked_post(&console, &headers, remote, &body) {
         Ok(checked) => checked,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     let frame = console.frame(Some(access));
     let selection = match actions::parse_selection(&fields) {
@@ -505,7 +507,7 @@ async fn act(
 ) -> Response {
     let (access, fields) = match checked_post(&console, &headers, remote, &body) {
         Ok(checked) => checked,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     let frame = console.frame(Some(access));
     let selection = match actions::parse_selection(&fields) {
@@ -525,5 +527,36 @@ async fn act(
             pages::action_done(&frame, &selection, changed),
         ),
         Err(error) => database_problem(&frame, &error),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_token_file_is_read_trimmed_and_checked() {
+        let dir = std::env::temp_dir().join(format!("console-token-{}", uuid::Uuid::new_v4()));
+        let _ = std::fs::create_dir_all(&dir);
+        let file = dir.join("token");
+        let config = ConsoleConfig {
+            token: Some(ConsoleToken::File(file.clone())),
+        };
+        let missing = read_token(&config).unwrap_err();
+        assert_eq!(missing.field, "console.token_file");
+        assert!(missing.problem.contains("cannot read"), "{missing}");
+        let _ = std::fs::write(&file, "short\n");
+        let short = read_token(&config).unwrap_err();
+        assert!(
+            !short.to_string().contains("short\n"),
+            "the file's content is not shown"
+        );
+        let _ = std::fs::write(&file, "  a-long-enough-console-token\n");
+        assert_eq!(
+            read_token(&config).ok().flatten().as_deref(),
+            Some("a-long-enough-console-token")
+        );
+        assert_eq!(read_token(&ConsoleConfig { token: None }), Ok(None));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -313,7 +313,7 @@ pub(crate) fn dead_letters(
         "<form method=\"post\" action=\"/console/confirm\">{}<div class=\"actions\">\
          <button type=\"submit\" name=\"action\" value=\"retry\" id=\"retry-selected\">Retry selected</button>\
          <button type=\"submit\" name=\"action\" value=\"purge\" class=\"danger\" id=\"purge-selected\">Purge selected</button></div>\
-         <div class=\"scroll\"><table id=\"dead-letters\"><tr><th><input type=\"checkbox\" id=\"select-all\" \
+         <div class=\"scroll\"><table id=\"dead-letters\" class=\"rows\"><tr><th><input type=\"checkbox\" id=\"select-all\" \
          aria-label=\"select all\"></th><th>Event</th><th>Type</th><th>Aggregate</th><th>Status</th>\
          <th>Attempts</th><th>Last failed</th><th>Last error</th></tr>",
         frame.csrf_input()
@@ -326,9 +326,10 @@ pub(crate) fn dead_letters(
         let _ = write!(
             body,
             "<tr data-event-id=\"{id}\"><td><input type=\"checkbox\" class=\"pick\" name=\"id\" value=\"{id}\" \
-             aria-label=\"select {id}\"></td><td class=\"wrap\"><a href=\"/console/dead-letters/{id}\">{id}</a></td>\
-             <td class=\"wrap\">{event_type}</td><td class=\"wrap\">{aggregate_type} {aggregate_id}</td><td>{status}</td>\
-             <td>{attempts}</td><td>{failed}</td><td class=\"error\">{error}{more}</td></tr>",
+             aria-label=\"select {id}\"></td><td class=\"wrap\" data-label=\"Event\"><a href=\"/console/dead-letters/{id}\">{id}</a></td>\
+             <td class=\"wrap\" data-label=\"Type\">{event_type}</td><td class=\"wrap\" data-label=\"Aggregate\">{aggregate_type} {aggregate_id}</td>\
+             <td data-label=\"Status\">{status}</td><td data-label=\"Attempts\">{attempts}</td><td data-label=\"Last failed\">{failed}</td>\
+             <td class=\"error\" data-label=\"Last error\">{error}{more}</td></tr>",
             id = row.event_id,
             event_type = escape(&row.event_type),
             aggregate_type = escape(&row.aggregate_type),
