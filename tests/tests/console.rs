@@ -205,6 +205,17 @@ async fn a_browser_sees_a_dead_letter_and_its_retry_after_the_fix_is_delivered_o
     );
     let list = dir.join("dead-letters.png");
     page.screenshot(&list).await;
+    // The page's one script (under the CSP nonce) ticks every row, and unticks them.
+    assert_eq!(
+        page.eval(
+            "document.getElementById('select-all').click(); \
+             document.querySelectorAll('input.pick:checked').length"
+        )
+        .await,
+        2
+    );
+    page.eval("document.getElementById('select-all').click(); true")
+        .await;
 
     page.navigate(&format!("{base}/console/dead-letters/{hostile_id}"))
         .await;
@@ -448,6 +459,20 @@ async fn the_console_wants_the_token_and_same_origin_posts_with_the_csrf_token()
             .dead_lettered,
         0
     );
+    let signed_out = request(
+        addr,
+        "POST",
+        "/console/logout",
+        &[("Cookie", &session), ("Origin", &origin)],
+        Some(&format!("csrf={csrf}")),
+    )
+    .await;
+    assert_eq!(signed_out.status, 303);
+    assert!(
+        signed_out
+            .header("set-cookie")
+            .is_some_and(|c| c.contains("Max-Age=0"))
+    );
     relay.stop().await;
 
     // Off by default: no console at all.
@@ -654,4 +679,87 @@ async fn two_tabs_retrying_one_event_at_once_publish_it_once() {
     .await;
     assert_eq!(deliveries_of(&rabbit, id), 1, "published once");
     relay.stop().await;
+}
+
+/// Collects log lines of the current thread (a `#[tokio::test]` runs its tasks on it).
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn every_action_is_logged_with_what_when_and_where_and_never_the_payload_or_token() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter("outbox_relay=info")
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let test = TestSchema::new().await;
+    let rabbit = RabbitFixture::new().await;
+    let (relay, addr) = start_relay(&test, &rabbit, with_token()).await;
+    let secret_payload = serde_json::json!({ "card": "PAYLOAD-SECRET-4111" });
+    let id = insert_dead_letter(&test, 1, "logged.event", &secret_payload).await;
+    let shown = request(
+        addr,
+        "GET",
+        &format!("/console/dead-letters/{id}"),
+        &[BEARER],
+        None,
+    )
+    .await;
+    assert!(
+        shown.body.contains("PAYLOAD-SECRET-4111"),
+        "the page shows it"
+    );
+    let purged = request(
+        addr,
+        "POST",
+        "/console/actions",
+        &[BEARER],
+        Some(&format!("action=purge&id={id}")),
+    )
+    .await;
+    assert_eq!(changed_of(&purged.body), Some(1));
+    let wrong = request(
+        addr,
+        "POST",
+        "/console/login",
+        &[],
+        Some("token=not-the-token-at-all"),
+    )
+    .await;
+    assert_eq!(wrong.status, 401);
+    relay.stop().await;
+    let logs = String::from_utf8_lossy(&captured.0.lock().unwrap()).into_owned();
+    let action = logs
+        .lines()
+        .find(|line| line.contains("console action"))
+        .unwrap_or_else(|| panic!("no action logged in:\n{logs}"));
+    for part in [
+        "action=\"purge\"",
+        &id.to_string(),
+        "remote=127.0.0.1:",
+        "at=",
+        "changed=1",
+    ] {
+        assert!(action.contains(part), "{part} missing in {action}");
+    }
+    assert!(
+        logs.contains("console sign-in with a wrong token"),
+        "{logs}"
+    );
+    for secret in ["PAYLOAD-SECRET-4111", TOKEN, "not-the-token-at-all"] {
+        assert!(!logs.contains(secret), "{secret} was logged");
+    }
 }
