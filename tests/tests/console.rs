@@ -763,3 +763,48 @@ async fn every_action_is_logged_with_what_when_and_where_and_never_the_payload_o
         assert!(!logs.contains(secret), "{secret} was logged");
     }
 }
+
+fn rows_in(page: &str) -> usize {
+    page.matches("<tr data-event-id=").count()
+}
+
+#[tokio::test]
+async fn filters_and_paging_narrow_the_list() {
+    let test = TestSchema::new().await;
+    let rabbit = RabbitFixture::new().await;
+    let (relay, addr) = start_relay(&test, &rabbit, with_token()).await;
+    for sequence in 1..=51 {
+        insert_dead_letter(&test, sequence, "page.event", &serde_json::json!({})).await;
+    }
+    let other = insert_dead_letter(&test, 100, "Other.Event", &serde_json::json!({})).await;
+    let get = async |path: &str| {
+        let response = request(addr, "GET", path, &[BEARER], None).await;
+        assert_eq!(response.status, 200, "{path}: {}", response.body);
+        response.body
+    };
+    let first = get("/console/dead-letters").await;
+    assert_eq!(rows_in(&first), 50);
+    assert!(first.contains("id=\"next\""), "a next page");
+    let second = get("/console/dead-letters?page=2").await;
+    assert_eq!(rows_in(&second), 2);
+    assert!(!second.contains("id=\"next\"") && second.contains("id=\"prev\""));
+    let by_type = get("/console/dead-letters?event_type=Other.Event").await;
+    assert_eq!(rows_in(&by_type), 1);
+    assert!(by_type.contains(&other.to_string()));
+    let by_error = get("/console/dead-letters?error=other.EVENT").await;
+    assert_eq!(rows_in(&by_error), 1, "error text matches ignoring case");
+    let by_aggregate =
+        get("/console/dead-letters?aggregate_type=page.event&aggregate_id=page.event").await;
+    assert_eq!(rows_in(&by_aggregate), 50);
+    let future = get("/console/dead-letters?since=2999-01-01T00:00").await;
+    assert_eq!(rows_in(&future), 0);
+    let past = get("/console/dead-letters?until=2000-01-01").await;
+    assert_eq!(rows_in(&past), 0);
+    let window = get("/console/dead-letters?since=2000-01-01&until=2999-01-01T00:00:00Z&event_type=page.event&page=2").await;
+    assert_eq!(rows_in(&window), 1);
+    assert!(
+        window.contains("href=\"/console/dead-letters?since=2000-01-01&amp;until=2999-01-01T00%3A00%3A00Z&amp;event_type=page.event&amp;page=1\""),
+        "the paging links keep the filters"
+    );
+    relay.stop().await;
+}
