@@ -556,6 +556,8 @@ async fn hostile_rows_unknown_ids_malformed_filters_and_huge_payloads_are_safe()
     assert_escaped("confirmation", &confirm.body);
 
     // Unknown and malformed ids, malformed filters.
+    let no_page = request(addr, "GET", "/console/no-such-page", &[BEARER], None).await;
+    assert_eq!(no_page.status, 404);
     let unknown = request(
         addr,
         "GET",

@@ -119,7 +119,8 @@ impl Console {
             .route("/console/dead-letters/{id}", get(detail))
             .route("/console/confirm", post(confirm))
             .route("/console/actions", post(act))
-            .fallback(not_found)
+            // Only the console's own paths: the ops endpoint's other 404s stay as they were.
+            .route("/console/{*rest}", get(not_found).post(not_found))
             .with_state(Arc::new(self))
     }
 
