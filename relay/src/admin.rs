@@ -142,8 +142,9 @@ fn dead_letters_sql(schema: &SchemaName) -> String {
            and ($4::text is null or aggregate_id = $4) \
            and ($5::timestamptz is null or last_failed_at >= $5) \
            and ($6::timestamptz is null or last_failed_at < $6) \
+           and ($8::text is null or strpos(lower(last_error), lower($8)) > 0) \
          order by last_failed_at, sequence \
-         limit $7"
+         limit $7 offset $9"
     )
 }
 
@@ -154,6 +155,36 @@ pub async fn list_dead_letters(
     filter: &DeadLetterFilter,
     limit: i64,
 ) -> Result<Vec<DeadLetter>> {
+    let page = DeadLetterPage {
+        filter: filter.clone(),
+        error_contains: None,
+        offset: 0,
+        limit,
+    };
+    list_dead_letters_page(pool, schema, &page).await
+}
+
+/// One page of a dead-letter listing (the console's): the CLI's filter, a
+/// case-insensitive search in the last error, and an offset.
+#[derive(Clone, Debug, Default)]
+pub struct DeadLetterPage {
+    /// Which dead letters.
+    pub filter: DeadLetterFilter,
+    /// Only those whose last error contains this text (ignoring case).
+    pub error_contains: Option<String>,
+    /// Skip this many (of the oldest failures).
+    pub offset: i64,
+    /// At most this many.
+    pub limit: i64,
+}
+
+/// The dead letters of `page`, oldest failure first ([`list_dead_letters`] is page 0).
+pub async fn list_dead_letters_page(
+    pool: &PgPool,
+    schema: &SchemaName,
+    page: &DeadLetterPage,
+) -> Result<Vec<DeadLetter>> {
+    let filter = &page.filter;
     sqlx::query_as(AssertSqlSafe(dead_letters_sql(schema)))
         .bind(&filter.event_ids)
         .bind(&filter.event_type)
@@ -161,10 +192,32 @@ pub async fn list_dead_letters(
         .bind(&filter.aggregate_id)
         .bind(filter.since)
         .bind(filter.until)
-        .bind(limit)
+        .bind(page.limit)
+        .bind(&page.error_contains)
+        .bind(page.offset.max(0))
         .fetch_all(pool)
         .await
         .map_err(RelayError::database("listing dead letters"))
+}
+
+/// The route override (`destination` column) the writer gave a dead-lettered or
+/// blocked event; `None` when it has none or no such event exists.
+pub async fn dead_letter_destination(
+    pool: &PgPool,
+    schema: &SchemaName,
+    event_id: uuid::Uuid,
+) -> Result<Option<String>> {
+    let outbox = schema.qualify("outbox");
+    let dead = schema.qualify("outbox_dead_letter");
+    let found: Option<Option<String>> = sqlx::query_scalar(AssertSqlSafe(format!(
+        "select destination from {dead} where event_id = $1 \
+         union all select destination from {outbox} where event_id = $1 limit 1"
+    )))
+    .bind(event_id)
+    .fetch_optional(pool)
+    .await
+    .map_err(RelayError::database("reading a dead letter's destination"))?;
+    Ok(found.flatten())
 }
 
 /// Publish the matching events again: dead-lettered ones re-enter the outbox,

@@ -339,9 +339,24 @@ async fn start_ops(
             source,
         })?;
     let (stats, interval) = (stats.clone(), config.ops_sample_interval);
+    let console = match &config.console {
+        Some(console) => Some(ops::console::Console::new(
+            console,
+            // Its own small pool: the sampler's connection stays free, and two
+            // tabs' actions really run at once (the admin functions make that safe).
+            PgPoolOptions::new()
+                .max_connections(4)
+                .acquire_timeout(config.database.connect_timeout)
+                .connect_lazy_with(connect_options(&config.database)?),
+            schema.clone(),
+            stats.clone(),
+            config.router.clone(),
+        )?),
+        None => None,
+    };
     tasks.push(tokio::spawn(async move {
         if let Err(error) =
-            ops::http::serve(listener, stats, pool, schema, interval, shutdown).await
+            ops::http::serve(listener, stats, pool, schema, interval, console, shutdown).await
         {
             tracing::error!(%addr, %error, "the ops endpoint failed");
         }

@@ -7,6 +7,8 @@
 use std::time::Duration;
 
 pub mod amqp;
+pub mod browser;
+pub mod console;
 pub mod daemon;
 pub mod fault_proxy;
 pub mod kafka;

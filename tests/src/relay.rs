@@ -45,6 +45,7 @@ pub fn raw_config(test: &TestSchema, exchange: &str) -> RawConfig {
         instance: Default::default(),
         ops: Default::default(),
         inbox: None,
+        console: Default::default(),
     }
 }
 

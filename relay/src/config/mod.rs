@@ -62,6 +62,8 @@ pub const DEFAULT_PUBLISHED_RETENTION_MS: u64 = 86_400_000;
 pub const DEFAULT_SAMPLE_INTERVAL_MS: u64 = 15_000;
 /// Default interval of the progress log line, in milliseconds.
 pub const DEFAULT_PROGRESS_INTERVAL_MS: u64 = 30_000;
+/// Shortest console token accepted, in characters: the token guards retry and purge.
+pub const MIN_CONSOLE_TOKEN_CHARS: usize = 16;
 
 /// An invalid setting: which one, what is wrong, and how to fix it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -92,13 +94,13 @@ mod tests;
 mod validate;
 
 pub use raw::{
-    RawConfig, RawDatabase, RawExchange, RawInbox, RawInstance, RawKafka, RawOps, RawPipeline,
-    RawPolling, RawRabbitMq, RawWal,
+    RawConfig, RawConsole, RawDatabase, RawExchange, RawInbox, RawInstance, RawKafka, RawOps,
+    RawPipeline, RawPolling, RawRabbitMq, RawWal,
 };
 pub use redact::{redact_url, scrub_password};
 pub use sections::{
-    DatabaseConfig, InboxConfig, OverBudget, PipelineConfig, PoisonPolicy, PollingConfig,
-    SettleMode, SinkConfig, WalConfig,
+    ConsoleConfig, ConsoleToken, DatabaseConfig, InboxConfig, OverBudget, PipelineConfig,
+    PoisonPolicy, PollingConfig, SettleMode, SinkConfig, WalConfig,
 };
 pub use validate::DEFAULT_REDELIVERY_HORIZON_MS;
 #[cfg(feature = "kafka")]
@@ -106,8 +108,8 @@ use validate::validate_kafka;
 #[cfg(feature = "rabbitmq")]
 use validate::validate_rabbitmq;
 use validate::{
-    default_instance_id, ms, validate_database, validate_inbox, validate_listen_addr,
-    validate_pipeline, validate_polling, validate_wal,
+    default_instance_id, ms, validate_console, validate_database, validate_inbox,
+    validate_listen_addr, validate_pipeline, validate_polling, validate_wal,
 };
 
 /// The validated configuration of one relay instance.
@@ -140,6 +142,8 @@ pub struct RelayConfig {
     pub inbox: Option<InboxConfig>,
     /// Longest wait at start for PostgreSQL and the broker; `None`: no limit.
     pub startup_timeout: Option<Duration>,
+    /// The dead-letter console under `/console` of the ops endpoint; `None`: off.
+    pub console: Option<ConsoleConfig>,
 }
 
 impl RelayConfig {
@@ -322,6 +326,7 @@ impl RawConfig {
                 86_400_000,
             )?),
         };
+        let console = validate_console(self.console, ops_listen_addr.as_deref())?;
         let startup_timeout = match self.instance.startup_timeout_ms {
             None => None,
             Some(ms_value) => Some(ms(
@@ -350,6 +355,7 @@ impl RawConfig {
             ops_sample_interval,
             progress_interval,
             startup_timeout,
+            console,
         })
     }
 }

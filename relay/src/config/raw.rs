@@ -35,6 +35,9 @@ pub struct RawConfig {
     pub ops: RawOps,
     /// Purging the consumers' inbox ids (`[inbox]`; unset: the relay leaves the inbox alone).
     pub inbox: Option<RawInbox>,
+    /// The dead-letter console on the ops endpoint.
+    #[serde(default)]
+    pub console: RawConsole,
 }
 
 /// `[inbox]`: the relay deletes processed-message ids older than the retention.
@@ -48,6 +51,18 @@ pub struct RawInbox {
     /// The longest time after which a message may still be delivered again
     /// (default 7 days, Kafka's default topic retention); the retention must not be shorter.
     pub redelivery_horizon_ms: Option<u64>,
+}
+
+/// `[console]`; its `Debug` hides the token.
+#[derive(Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConsole {
+    /// Serve the dead-letter console under `/console` on the ops endpoint (default false).
+    pub enabled: Option<bool>,
+    /// Bearer token the console asks for; better set as `OUTBOX_RELAY__CONSOLE__TOKEN`.
+    pub token: Option<String>,
+    /// File holding the bearer token (read at start; surrounding whitespace ignored).
+    pub token_file: Option<String>,
 }
 
 /// `[ops]`
@@ -238,6 +253,16 @@ impl std::fmt::Debug for RawDatabase {
             .field("pool_size", &self.pool_size)
             .field("connect_timeout_ms", &self.connect_timeout_ms)
             .field("statement_timeout_ms", &self.statement_timeout_ms)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for RawConsole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawConsole")
+            .field("enabled", &self.enabled)
+            .field("token", &self.token.as_ref().map(|_| "***"))
+            .field("token_file", &self.token_file)
             .finish()
     }
 }

@@ -163,3 +163,28 @@ pub struct InboxConfig {
     /// The retention window (never shorter than the redelivery horizon).
     pub retention: outbox_core::InboxRetention,
 }
+
+/// Where the console's bearer token comes from; its `Debug` hides the value.
+#[derive(Clone, PartialEq, Eq)]
+pub enum ConsoleToken {
+    /// Given in the configuration (`console.token`, e.g. from `OUTBOX_RELAY__CONSOLE__TOKEN`).
+    Value(String),
+    /// Read from this file when the relay starts (`console.token_file`).
+    File(std::path::PathBuf),
+}
+
+impl std::fmt::Debug for ConsoleToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConsoleToken::Value(_) => f.write_str("Value(***)"),
+            ConsoleToken::File(path) => f.debug_tuple("File").field(path).finish(),
+        }
+    }
+}
+
+/// Validated console settings (present only when `console.enabled = true`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConsoleConfig {
+    /// The bearer token; `None` only when the ops endpoint is bound to a loopback address.
+    pub token: Option<ConsoleToken>,
+}

@@ -313,3 +313,110 @@ fn text_section_is_wal(text: &str, line: &str) -> bool {
     }
     false
 }
+
+fn with_console(
+    listen_addr: Option<&str>,
+    console: RawConsole,
+) -> Result<RelayConfig, ConfigError> {
+    let mut c = raw();
+    c.ops.listen_addr = listen_addr.map(str::to_owned);
+    c.console = console;
+    c.validate()
+}
+
+#[test]
+fn console_is_off_by_default_and_needs_the_ops_endpoint() {
+    assert_eq!(raw().validate().unwrap().console, None);
+    let error = with_console(
+        None,
+        RawConsole {
+            enabled: Some(true),
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
+    assert_eq!(error.field, "console.enabled");
+    assert!(error.fix.contains("ops.listen_addr"), "{error}");
+    let error = with_console(
+        Some("127.0.0.1:9187"),
+        RawConsole {
+            token: Some("a-token-that-is-long-enough".into()),
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
+    assert_eq!(error.field, "console.enabled");
+}
+
+#[test]
+fn console_needs_a_token_unless_bound_to_loopback() {
+    let enabled = || RawConsole {
+        enabled: Some(true),
+        ..Default::default()
+    };
+    for local in ["127.0.0.1:9187", "[::1]:9187", "localhost:9187"] {
+        let config = with_console(Some(local), enabled()).unwrap();
+        assert_eq!(
+            config.console,
+            Some(ConsoleConfig { token: None }),
+            "{local}"
+        );
+    }
+    for public in ["0.0.0.0:9187", "[::]:9187", "relay.internal:9187"] {
+        let error = with_console(Some(public), enabled()).unwrap_err();
+        assert_eq!(error.field, "console.token", "{public}");
+        assert!(
+            error.fix.contains("OUTBOX_RELAY__CONSOLE__TOKEN"),
+            "{error}"
+        );
+    }
+    let config = with_console(
+        Some("0.0.0.0:9187"),
+        RawConsole {
+            token_file: Some("/run/secrets/console".into()),
+            ..enabled()
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        config.console,
+        Some(ConsoleConfig {
+            token: Some(ConsoleToken::File("/run/secrets/console".into()))
+        })
+    );
+}
+
+#[test]
+fn console_token_is_checked_and_never_shown() {
+    let secret = "console-Secret-4-long-enough";
+    let raw_console = RawConsole {
+        enabled: Some(true),
+        token: Some(secret.into()),
+        ..Default::default()
+    };
+    let shown = format!("{raw_console:?}");
+    let config = with_console(Some("127.0.0.1:9187"), raw_console).unwrap();
+    let shown = format!("{shown} {config:?}");
+    assert!(!shown.contains(secret), "{shown}");
+    let short = with_console(
+        Some("127.0.0.1:9187"),
+        RawConsole {
+            enabled: Some(true),
+            token: Some("short".into()),
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
+    assert_eq!(short.field, "console.token");
+    assert!(!short.to_string().contains("short\""), "{short}");
+    let both = with_console(
+        Some("127.0.0.1:9187"),
+        RawConsole {
+            enabled: Some(true),
+            token: Some(secret.into()),
+            token_file: Some("/run/secrets/console".into()),
+        },
+    )
+    .unwrap_err();
+    assert_eq!(both.field, "console.token_file");
+}

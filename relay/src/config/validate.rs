@@ -618,3 +618,78 @@ pub(super) fn validate_inbox(
     })?;
     Ok(InboxConfig { schema, retention })
 }
+
+/// Whether `addr` (a validated `ops.listen_addr`) only accepts local connections.
+fn is_loopback_addr(addr: &str) -> bool {
+    if let Ok(socket) = addr.parse::<std::net::SocketAddr>() {
+        return socket.ip().is_loopback();
+    }
+    addr.rsplit_once(':')
+        .is_some_and(|(host, _)| host.eq_ignore_ascii_case("localhost"))
+}
+
+/// `[console]`: off unless `enabled = true`; it needs the ops endpoint, and a token
+/// unless that endpoint is bound to a loopback address.
+pub(super) fn validate_console(
+    raw: RawConsole,
+    ops_listen_addr: Option<&str>,
+) -> Result<Option<ConsoleConfig>, ConfigError> {
+    if raw.enabled != Some(true) {
+        if raw.token.is_some() || raw.token_file.is_some() {
+            return Err(invalid(
+                "console.enabled",
+                "is not true but a console token is set",
+                "set console.enabled = true, or remove console.token / console.token_file",
+            ));
+        }
+        return Ok(None);
+    }
+    let Some(addr) = ops_listen_addr else {
+        return Err(invalid(
+            "console.enabled",
+            "the console is served by the ops endpoint, which is off",
+            "set ops.listen_addr, e.g. 127.0.0.1:9187 (or disable the console)",
+        ));
+    };
+    let token = match (raw.token, raw.token_file) {
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                "console.token_file",
+                "is set together with console.token",
+                "keep one: the token file, or OUTBOX_RELAY__CONSOLE__TOKEN",
+            ));
+        }
+        (Some(token), None) => {
+            let token = token.trim().to_owned();
+            if token.chars().count() < MIN_CONSOLE_TOKEN_CHARS {
+                return Err(invalid(
+                    "console.token",
+                    format!("is shorter than {MIN_CONSOLE_TOKEN_CHARS} characters"),
+                    "use a long random token, e.g. the output of `openssl rand -hex 32`",
+                ));
+            }
+            Some(ConsoleToken::Value(token))
+        }
+        (None, Some(path)) => {
+            if path.trim().is_empty() {
+                return Err(invalid(
+                    "console.token_file",
+                    "is empty",
+                    "set it to the path of a file holding the token, or remove it",
+                ));
+            }
+            Some(ConsoleToken::File(std::path::PathBuf::from(path)))
+        }
+        (None, None) => None,
+    };
+    if token.is_none() && !is_loopback_addr(addr) {
+        return Err(invalid(
+            "console.token",
+            format!(
+                "is not set while the ops endpoint listens on {addr}, which is not a loopback address"
+            ),
+            "set console.token_file or OUTBOX_RELAY__CONSOLE__TOKEN, or bind ops.listen_addr to 127.0.0.1",
+        ));
+    }
+    Ok(Some(ConsoleConfig { token }))
+}

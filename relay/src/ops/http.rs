@@ -1,5 +1,6 @@
 //! The operations endpoint: `/metrics` (Prometheus text), `/healthz` (the relay
-//! loop is alive) and `/readyz` (PostgreSQL answers and the broker circuit is closed).
+//! loop is alive) and `/readyz` (PostgreSQL answers and the broker circuit is closed),
+//! and the dead-letter console under `/console` when it is enabled.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -24,14 +25,16 @@ struct OpsState {
     sample: Arc<RwLock<Option<OutboxSample>>>,
 }
 
-/// Serve `/metrics`, `/healthz` and `/readyz` on `listener` until `shutdown` turns true;
-/// samples the outbox gauges every `sample_interval` (`ops.sample_interval_ms`).
+/// Serve `/metrics`, `/healthz` and `/readyz` (and `console`'s pages, if given) on
+/// `listener` until `shutdown` turns true; samples the outbox gauges every
+/// `sample_interval` (`ops.sample_interval_ms`).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     stats: Arc<RelayStats>,
     pool: sqlx::PgPool,
     schema: outbox_core::SchemaName,
     sample_interval: Duration,
+    console: Option<super::console::Console>,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     let addr: Option<SocketAddr> = listener.local_addr().ok();
@@ -64,11 +67,17 @@ pub async fn serve(
             }
         })
     };
-    let app = Router::new()
+    let mut app = Router::new()
         .route("/metrics", get(render_metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(OpsState { stats, sample });
+    if let Some(console) = console {
+        tracing::info!(?addr, "serving the dead-letter console under /console");
+        app = app.merge(console.routes());
+    }
+    // The console logs the remote address of every action.
+    let app = app.into_make_service_with_connect_info::<SocketAddr>();
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             while !*shutdown.borrow() {

@@ -1,5 +1,7 @@
-//! Operations: Prometheus metrics and health/readiness over HTTP, and the progress log line.
+//! Operations: Prometheus metrics, health/readiness and the dead-letter console over
+//! HTTP, and the progress log line.
 
+pub mod console;
 pub mod histogram;
 pub mod http;
 pub mod metrics;
