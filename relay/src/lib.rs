@@ -47,12 +47,13 @@ pub mod resilience;
 pub mod route;
 pub mod sink;
 pub mod source;
+pub mod stats;
 mod wal_pipeline;
 
 pub use check::check_connections;
 pub use config::{RawConfig, RelayConfig};
 pub use error::{RelayError, Result};
-pub use pipeline::{RelayStats, RunSummary};
+pub use stats::{RelayStats, RunSummary};
 
 use config::{DatabaseConfig, SinkConfig};
 use error::RelayError as E;
@@ -457,21 +458,28 @@ async fn relay_with_sink<S: sink::Sink>(
         None => run_polling(&config, sink, settle_pool, stats, shutdown).await,
         Some(wal) => {
             let rows = source::wal_rows::WalRows::new(settle_pool.clone(), &config.database);
-            wal_pipeline::WalRelay {
-                config,
+            let end = wal_pipeline::WalRelay {
+                config: config.clone(),
                 wal,
-                sink,
+                sink: sink.clone(),
                 rows,
-                stats,
+                stats: stats.clone(),
             }
-            .run(shutdown, settle_pool)
-            .await
+            .run(shutdown.clone(), settle_pool.clone())
+            .await?;
+            match end {
+                wal_pipeline::WalRunEnd::Stopped(summary) => Ok(summary),
+                // The one place that chooses the fallback source.
+                wal_pipeline::WalRunEnd::FallBackToPolling => {
+                    run_polling(&config, sink, settle_pool, stats, shutdown).await
+                }
+            }
         }
     }
 }
 
 /// The polling source's relay loop (also the WAL source's fallback).
-pub(crate) async fn run_polling<S: sink::Sink>(
+async fn run_polling<S: sink::Sink>(
     config: &RelayConfig,
     sink: Arc<S>,
     settle_pool: PgPool,

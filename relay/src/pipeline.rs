@@ -19,7 +19,7 @@
 //! `CLOSE_TIMEOUT` each, after the grace period.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use sqlx::PgPool;
@@ -33,113 +33,7 @@ use crate::route::Router;
 use crate::sink::{Outcome, Sink};
 use crate::source::lease::{Owned, PartitionLeases};
 use crate::source::polling::{ClaimedEvent, PollingSource, RejectionVerdict, Wakeup};
-
-/// Counters of one relay run.
-#[derive(Debug, Default)]
-pub struct RelayStats {
-    /// Events the broker confirmed and that were settled.
-    pub published: AtomicU64,
-    /// Events confirmed but not settled because a lease was lost (the new owner republishes them).
-    pub unsettled: AtomicU64,
-    /// Broker rejections of single events.
-    pub rejected: AtomicU64,
-    /// Events moved to the dead-letter table.
-    pub dead_lettered: AtomicU64,
-    /// Publishes that failed for broker or network reasons.
-    pub transient_failures: AtomicU64,
-    /// Events parked by the `block` poison policy.
-    pub blocked: AtomicU64,
-    /// Batches claimed.
-    pub batches: AtomicU64,
-    /// Claim queries sent (including empty ones): the relay's polling load on PostgreSQL.
-    pub claim_queries: AtomicU64,
-    /// Lease maintenance rounds (a few small queries each).
-    pub lease_rounds: AtomicU64,
-    /// Failed database calls of the claim loop.
-    pub database_errors: AtomicU64,
-    /// Circuit breaker state: 0 closed, 1 open, 2 half-open.
-    pub breaker_state: AtomicU64,
-    /// Work partitions held.
-    pub partitions_held: AtomicU64,
-    /// Whether the last database call of the claim loop or the sampler succeeded.
-    pub database_reachable: std::sync::atomic::AtomicBool,
-    /// Unix time in milliseconds of the relay loop's last turn.
-    pub last_heartbeat_ms: AtomicU64,
-    /// Whether start-up is over (PostgreSQL and the broker answered); `/readyz` says 503 before.
-    pub started: std::sync::atomic::AtomicBool,
-    /// Whether the relay runs the WAL source.
-    pub wal_mode: std::sync::atomic::AtomicBool,
-    /// Whether this instance leads its replication slot (WAL source).
-    pub wal_leader: std::sync::atomic::AtomicBool,
-    /// WAL written after the slot's confirmed position, in bytes (sampled).
-    pub wal_lag_bytes: std::sync::atomic::AtomicI64,
-    /// WAL the slot keeps on the server, in bytes (sampled).
-    pub wal_retained_bytes: std::sync::atomic::AtomicI64,
-    /// The last position recorded and reported to the slot.
-    pub wal_confirmed_lsn: AtomicU64,
-    /// Times the slot was found lost and recovered from the table.
-    pub wal_slot_losses: AtomicU64,
-    /// WAL messages with the outbox prefix that were no event, dead-lettered.
-    pub wal_malformed_messages: AtomicU64,
-}
-
-/// A snapshot of [`RelayStats`], returned when the relay stops.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct RunSummary {
-    /// Events published and settled.
-    pub published: u64,
-    /// Events moved to the dead-letter table.
-    pub dead_lettered: u64,
-    /// Events parked by the `block` poison policy.
-    pub blocked: u64,
-    /// Publishes that failed for broker or network reasons.
-    pub transient_failures: u64,
-}
-
-fn unix_millis() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or_default()
-}
-
-impl RelayStats {
-    /// Record that the relay loop is alive.
-    pub fn beat(&self) {
-        self.last_heartbeat_ms
-            .store(unix_millis(), Ordering::Relaxed);
-    }
-
-    /// Time since the relay loop's last turn.
-    pub fn heartbeat_age(&self) -> Duration {
-        Duration::from_millis(
-            unix_millis().saturating_sub(self.last_heartbeat_ms.load(Ordering::Relaxed)),
-        )
-    }
-
-    fn set_breaker(&self, state: BreakerState) {
-        self.breaker_state
-            .store(state.as_gauge() as u64, Ordering::Relaxed);
-    }
-
-    /// The circuit breaker's current state.
-    pub fn breaker(&self) -> BreakerState {
-        match self.breaker_state.load(Ordering::Relaxed) {
-            1 => BreakerState::Open,
-            2 => BreakerState::HalfOpen,
-            _ => BreakerState::Closed,
-        }
-    }
-
-    pub(crate) fn summary(&self) -> RunSummary {
-        RunSummary {
-            published: self.published.load(Ordering::Relaxed),
-            dead_lettered: self.dead_lettered.load(Ordering::Relaxed),
-            blocked: self.blocked.load(Ordering::Relaxed),
-            transient_failures: self.transient_failures.load(Ordering::Relaxed),
-        }
-    }
-}
+use crate::stats::{RelayStats, RunSummary};
 
 #[derive(Debug, Default)]
 struct LeaseState {
@@ -357,7 +251,10 @@ impl<S: Sink> Pipeline<S> {
                         if probe {
                             busy_keys.extend(probe_suspects.iter().cloned());
                         }
-                        self.stats.claim_queries.fetch_add(1, Ordering::Relaxed);
+                        self.stats
+                            .polling
+                            .claim_queries
+                            .fetch_add(1, Ordering::Relaxed);
                         match context.source.claim(&owned, Some(limit), &busy_keys).await {
                             Ok(batch) => {
                                 db_backoff.reset();
@@ -368,7 +265,7 @@ impl<S: Sink> Pipeline<S> {
                                     wakeup.found_work();
                                     probe_key =
                                         probe.then(|| batch.events[0].event.partition_key.clone());
-                                    self.stats.batches.fetch_add(1, Ordering::Relaxed);
+                                    self.stats.polling.batches.fetch_add(1, Ordering::Relaxed);
                                     let fences = Arc::new(batch.fences);
                                     for lane in lanes_by_key(batch.events) {
                                         in_flight_events += lane.len();
@@ -491,7 +388,7 @@ impl<S: Sink> Pipeline<S> {
         keeper.abort();
         // Bounded, like closing the sink: the leases expire on their own anyway.
         match tokio::time::timeout(
-            crate::wal_pipeline::CLOSE_TIMEOUT,
+            crate::resilience::CLOSE_TIMEOUT,
             self.leases.leave(&self.lease_pool),
         )
         .await
@@ -504,7 +401,7 @@ impl<S: Sink> Pipeline<S> {
                 tracing::warn!("releasing leases on shutdown timed out; they expire on their own")
             }
         }
-        crate::wal_pipeline::close_sink(&*self.sink).await;
+        crate::sink::close_sink(&*self.sink).await;
         let summary = self.stats.summary();
         tracing::info!(?summary, "relay stopped");
         Ok(summary)
@@ -531,6 +428,7 @@ impl<S: Sink> Pipeline<S> {
                     let lost = sequences.len() - settled.len();
                     if lost > 0 {
                         self.stats
+                            .polling
                             .unsettled
                             .fetch_add(lost as u64, Ordering::Relaxed);
                         tracing::warn!(
@@ -726,13 +624,14 @@ async fn keep_leases(
     loop {
         {
             let mut state = state.lock().await;
-            stats.lease_rounds.fetch_add(1, Ordering::Relaxed);
+            stats.polling.lease_rounds.fetch_add(1, Ordering::Relaxed);
             match leases.maintain(&pool, &state.owned).await {
                 Ok((owned, fair)) => {
                     let grew = owned.keys().any(|p| !state.owned.contains_key(p));
                     state.owned = owned;
                     state.fair_share = fair;
                     stats
+                        .polling
                         .partitions_held
                         .store(state.owned.len() as u64, Ordering::Relaxed);
                     if grew {

@@ -56,11 +56,10 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::config::{OverBudget, PipelineConfig, RelayConfig, WalConfig};
-use crate::error::{RelayError, Result};
+use crate::error::Result;
 use crate::event::OutboxEvent;
 use crate::failpoint::failpoint;
-use crate::pipeline::{RelayStats, RunSummary};
-use crate::resilience::{Backoff, CircuitBreaker};
+use crate::resilience::{Backoff, CLOSE_TIMEOUT, CircuitBreaker};
 use crate::route::Router;
 use crate::sink::{Outcome, Sink};
 use crate::source::leader::Leadership;
@@ -68,6 +67,7 @@ use crate::source::wal::{
     Lsn, SlotMonitor, Undecodable, WalError, WalSource, WalStart, WalTransaction,
 };
 use crate::source::wal_rows::WalRows;
+use crate::stats::{RelayStats, RunSummary};
 
 /// Events handed to one lane task at a time (progress is reported per chunk).
 const LANE_CHUNK: usize = 128;
@@ -91,10 +91,6 @@ const DRAIN_PAGE: usize = 1_000;
 /// `status_interval`): after a crash the stream re-sends the unconfirmed window
 /// plus what was confirmed in the last interval.
 const POSITION_RECORD_INTERVAL: Duration = Duration::from_millis(250);
-/// Longest each closing step (final position, replication stream, leader lock,
-/// broker connection) may take once the grace period is over.
-pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_millis(1_000);
-
 /// The WAL relay of one instance.
 pub(crate) struct WalRelay<S: Sink> {
     pub(crate) config: RelayConfig,
@@ -102,6 +98,16 @@ pub(crate) struct WalRelay<S: Sink> {
     pub(crate) sink: Arc<S>,
     pub(crate) rows: WalRows,
     pub(crate) stats: Arc<RelayStats>,
+}
+
+/// How the WAL relay ended.
+#[derive(Debug)]
+pub(crate) enum WalRunEnd {
+    /// Shut down, or failed for good (the sink is closed).
+    Stopped(RunSummary),
+    /// The retained-WAL budget was exceeded and the slot dropped: run the
+    /// polling source for the rest of the run (the sink is still open).
+    FallBackToPolling,
 }
 
 /// How a streaming session ended.
@@ -363,28 +369,6 @@ enum Settled {
 
 const SERVER_GOING_DOWN: &str = "PostgreSQL is shutting down";
 
-/// SQLSTATE class 57P (admin, crash or immediate shutdown; cannot connect now).
-fn server_going_down(error: &RelayError) -> bool {
-    let RelayError::Database { source, .. } = error else {
-        return false;
-    };
-    source
-        .as_database_error()
-        .and_then(|e| e.code())
-        .is_some_and(|code| code.starts_with("57P"))
-}
-
-fn is_retryable(error: &RelayError) -> bool {
-    match error {
-        RelayError::Database { source, .. } => {
-            !matches!(source, sqlx::Error::Configuration(_) | sqlx::Error::Tls(_))
-        }
-        RelayError::DatabaseTimeout { .. } => true,
-        RelayError::Wal(error) => error.is_retryable(),
-        _ => false,
-    }
-}
-
 /// A WAL error as a session end: retryable ones restart the session.
 fn wal_end(error: WalError) -> Result<SessionEnd> {
     if error.is_retryable() {
@@ -395,12 +379,13 @@ fn wal_end(error: WalError) -> Result<SessionEnd> {
 }
 
 impl<S: Sink> WalRelay<S> {
-    /// Elect, stream, restart after errors; on fallback, drop the slot and poll.
+    /// Elect, stream, restart after errors; on fallback, drop the slot and say
+    /// so: the caller starts the polling source.
     pub(crate) async fn run(
         self,
         mut shutdown: watch::Receiver<bool>,
         settle_pool: sqlx::PgPool,
-    ) -> Result<RunSummary> {
+    ) -> Result<WalRunEnd> {
         let source_config = self.wal.source_config(&self.config.database);
         let lock_name = format!(
             "{}:{}",
@@ -411,7 +396,7 @@ impl<S: Sink> WalRelay<S> {
             self.config.pipeline.retry_backoff_initial,
             self.config.pipeline.retry_backoff_max,
         );
-        self.stats.wal_mode.store(true, Ordering::Relaxed);
+        self.stats.wal.active.store(true, Ordering::Relaxed);
         self.stats.beat();
         tracing::info!(
             instance = %self.config.instance_id,
@@ -433,18 +418,18 @@ impl<S: Sink> WalRelay<S> {
                 break SessionEnd::Shutdown;
             };
             failpoint!("wal.leader.acquired");
-            self.stats.wal_leader.store(true, Ordering::Relaxed);
+            self.stats.wal.leader.store(true, Ordering::Relaxed);
             let started = Instant::now();
             let result = self.session(&mut leadership, &mut shutdown).await;
-            self.stats.wal_leader.store(false, Ordering::Relaxed);
+            self.stats.wal.leader.store(false, Ordering::Relaxed);
             // The lock goes with its session anyway; never wait long for the unlock.
             let _ = tokio::time::timeout(CLOSE_TIMEOUT, leadership.release()).await;
             let reason = match result {
                 Ok(SessionEnd::Restart(reason)) => reason,
                 Ok(end) => break end,
-                Err(error) if is_retryable(&error) => error.to_string(),
+                Err(error) if error.is_retryable() => error.to_string(),
                 Err(error) => {
-                    close_sink(&*self.sink).await;
+                    crate::sink::close_sink(&*self.sink).await;
                     return Err(error);
                 }
             };
@@ -495,14 +480,13 @@ impl<S: Sink> WalRelay<S> {
                  for the rest of this run (every table row is still there; wal-message events not yet relayed are lost). \
                  Restarting the relay starts the WAL source again with a new slot."
             );
-            self.stats.wal_mode.store(false, Ordering::Relaxed);
-            return crate::run_polling(&self.config, self.sink, settle_pool, self.stats, shutdown)
-                .await;
+            self.stats.wal.active.store(false, Ordering::Relaxed);
+            return Ok(WalRunEnd::FallBackToPolling);
         }
-        close_sink(&*self.sink).await;
+        crate::sink::close_sink(&*self.sink).await;
         let summary = self.stats.summary();
         tracing::info!(?summary, "relay stopped");
-        Ok(summary)
+        Ok(WalRunEnd::Stopped(summary))
     }
 
     /// Start the source (recovering a lost slot), run the stream, close it.
@@ -520,7 +504,7 @@ impl<S: Sink> WalRelay<S> {
         let mut source = match started {
             Ok(WalStart::Ready(source)) => source,
             Ok(WalStart::SlotLost(lost)) => {
-                self.stats.wal_slot_losses.fetch_add(1, Ordering::Relaxed);
+                self.stats.wal.slot_losses.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(
                     slot = %self.wal.slot,
                     reason = %lost.reason,
@@ -755,7 +739,8 @@ impl<S: Sink> WalRelay<S> {
                         _ => {}
                     }
                     self.stats
-                        .wal_confirmed_lsn
+                        .wal
+                        .confirmed_lsn
                         .store(source.positions().reported.as_u64(), Ordering::Relaxed);
                     // Record and report the position here, outside the select: a flush
                     // inside `next_transaction` can be cut short when another branch wins.
@@ -877,7 +862,7 @@ impl<S: Sink> WalRelay<S> {
                 self.stats.database_reachable.store(true, Ordering::Relaxed);
                 Settled::Done
             }
-            Err(error) if server_going_down(&error) => {
+            Err(error) if error.is_server_going_down() => {
                 tracing::warn!(%error, "PostgreSQL is shutting down; closing the replication stream");
                 Settled::ServerGoingDown
             }
@@ -908,17 +893,6 @@ impl<S: Sink> WalRelay<S> {
             tracker.last_stray_retry = Instant::now() - STRAY_RETRY_INTERVAL;
             self.delete_stray_rows(tracker).await;
         }
-    }
-}
-
-/// Close the broker connection within [`CLOSE_TIMEOUT`]: a hung broker must not
-/// hold the shutdown beyond the grace period.
-pub(crate) async fn close_sink<S: Sink>(sink: &S) {
-    if tokio::time::timeout(CLOSE_TIMEOUT, sink.close())
-        .await
-        .is_err()
-    {
-        tracing::warn!("closing the broker connection timed out; exiting without waiting for it");
     }
 }
 
@@ -1083,7 +1057,8 @@ impl<S: Sink> LaneContext<S> {
                 (Ok(true), Undecodable::Message(message)) => {
                     self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
                     self.stats
-                        .wal_malformed_messages
+                        .wal
+                        .malformed_messages
                         .fetch_add(1, Ordering::Relaxed);
                     // Never the content or the reason (it can quote the content).
                     tracing::error!(
@@ -1255,8 +1230,8 @@ async fn sample_slot(
             Ok(Some(status)) => {
                 let lag = status.lag_bytes.unwrap_or(0);
                 let retained = status.retained_bytes.unwrap_or(0);
-                stats.wal_lag_bytes.store(lag, Ordering::Relaxed);
-                stats.wal_retained_bytes.store(retained, Ordering::Relaxed);
+                stats.wal.lag_bytes.store(lag, Ordering::Relaxed);
+                stats.wal.retained_bytes.store(retained, Ordering::Relaxed);
                 if let Some(budget) = wal.retained_wal_budget_bytes
                     && u64::try_from(retained).unwrap_or(0) > budget
                 {

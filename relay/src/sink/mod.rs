@@ -9,6 +9,7 @@
 use std::future::Future;
 
 use crate::event::OutboxEvent;
+use crate::resilience::CLOSE_TIMEOUT;
 use crate::route::Route;
 
 #[cfg(feature = "kafka")]
@@ -79,4 +80,15 @@ pub trait Sink: Send + Sync + 'static {
 
     /// Flush and close connections; called once on shutdown, after the last publish.
     fn close(&self) -> impl Future<Output = ()> + Send;
+}
+
+/// Close the broker connection within [`CLOSE_TIMEOUT`]: a hung broker must not
+/// hold the shutdown beyond the grace period.
+pub(crate) async fn close_sink<S: Sink>(sink: &S) {
+    if tokio::time::timeout(CLOSE_TIMEOUT, sink.close())
+        .await
+        .is_err()
+    {
+        tracing::warn!("closing the broker connection timed out; exiting without waiting for it");
+    }
 }

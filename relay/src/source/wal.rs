@@ -130,10 +130,9 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
 use sqlx::{AssertSqlSafe, ConnectOptions, PgPool};
 use tokio::time::Instant;
 
-use crate::config::ConfigError;
-use crate::error::RelayError;
 use crate::event::OutboxEvent;
 use crate::failpoint::failpoint;
+use crate::resilience::DbCallFailure;
 
 use pgoutput::{OutboxColumns, Relation};
 
@@ -530,58 +529,6 @@ impl WalError {
                 source: Box::new(source),
                 retryable,
             }
-        }
-    }
-}
-
-impl From<WalError> for RelayError {
-    fn from(error: WalError) -> Self {
-        let config = |field: &str, problem: String, fix: String| {
-            RelayError::Config(ConfigError {
-                field: field.to_owned(),
-                problem,
-                fix,
-            })
-        };
-        match error {
-            WalError::InvalidConfig {
-                field,
-                problem,
-                fix,
-            } => config(field, problem, fix),
-            WalError::WalLevel { actual } => config(
-                "PostgreSQL wal_level",
-                format!("is {actual:?}, the WAL source needs 'logical'"),
-                "run `ALTER SYSTEM SET wal_level = logical` and restart PostgreSQL (or use the polling source)"
-                    .to_owned(),
-            ),
-            WalError::ReplicationNotPermitted { role } => config(
-                "database.url",
-                format!("role {role:?} may not use replication"),
-                format!("run `ALTER ROLE \"{role}\" REPLICATION` and allow it replication connections in pg_hba.conf"),
-            ),
-            WalError::Publication {
-                publication,
-                problem,
-                fix,
-            } => config(
-                "wal.publication",
-                format!("{publication:?}: {problem}"),
-                fix,
-            ),
-            WalError::Slot { slot, problem, fix } => {
-                config("wal.slot", format!("{slot:?}: {problem}"), fix)
-            }
-            WalError::Database { operation, source } => RelayError::Database { operation, source },
-            WalError::DatabaseTimeout {
-                operation,
-                timeout_ms,
-            } => RelayError::DatabaseTimeout {
-                operation,
-                timeout_ms,
-            },
-            WalError::Core(error) => RelayError::Core(error),
-            other => RelayError::Wal(Box::new(other)),
         }
     }
 }
@@ -2277,17 +2224,27 @@ fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// [`crate::resilience::db_call`] with the WAL source's error type.
 async fn db_call<T>(
     operation: &'static str,
     timeout: Duration,
     call: impl std::future::Future<Output = std::result::Result<T, sqlx::Error>>,
 ) -> Result<T> {
-    match tokio::time::timeout(timeout, call).await {
-        Ok(result) => result.map_err(WalError::database(operation)),
-        Err(_) => Err(WalError::DatabaseTimeout {
-            operation,
-            timeout_ms: millis(timeout),
-        }),
+    crate::resilience::db_call(operation, timeout, call).await
+}
+
+impl From<DbCallFailure> for WalError {
+    fn from(failure: DbCallFailure) -> Self {
+        match failure {
+            DbCallFailure::Failed { operation, source } => WalError::Database { operation, source },
+            DbCallFailure::TimedOut {
+                operation,
+                timeout_ms,
+            } => WalError::DatabaseTimeout {
+                operation,
+                timeout_ms,
+            },
+        }
     }
 }
 
@@ -2387,8 +2344,11 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("restart"), "{text}");
-        let relay: RelayError = err.into();
-        assert!(matches!(relay, RelayError::Config(_)), "{relay}");
+        let relay: crate::error::RelayError = err.into();
+        assert!(
+            matches!(relay, crate::error::RelayError::Config(_)),
+            "{relay}"
+        );
     }
 
     #[test]

@@ -246,7 +246,7 @@ impl OutboxColumns {
             Ok(created_at) => (created_at, None),
             Err(_) => (
                 DateTime::<Utc>::UNIX_EPOCH,
-                Some(crate::source::polling::unpublishable_created_at(
+                Some(crate::source::row::unpublishable_created_at(
                     created_at_text,
                 )),
             ),
