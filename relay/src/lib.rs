@@ -457,7 +457,7 @@ async fn relay_with_sink<S: sink::Sink>(
     match config.wal.clone() {
         None => run_polling(&config, sink, settle_pool, stats, shutdown).await,
         Some(wal) => {
-            let rows = source::wal_rows::WalRows::new(settle_pool.clone(), &config.database);
+            let rows = source::wal::rows::WalRows::new(settle_pool.clone(), &config.database);
             let end = wal_pipeline::WalRelay {
                 config: config.clone(),
                 wal,
@@ -491,7 +491,7 @@ async fn run_polling<S: sink::Sink>(
         source::polling::PollingSource::new(claim_pool, settle_pool.clone(), config.clone())
             .await?;
     let wakeup = source.take_wakeup();
-    let leases = Arc::new(source::lease::PartitionLeases::new(
+    let leases = Arc::new(source::polling::lease::PartitionLeases::new(
         &config.database.schema,
         config.instance_id.clone(),
         config.polling.partitions,

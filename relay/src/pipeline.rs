@@ -31,7 +31,7 @@ use crate::failpoint::failpoint;
 use crate::resilience::{Backoff, BreakerState, CircuitBreaker};
 use crate::route::Router;
 use crate::sink::{Outcome, Sink};
-use crate::source::lease::{Owned, PartitionLeases};
+use crate::source::polling::lease::{Owned, PartitionLeases};
 use crate::source::polling::{ClaimedEvent, PollingSource, RejectionVerdict, Wakeup};
 use crate::stats::{RelayStats, RunSummary};
 

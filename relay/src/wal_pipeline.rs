@@ -62,11 +62,11 @@ use crate::failpoint::failpoint;
 use crate::resilience::{Backoff, CLOSE_TIMEOUT, CircuitBreaker};
 use crate::route::Router;
 use crate::sink::{Outcome, Sink};
-use crate::source::leader::Leadership;
+use crate::source::wal::leader::Leadership;
+use crate::source::wal::rows::WalRows;
 use crate::source::wal::{
     Lsn, SlotMonitor, Undecodable, WalError, WalSource, WalStart, WalTransaction,
 };
-use crate::source::wal_rows::WalRows;
 use crate::stats::{RelayStats, RunSummary};
 
 /// Events handed to one lane task at a time (progress is reported per chunk).

@@ -292,7 +292,7 @@ async fn malformed_wal_messages_are_dead_lettered_raw_the_slot_passes_them_and_a
     }
     // They are no events: `dead-letters retry` leaves them (re-entering one would publish it).
     let filter = outbox_relay::admin::DeadLetterFilter {
-        event_type: Some(outbox_relay::source::wal_rows::MALFORMED_MESSAGE_EVENT_TYPE.into()),
+        event_type: Some(outbox_relay::source::wal::rows::MALFORMED_MESSAGE_EVENT_TYPE.into()),
         ..Default::default()
     };
     outbox_relay::admin::retry_dead_letters(&db.test.pool, &db.test.schema, &filter)

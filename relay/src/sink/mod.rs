@@ -14,8 +14,6 @@ use crate::route::Route;
 
 #[cfg(feature = "kafka")]
 pub mod kafka;
-#[cfg(feature = "kafka")]
-mod kafka_topic_limits;
 #[cfg(feature = "rabbitmq")]
 pub mod rabbitmq;
 
