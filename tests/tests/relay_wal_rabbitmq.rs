@@ -12,14 +12,15 @@
 #![allow(clippy::unwrap_used)] // a test should fail loudly at the broken step
 
 use std::collections::{HashMap, HashSet};
-use std::future::Future;
 use std::time::Duration;
 
 use outbox_core::{Event, Outbox, OutboxConfig, wal_message};
 use outbox_relay::config::{RawConfig, RawDatabase, RawPipeline, RawRabbitMq};
 use outbox_tests::TestSchema;
+use outbox_tests::amqp::n_of;
 use outbox_tests::amqp::{RabbitFixture, Received, first_delivery_order_violations};
 use outbox_tests::relay::{RunningRelay, outbox_rows};
+use outbox_tests::wait_until;
 use outbox_tests::wal::WalDatabase;
 use tokio::time::Instant;
 
@@ -37,10 +38,6 @@ fn outbox_for(test: &TestSchema) -> Outbox {
     })
 }
 
-fn n_of(message: &Received) -> i64 {
-    message.json()["n"].as_i64().unwrap()
-}
-
 fn key_of(message: &Received) -> &str {
     message.header("outbox-partition-key").unwrap()
 }
@@ -49,19 +46,6 @@ fn key_of(message: &Received) -> &str {
 fn duplicates(received: &[Received]) -> usize {
     let distinct: HashSet<&str> = received.iter().map(|m| m.message_id.as_str()).collect();
     received.len() - distinct.len()
-}
-
-/// Poll `condition` every 50 ms until it holds, or panic at the deadline.
-async fn wait_until<F, Fut>(what: &str, deadline: Duration, mut condition: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let until = Instant::now() + deadline;
-    while !condition().await {
-        assert!(Instant::now() < until, "{what}: not within {deadline:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// Whether a walsender streams from the slot (not just a session creating it).
