@@ -691,7 +691,7 @@ async fn hostile_rows_are_delivered_or_dead_lettered(source: Source, sink: Sink)
         let relay = RunningRelay::start(raw.validate().unwrap());
         let db = wal.as_ref().unwrap();
         wait_until("the WAL relay streams", DEADLINE, async || {
-            db.slot_active().await
+            db.walsender_streams().await
         })
         .await;
         for n in 0..60 {

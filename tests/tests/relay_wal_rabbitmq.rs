@@ -48,22 +48,10 @@ fn duplicates(received: &[Received]) -> usize {
     received.len() - distinct.len()
 }
 
-/// Whether a walsender streams from the slot (not just a session creating it).
-async fn walsender_streams(db: &WalDatabase) -> bool {
-    sqlx::query_scalar(
-        "select exists (select from pg_replication_slots s join pg_stat_activity a on a.pid = s.active_pid \
-         where s.slot_name = $1 and a.backend_type = 'walsender' and s.confirmed_flush_lsn is not null)",
-    )
-    .bind(&db.slot)
-    .fetch_one(&db.test.pool)
-    .await
-    .unwrap()
-}
-
 /// Wait until a relay streams from the slot, so later commits come through the stream.
 async fn wait_streaming(db: &WalDatabase) {
     wait_until("a relay streams from the slot", DEADLINE, || {
-        walsender_streams(db)
+        db.walsender_streams()
     })
     .await;
 }

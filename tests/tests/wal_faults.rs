@@ -43,7 +43,7 @@ async fn start_streaming(db: &WalDatabase, raw: RawConfig) -> RunningRelay {
     wait_until(
         "the relay streaming from its slot",
         Duration::from_secs(30),
-        || async { db.slot_active().await },
+        || async { db.walsender_streams().await },
     )
     .await;
     relay
