@@ -18,6 +18,8 @@
 //! On SIGTERM, closing leases and the broker connection is bounded by
 //! `CLOSE_TIMEOUT` each, after the grace period.
 
+pub(crate) mod ledger;
+
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -34,6 +36,7 @@ use crate::sink::{Outcome, Sink};
 use crate::source::polling::lease::{Owned, PartitionLeases};
 use crate::source::polling::{ClaimedEvent, PollingSource, RejectionVerdict, Wakeup};
 use crate::stats::{RelayStats, RunSummary};
+use ledger::{AnyOrder, Finished, Ledger, UnitId};
 
 #[derive(Debug, Default)]
 struct LeaseState {
@@ -41,15 +44,26 @@ struct LeaseState {
     fair_share: usize,
 }
 
-/// What one key's lane did.
+/// What one key's lane did: how each of its events left the lane, in order.
 #[derive(Debug)]
 struct LaneDone {
     key: String,
-    fences: Arc<Owned>,
-    claimed: usize,
-    delivered: Vec<i64>,
+    unit: UnitId,
+    finished: Vec<(i64, Finished)>,
     transient: u64,
 }
+
+impl LaneDone {
+    fn delivered(&self) -> usize {
+        self.finished
+            .iter()
+            .filter(|(_, finished)| *finished == Finished::Delivered)
+            .count()
+    }
+}
+
+/// Claims in flight: settled in any order, each under its own lease fences.
+type ClaimLedger = Ledger<Arc<Owned>, AnyOrder>;
 
 /// Everything one running relay instance needs.
 pub(crate) struct Pipeline<S: Sink> {
@@ -73,35 +87,6 @@ struct LaneContext<S: Sink> {
     router: Router,
     config: PipelineConfig,
     stats: Arc<RelayStats>,
-}
-
-/// Delivered events waiting to be settled, grouped by the lease snapshot they were claimed under.
-#[derive(Default)]
-struct Unsettled {
-    groups: Vec<(Arc<Owned>, Vec<i64>, Vec<String>)>,
-    events: usize,
-    claimed: usize,
-    keys_done: Vec<String>,
-}
-
-impl Unsettled {
-    fn add(&mut self, done: LaneDone) {
-        self.events += done.delivered.len();
-        self.claimed += done.claimed;
-        match self
-            .groups
-            .iter_mut()
-            .find(|(fences, _, _)| Arc::ptr_eq(fences, &done.fences))
-        {
-            Some((_, sequences, keys)) => {
-                sequences.extend(done.delivered);
-                keys.push(done.key);
-            }
-            None => self
-                .groups
-                .push((done.fences, done.delivered, vec![done.key])),
-        }
-    }
 }
 
 /// Keys skipped by half-open probes at most (beyond that, probes take any key again).
@@ -148,13 +133,11 @@ impl<S: Sink> Pipeline<S> {
         let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<LaneDone>();
         let mut lanes = tokio::task::JoinSet::new();
         let mut busy: std::collections::HashSet<String> = std::collections::HashSet::new();
-        let mut lane_keys: std::collections::HashMap<tokio::task::Id, (String, usize)> =
+        let mut lane_keys: std::collections::HashMap<tokio::task::Id, (String, UnitId, usize)> =
             std::collections::HashMap::new();
-        let mut unsettled = Unsettled::default();
-        let mut round_delivered = 0_usize;
         // Claimed events not yet settled: the window that can be published twice after a crash.
-        let mut in_flight_events = 0_usize;
-        let mut round_transient = 0_u64;
+        let mut ledger = ClaimLedger::default();
+        let mut round = Round::default();
         // Keys whose event failed a half-open probe: later probes try other keys, so
         // one event that the broker keeps refusing (a nack, a closed channel) cannot
         // keep the breaker open for every key by being the oldest, probe after probe.
@@ -180,10 +163,7 @@ impl<S: Sink> Pipeline<S> {
             self.stats.beat();
             // Collect finished lanes first, then reap their tasks (a finished task has sent its result).
             while let Ok(done) = done_rx.try_recv() {
-                round_delivered += done.delivered.len();
-                round_transient += done.transient;
-                unsettled.keys_done.push(done.key.clone());
-                unsettled.add(done);
+                round.collect(done, &mut ledger);
             }
             // Reap finished tasks; a lane that panicked frees its key (its rows are claimed again).
             while let Some(joined) = lanes.try_join_next_with_id() {
@@ -192,10 +172,10 @@ impl<S: Sink> Pipeline<S> {
                         lane_keys.remove(&id);
                     }
                     Err(error) => {
-                        if let Some((key, claimed)) = lane_keys.remove(&error.id()) {
+                        if let Some((key, unit, claimed)) = lane_keys.remove(&error.id()) {
                             tracing::error!(%error, key, "a publishing lane failed; its events will be claimed again");
                             busy.remove(&key);
-                            in_flight_events -= claimed;
+                            ledger.abandon(unit, claimed);
                         }
                     }
                 }
@@ -205,8 +185,7 @@ impl<S: Sink> Pipeline<S> {
                 draining_since = Some(tokio::time::Instant::now());
             }
             if stopping && lanes.is_empty() {
-                self.settle(&context.source, &mut unsettled, &mut busy)
-                    .await;
+                self.settle(&context.source, &mut ledger, &mut busy).await;
                 break;
             }
             if let Some(since) = draining_since
@@ -218,11 +197,9 @@ impl<S: Sink> Pipeline<S> {
                 );
                 lanes.abort_all();
                 while let Ok(done) = done_rx.try_recv() {
-                    unsettled.keys_done.push(done.key.clone());
-                    unsettled.add(done);
+                    round.collect(done, &mut ledger);
                 }
-                self.settle(&context.source, &mut unsettled, &mut busy)
-                    .await;
+                self.settle(&context.source, &mut ledger, &mut busy).await;
                 break;
             }
 
@@ -231,21 +208,21 @@ impl<S: Sink> Pipeline<S> {
             let mut claim_wait = Duration::ZERO;
             let batch_size = context.source.batch_size();
             // Refill when half the window is free, so claims stay large.
-            if !stopping && in_flight_events <= batch_size / 2 {
+            if !stopping && ledger.in_flight() <= batch_size / 2 {
                 self.stats.set_breaker(breaker.state());
                 claim_wait = breaker.wait();
                 if claim_wait.is_zero() {
                     self.stats.set_breaker(breaker.state());
                     let probe = breaker.state() == BreakerState::HalfOpen;
                     // A probe goes alone: claim it only when nothing else is in flight.
-                    if !probe || (lanes.is_empty() && unsettled.keys_done.is_empty()) {
+                    if !probe || (lanes.is_empty() && ledger.finished_lanes() == 0) {
                         let owned = self
                             .release_extra_partitions(&state, lanes.is_empty())
                             .await;
                         let limit = if probe {
                             1
                         } else {
-                            batch_size - in_flight_events
+                            batch_size - ledger.in_flight()
                         };
                         let mut busy_keys: Vec<String> = busy.iter().cloned().collect();
                         if probe {
@@ -267,8 +244,8 @@ impl<S: Sink> Pipeline<S> {
                                         probe.then(|| batch.events[0].event.partition_key.clone());
                                     self.stats.polling.batches.fetch_add(1, Ordering::Relaxed);
                                     let fences = Arc::new(batch.fences);
+                                    let unit = ledger.admit(fences.clone(), batch.events.len());
                                     for lane in lanes_by_key(batch.events) {
-                                        in_flight_events += lane.len();
                                         let key = lane[0].event.partition_key.clone();
                                         busy.insert(key.clone());
                                         let (context, fences, done_tx) =
@@ -277,10 +254,10 @@ impl<S: Sink> Pipeline<S> {
                                         let lane_len = lane.len();
                                         let handle = lanes.spawn(async move {
                                             let done =
-                                                context.publish_lane(key, lane, fences).await;
+                                                context.publish_lane(key, unit, lane, fences).await;
                                             let _ = done_tx.send(done);
                                         });
-                                        lane_keys.insert(handle.id(), (task_key, lane_len));
+                                        lane_keys.insert(handle.id(), (task_key, unit, lane_len));
                                     }
                                 } else if probe {
                                     // Nothing (else) to probe with: the next event decides.
@@ -303,24 +280,19 @@ impl<S: Sink> Pipeline<S> {
 
             // Collect finished lanes; settle in groups.
             while let Ok(done) = done_rx.try_recv() {
-                round_delivered += done.delivered.len();
-                round_transient += done.transient;
-                unsettled.keys_done.push(done.key.clone());
-                unsettled.add(done);
+                round.collect(done, &mut ledger);
             }
             // Settle in groups: when every lane is done, when a quarter batch waits, or at the tick.
-            if !unsettled.keys_done.is_empty()
+            if ledger.finished_lanes() > 0
                 && (lanes.is_empty()
-                    || unsettled.claimed >= (batch_size / 4).max(1)
-                    || unsettled.events >= SETTLE_MAX_EVENTS
+                    || ledger.finished_unsettled() >= (batch_size / 4).max(1)
+                    || ledger.delivered_unsettled() >= SETTLE_MAX_EVENTS
                     || last_settle.elapsed() >= SETTLE_INTERVAL)
             {
                 last_settle = tokio::time::Instant::now();
-                in_flight_events -= self
-                    .settle(&context.source, &mut unsettled, &mut busy)
-                    .await;
+                self.settle(&context.source, &mut ledger, &mut busy).await;
                 let probed = probe_key.take();
-                if round_delivered > 0 || round_transient == 0 {
+                if round.delivered > 0 || round.transient == 0 {
                     probe_suspects.clear();
                     breaker.record_success();
                 } else {
@@ -337,15 +309,14 @@ impl<S: Sink> Pipeline<S> {
                         claim_wait = claim_wait.max(self.config.retry_backoff_initial);
                     }
                 }
-                round_delivered = 0;
-                round_transient = 0;
+                round = Round::default();
             }
-            if claimed_any && in_flight_events <= batch_size / 2 {
+            if claimed_any && ledger.in_flight() <= batch_size / 2 {
                 continue;
             }
 
             // Wait for something to do.
-            if lanes.is_empty() && unsettled.keys_done.is_empty() {
+            if lanes.is_empty() && ledger.finished_lanes() == 0 {
                 if stopping {
                     continue;
                 }
@@ -370,10 +341,7 @@ impl<S: Sink> Pipeline<S> {
                 tokio::select! {
                     done = done_rx.recv() => {
                         if let Some(done) = done {
-                            round_delivered += done.delivered.len();
-                            round_transient += done.transient;
-                            unsettled.keys_done.push(done.key.clone());
-                            unsettled.add(done);
+                            round.collect(done, &mut ledger);
                         }
                     }
                     _ = settle_tick.tick() => {}
@@ -407,18 +375,16 @@ impl<S: Sink> Pipeline<S> {
         Ok(summary)
     }
 
-    /// Settle what finished lanes delivered, then free their keys for new claims.
-    /// Returns how many claimed events left the in-flight window.
+    /// Settle what finished lanes delivered (any order, each claim under its own
+    /// fences), then free their keys for new claims.
     async fn settle(
         &self,
         source: &PollingSource,
-        unsettled: &mut Unsettled,
+        ledger: &mut ClaimLedger,
         busy: &mut std::collections::HashSet<String>,
-    ) -> usize {
-        for (fences, mut sequences, _keys) in std::mem::take(&mut unsettled.groups) {
-            if sequences.is_empty() {
-                continue;
-            }
+    ) {
+        let settlement = ledger.take_finished();
+        for (fences, mut sequences) in settlement.units {
             sequences.sort_unstable();
             match source.settle(&fences, &sequences).await {
                 Ok(settled) => {
@@ -443,11 +409,11 @@ impl<S: Sink> Pipeline<S> {
                 }
             }
         }
-        for key in std::mem::take(&mut unsettled.keys_done) {
+        // Only now: a key freed before its rows are settled could be claimed again
+        // and publish its later rows while the delivered ones are still there.
+        for key in settlement.keys {
             busy.remove(&key);
         }
-        unsettled.events = 0;
-        std::mem::take(&mut unsettled.claimed)
     }
 
     async fn release_extra_partitions(&self, state: &Mutex<LeaseState>, idle: bool) -> Owned {
@@ -481,19 +447,19 @@ impl<S: Sink> LaneContext<S> {
     async fn publish_lane(
         &self,
         key: String,
+        unit: UnitId,
         lane: Vec<ClaimedEvent>,
         fences: Arc<Owned>,
     ) -> LaneDone {
         let mut done = LaneDone {
             key,
-            fences,
-            claimed: lane.len(),
-            delivered: Vec::new(),
+            unit,
+            finished: Vec::with_capacity(lane.len()),
             transient: 0,
         };
         // The semaphore is never closed; if it were, publishing without a permit is still correct.
         let _permit = self.publishing.acquire().await.ok();
-        for claimed in lane {
+        for claimed in &lane {
             let event = &claimed.event;
             let outcome = match &claimed.undecodable {
                 // A row that is not an event goes to the dead-letter table as it is.
@@ -508,7 +474,7 @@ impl<S: Sink> LaneContext<S> {
             match outcome {
                 Outcome::Delivered => {
                     failpoint!("polling.publish.confirmed");
-                    done.delivered.push(event.sequence)
+                    done.finished.push((event.sequence, Finished::Delivered))
                 }
                 Outcome::Retry(error) => {
                     self.stats
@@ -528,7 +494,7 @@ impl<S: Sink> LaneContext<S> {
                     match self
                         .source
                         .reject(
-                            &done.fences,
+                            &fences,
                             event,
                             &error.message,
                             self.config.max_attempts,
@@ -548,6 +514,7 @@ impl<S: Sink> LaneContext<S> {
                                 %error,
                                 "event dead-lettered; its key continues"
                             );
+                            done.finished.push((event.sequence, Finished::DeadLettered));
                             continue;
                         }
                         Ok(RejectionVerdict::WillRetry { attempts }) => {
@@ -581,7 +548,32 @@ impl<S: Sink> LaneContext<S> {
                 }
             }
         }
+        // The lane stopped: this event and the rest of the key's lane were not
+        // delivered; their rows stay and are claimed again, in order.
+        for claimed in &lane[done.finished.len()..] {
+            done.finished
+                .push((claimed.event.sequence, Finished::Released));
+        }
         done
+    }
+}
+
+/// What the lanes finished since the last settle did, for the breaker.
+#[derive(Debug, Default)]
+struct Round {
+    delivered: usize,
+    transient: u64,
+}
+
+impl Round {
+    /// Record a lane's result in the ledger and the round.
+    fn collect(&mut self, done: LaneDone, ledger: &mut ClaimLedger) {
+        self.delivered += done.delivered();
+        self.transient += done.transient;
+        for (sequence, finished) in done.finished {
+            ledger.finish(done.unit, sequence, finished);
+        }
+        ledger.lane_finished(done.key);
     }
 }
 

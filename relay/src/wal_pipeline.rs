@@ -59,6 +59,7 @@ use crate::config::{OverBudget, PipelineConfig, RelayConfig, WalConfig};
 use crate::error::Result;
 use crate::event::OutboxEvent;
 use crate::failpoint::failpoint;
+use crate::pipeline::ledger::{DonePrefix, Finished, Ledger, UnitId};
 use crate::resilience::{Backoff, CLOSE_TIMEOUT, CircuitBreaker};
 use crate::route::Router;
 use crate::sink::{Outcome, Sink};
@@ -182,16 +183,13 @@ impl Item {
 #[derive(Debug)]
 struct LaneDone {
     key: String,
-    finished: Vec<(u64, bool)>,
+    finished: Vec<(UnitId, bool)>,
 }
 
-/// One transaction (or one page of the table drain) in flight.
+/// What settling one transaction (or one page of the table drain) needs.
 #[derive(Debug)]
-struct Unit {
+struct WalUnit {
     end_lsn: Option<Lsn>,
-    events: usize,
-    remaining: usize,
-    delivered: u64,
     rows: Vec<i64>,
     drain: Option<DrainMark>,
 }
@@ -205,13 +203,12 @@ enum DrainMark {
     Finished,
 }
 
-/// Units in commit order; the done prefix is settled.
+/// Units in commit order, settled through the ledger's done-prefix view only
+/// (a confirmed position confirms everything before it), plus the settle's own
+/// retry state.
 #[derive(Debug)]
 struct Tracker {
-    base: u64,
-    units: VecDeque<Unit>,
-    /// Events admitted and not yet settled.
-    in_flight: usize,
+    ledger: Ledger<WalUnit, DonePrefix>,
     /// After a failed settle: not before this instant.
     retry_settle_at: Option<Instant>,
     settle_backoff: Backoff,
@@ -223,9 +220,7 @@ struct Tracker {
 impl Default for Tracker {
     fn default() -> Self {
         Tracker {
-            base: 0,
-            units: VecDeque::new(),
-            in_flight: 0,
+            ledger: Ledger::default(),
             retry_settle_at: None,
             settle_backoff: Backoff::new(Duration::from_millis(50), Duration::from_secs(2)),
             stray_rows: Vec::new(),
@@ -236,7 +231,7 @@ impl Default for Tracker {
 
 /// The done prefix of the tracker, to settle.
 #[derive(Debug, Default)]
-struct DonePrefix {
+struct PrefixToSettle {
     units: usize,
     rows: Vec<i64>,
     end_lsn: Option<Lsn>,
@@ -248,11 +243,11 @@ struct DonePrefix {
 }
 
 impl Tracker {
-    fn push(&mut self, end_lsn: Option<Lsn>, events: usize, rows: Vec<i64>) -> u64 {
+    fn push(&mut self, end_lsn: Option<Lsn>, events: usize, rows: Vec<i64>) -> UnitId {
         self.push_unit(end_lsn, events, rows, None)
     }
 
-    fn push_drain(&mut self, mark: DrainMark, events: usize, rows: Vec<i64>) -> u64 {
+    fn push_drain(&mut self, mark: DrainMark, events: usize, rows: Vec<i64>) -> UnitId {
         self.push_unit(None, events, rows, Some(mark))
     }
 
@@ -262,41 +257,41 @@ impl Tracker {
         events: usize,
         rows: Vec<i64>,
         drain: Option<DrainMark>,
-    ) -> u64 {
-        let index = self.base + self.units.len() as u64;
-        self.units.push_back(Unit {
-            end_lsn,
+    ) -> UnitId {
+        self.ledger.admit(
+            WalUnit {
+                end_lsn,
+                rows,
+                drain,
+            },
             events,
-            remaining: events,
-            delivered: 0,
-            rows,
-            drain,
-        });
-        self.in_flight += events;
-        index
+        )
     }
 
-    fn finish(&mut self, unit: u64, delivered: bool) {
-        let Some(entry) = unit
-            .checked_sub(self.base)
-            .and_then(|offset| self.units.get_mut(offset as usize))
-        else {
-            tracing::error!(unit, "a lane finished an event of an unknown transaction");
-            return;
+    /// Events received and not yet settled: what `wal.max_in_flight_events` limits.
+    fn in_flight(&self) -> usize {
+        self.ledger.in_flight()
+    }
+
+    /// An event of `unit` was delivered (`false`: dead-lettered).
+    fn finish(&mut self, unit: UnitId, delivered: bool) {
+        let finished = if delivered {
+            Finished::Delivered
+        } else {
+            Finished::DeadLettered
         };
-        entry.remaining = entry.remaining.saturating_sub(1);
-        if delivered {
-            entry.delivered += 1;
-        }
+        // The done-prefix view keeps no sequences: the unit's rows are in its token.
+        self.ledger.finish(unit, 0, finished);
     }
 
-    fn done_prefix(&self) -> DonePrefix {
-        let mut prefix = DonePrefix::default();
-        for unit in self.units.iter().take_while(|unit| unit.remaining == 0) {
+    fn done_prefix(&self) -> PrefixToSettle {
+        let mut prefix = PrefixToSettle::default();
+        for done in self.ledger.done_prefix() {
+            let unit = done.token;
             prefix.units += 1;
             prefix.rows.extend_from_slice(&unit.rows);
             prefix.end_lsn = unit.end_lsn.or(prefix.end_lsn);
-            prefix.delivered += unit.delivered;
+            prefix.delivered += done.delivered;
             match unit.drain {
                 Some(DrainMark::Page(last)) => {
                     prefix.drain_after = Some(prefix.drain_after.unwrap_or(last).max(last));
@@ -309,19 +304,13 @@ impl Tracker {
     }
 
     fn pop(&mut self, units: usize) {
-        for _ in 0..units {
-            if let Some(unit) = self.units.pop_front() {
-                self.in_flight = self.in_flight.saturating_sub(unit.events);
-            }
-        }
-        self.base += units as u64;
+        self.ledger.pop_prefix(units);
     }
 
     fn done_rows(&self) -> usize {
-        self.units
-            .iter()
-            .take_while(|unit| unit.remaining == 0)
-            .map(|unit| unit.rows.len().max(1))
+        self.ledger
+            .done_prefix()
+            .map(|done| done.token.rows.len().max(1))
             .sum()
     }
 }
@@ -643,14 +632,14 @@ impl<S: Sink> WalRelay<S> {
                     return end;
                 }
             }
-            let room = ending.is_none() && tracker.in_flight < self.wal.max_in_flight_events;
+            let room = ending.is_none() && tracker.in_flight() < self.wal.max_in_flight_events;
 
             // The table drain goes first, page by page, before any streamed transaction.
             if room && let Some(current) = drain {
                 // A page fills the free room only: the window bounds the drain's
                 // re-sends after a crash as it bounds the stream's.
                 let limit =
-                    (self.wal.max_in_flight_events - tracker.in_flight).clamp(1, DRAIN_PAGE);
+                    (self.wal.max_in_flight_events - tracker.in_flight()).clamp(1, DRAIN_PAGE);
                 match self.rows.page(current.after, current.upto, limit).await {
                     Ok(page) if page.is_empty() => {
                         tracing::info!(slot = %self.wal.slot, "table drain dispatched; streaming");
@@ -710,7 +699,7 @@ impl<S: Sink> WalRelay<S> {
                     lanes.finished(done, &mut tracker);
                     lanes.spawn_ready(&context, &done_tx);
                     // Settle at once when the window is full: only a settle makes room.
-                    let full = tracker.in_flight >= self.wal.max_in_flight_events;
+                    let full = tracker.in_flight() >= self.wal.max_in_flight_events;
                     let done = tracker.done_rows();
                     if (done >= SETTLE_MAX_ROWS || (full && done > 0))
                         && self.settle(source, &mut tracker).await == Settled::ServerGoingDown
@@ -1279,7 +1268,7 @@ mod tests {
         let a = tracker.push(Some(Lsn(10)), 2, vec![1, 2]);
         let b = tracker.push(Some(Lsn(20)), 1, vec![3]);
         let c = tracker.push(Some(Lsn(30)), 1, vec![]);
-        assert_eq!(tracker.in_flight, 4);
+        assert_eq!(tracker.in_flight(), 4);
         tracker.finish(b, true);
         tracker.finish(c, false);
         assert_eq!(tracker.done_prefix().units, 0, "a is not done");
@@ -1295,11 +1284,12 @@ mod tests {
             "the dead-lettered event is not counted as published"
         );
         assert_eq!(
-            tracker.in_flight, 4,
+            tracker.in_flight(),
+            4,
             "finished events fill the window until they are settled"
         );
         tracker.pop(prefix.units);
-        assert_eq!(tracker.in_flight, 0);
+        assert_eq!(tracker.in_flight(), 0);
         let d = tracker.push(Some(Lsn(40)), 1, vec![4]);
         assert_eq!(d, 3, "unit indexes keep counting after a pop");
         tracker.finish(d, true);
