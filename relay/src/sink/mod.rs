@@ -73,8 +73,20 @@ pub trait Sink: Send + Sync + 'static {
     ///
     /// Must not take longer than the sink's configured publish timeout; a
     /// timeout is an [`Outcome::Retry`]. May be called concurrently for events
-    /// of different keys; the relay never has two events of one key in flight.
+    /// of different keys; the relay never has more events of one key in
+    /// flight than [`Sink::max_in_flight_per_key`].
     fn publish(&self, event: &OutboxEvent, route: &Route) -> impl Future<Output = Outcome> + Send;
+
+    /// How many events of one partition key may be published and not yet
+    /// confirmed at once without the broker reordering them: an upper bound the
+    /// lanes never exceed. 1 (the default, and what every sink returns today): a
+    /// key's next event is published only after its predecessor's confirm. A sink
+    /// that keeps a key's order across several outstanding publishes (Kafka's
+    /// idempotent producer keeps a partition's order) may allow more; today's
+    /// lanes keep one in flight per key, which honours any allowance.
+    fn max_in_flight_per_key(&self) -> usize {
+        1
+    }
 
     /// Flush and close connections; called once on shutdown, after the last publish.
     fn close(&self) -> impl Future<Output = ()> + Send;
