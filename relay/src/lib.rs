@@ -15,6 +15,19 @@
 //! source the slot's position is confirmed only over a contiguous prefix of
 //! transactions whose events the broker confirmed, after their rows were deleted.
 //!
+//! # Layout
+//!
+//! `relay/ARCHITECTURE.md` walks one event through the code. In short: a source
+//! (`source/polling/`, `source/wal/`) yields units of keyed events in source
+//! order; the relay loop (`pipeline.rs` for polling, `wal_pipeline.rs` for WAL)
+//! admits each unit in the ledger (`pipeline/ledger.rs`) and publishes its events
+//! in per-key lanes to a sink (`sink/rabbitmq/`, `sink/kafka/`); the ledger says
+//! what may be settled back to the source: anything finished for polling, only the
+//! contiguous done prefix for WAL. `run` chooses the sink and the source, and is
+//! the one place that falls back from WAL to polling. `stats.rs`, `error.rs`,
+//! `resilience.rs` and `ops/` serve both loops; `config/` turns the file, the
+//! environment and flags into a [`RelayConfig`].
+//!
 //! ```no_run
 //! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
 //! use outbox_relay::config::RawConfig;

@@ -461,4 +461,59 @@ mod tests {
             "peak {peak}: at most one unit beyond the window"
         );
     }
+
+    #[test]
+    fn a_dead_lettered_event_lets_its_key_and_the_prefix_move_on() {
+        let mut ledger = Wal::default();
+        let poison = ledger.admit("poison", 1);
+        let later = ledger.admit("later", 1);
+        ledger.finish(later, 2, Finished::Delivered);
+        ledger.finish(poison, 1, Finished::DeadLettered);
+        let done: Vec<&str> = ledger.done_prefix().map(|unit| *unit.token).collect();
+        assert_eq!(
+            done,
+            ["poison", "later"],
+            "the dead letter does not hold the prefix"
+        );
+
+        let mut ledger = Polling::default();
+        let claim = ledger.admit("fences", 2);
+        ledger.finish(claim, 1, Finished::DeadLettered);
+        ledger.finish(claim, 2, Finished::Delivered);
+        ledger.lane_finished("k".into());
+        let settlement = ledger.take_finished();
+        assert_eq!(
+            settlement.units,
+            vec![("fences", vec![2])],
+            "its row moved already"
+        );
+        assert_eq!(settlement.keys, ["k"]);
+    }
+
+    #[test]
+    fn the_grace_abort_settles_only_delivered_events() {
+        // Lanes aborted at the end of the grace period never report: their
+        // events stay unfinished, and only what was delivered is settled.
+        let mut ledger = Polling::default();
+        let claim = ledger.admit("fences", 3);
+        ledger.finish(claim, 1, Finished::Delivered);
+        ledger.lane_finished("delivered".into());
+        let settlement = ledger.take_finished();
+        assert_eq!(settlement.units, vec![("fences", vec![1])]);
+        assert_eq!(ledger.in_flight(), 2, "the aborted events are not settled");
+
+        let mut ledger = Wal::default();
+        let first = ledger.admit("first", 1);
+        let aborted = ledger.admit("aborted", 1);
+        let after = ledger.admit("after", 1);
+        ledger.finish(first, 1, Finished::Delivered);
+        ledger.finish(after, 3, Finished::Delivered);
+        let _ = aborted;
+        let done: Vec<&str> = ledger.done_prefix().map(|unit| *unit.token).collect();
+        assert_eq!(
+            done,
+            ["first"],
+            "nothing is confirmed past the aborted unit"
+        );
+    }
 }

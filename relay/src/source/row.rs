@@ -36,6 +36,24 @@ pub(crate) fn unpublishable_created_at(raw: &str) -> String {
     )
 }
 
+/// The `headers` column as event headers. Rows written by other writers (SQL,
+/// other languages) may carry non-string header values: they are carried as
+/// their JSON text rather than dropping or failing the event; headers that are
+/// not an object are none. Shared by the polling claim, the table drain and the
+/// WAL stream, so every source sees the same headers.
+pub(crate) fn headers_from_json(value: serde_json::Value) -> Headers {
+    match value {
+        serde_json::Value::Object(map) => map
+            .into_iter()
+            .map(|(k, v)| match v {
+                serde_json::Value::String(s) => (k, s),
+                other => (k, other.to_string()),
+            })
+            .collect(),
+        _ => Headers::new(),
+    }
+}
+
 /// An outbox row as the claim query (and the WAL source's table drain) selects it.
 #[derive(sqlx::FromRow)]
 pub(crate) struct ClaimRow {
@@ -57,18 +75,7 @@ pub(crate) struct ClaimRow {
 
 impl ClaimRow {
     pub(crate) fn into_claimed(self) -> Result<ClaimedEvent> {
-        // Rows written by other writers (SQL, other languages) may carry non-string header
-        // values; carry them as their JSON text rather than dropping or failing the event.
-        let headers: Headers = match self.headers {
-            serde_json::Value::Object(map) => map
-                .into_iter()
-                .map(|(k, v)| match v {
-                    serde_json::Value::String(s) => (k, s),
-                    other => (k, other.to_string()),
-                })
-                .collect(),
-            _ => Headers::new(),
-        };
+        let headers = headers_from_json(self.headers);
         let undecodable = match self.created_at {
             Some(_) => None,
             None => Some(unpublishable_created_at(&self.created_at_text)),
