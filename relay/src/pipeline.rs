@@ -18,10 +18,11 @@
 //! On SIGTERM, closing leases and the broker connection is bounded by
 //! `CLOSE_TIMEOUT` each, after the grace period.
 //!
-//! Size: over 600 lines because the loop and its lanes are one piece until
-//! this loop and `wal_pipeline.rs` become the one loop of issue 13; what they
-//! share already lives in `ledger.rs`, `crate::stats` and `crate::resilience`.
+//! Size: over 600 lines because the loop is one piece until it and
+//! `wal_pipeline.rs` become the one loop of issue 13; what they share already
+//! lives in `ledger.rs`, `lanes.rs`, `crate::stats` and `crate::resilience`.
 
+pub(crate) mod lanes;
 pub(crate) mod ledger;
 
 use std::sync::Arc;
@@ -40,6 +41,7 @@ use crate::sink::{Outcome, Sink};
 use crate::source::polling::lease::{Owned, PartitionLeases};
 use crate::source::polling::{ClaimedEvent, PollingSource, RejectionVerdict, Wakeup};
 use crate::stats::{RelayStats, RunSummary};
+use lanes::{Keyed, Lanes};
 use ledger::{AnyOrder, Finished, Ledger, UnitId};
 
 #[derive(Debug, Default)]
@@ -48,12 +50,25 @@ struct LeaseState {
     fair_share: usize,
 }
 
+/// A claimed event in its key's lane, with the claim it came in.
+#[derive(Debug)]
+struct LaneItem {
+    unit: UnitId,
+    fences: Arc<Owned>,
+    claimed: ClaimedEvent,
+}
+
+impl Keyed for LaneItem {
+    fn key(&self) -> String {
+        self.claimed.event.partition_key.clone()
+    }
+}
+
 /// What one key's lane did: how each of its events left the lane, in order.
 #[derive(Debug)]
 struct LaneDone {
     key: String,
-    unit: UnitId,
-    finished: Vec<(i64, Finished)>,
+    finished: Vec<(UnitId, i64, Finished)>,
     transient: u64,
 }
 
@@ -61,8 +76,15 @@ impl LaneDone {
     fn delivered(&self) -> usize {
         self.finished
             .iter()
-            .filter(|(_, finished)| *finished == Finished::Delivered)
+            .filter(|(_, _, finished)| *finished == Finished::Delivered)
             .count()
+    }
+
+    /// The lane stopped before its last event: the rest of its key must wait.
+    fn stopped(&self) -> bool {
+        self.finished
+            .last()
+            .is_some_and(|(_, _, finished)| *finished == Finished::Released)
     }
 }
 
@@ -135,9 +157,11 @@ impl<S: Sink> Pipeline<S> {
             stats: self.stats.clone(),
         });
         let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<LaneDone>();
-        let mut lanes = tokio::task::JoinSet::new();
+        // One task per key with the key's whole claim (a key is in one claim at a time).
+        let mut lanes: Lanes<LaneItem> = Lanes::new(usize::MAX);
         let mut busy: std::collections::HashSet<String> = std::collections::HashSet::new();
-        let mut lane_keys: std::collections::HashMap<tokio::task::Id, (String, UnitId, usize)> =
+        // The unit and size of each key's running lane, for a lane that fails.
+        let mut lane_units: std::collections::HashMap<String, (UnitId, usize)> =
             std::collections::HashMap::new();
         // Claimed events not yet settled: the window that can be published twice after a crash.
         let mut ledger = ClaimLedger::default();
@@ -167,28 +191,21 @@ impl<S: Sink> Pipeline<S> {
             self.stats.beat();
             // Collect finished lanes first, then reap their tasks (a finished task has sent its result).
             while let Ok(done) = done_rx.try_recv() {
-                round.collect(done, &mut ledger);
+                round.collect(done, &mut ledger, &mut lanes, &mut lane_units);
             }
             // Reap finished tasks; a lane that panicked frees its key (its rows are claimed again).
-            while let Some(joined) = lanes.try_join_next_with_id() {
-                match joined {
-                    Ok((id, ())) => {
-                        lane_keys.remove(&id);
-                    }
-                    Err(error) => {
-                        if let Some((key, unit, claimed)) = lane_keys.remove(&error.id()) {
-                            tracing::error!(%error, key, "a publishing lane failed; its events will be claimed again");
-                            busy.remove(&key);
-                            ledger.abandon(unit, claimed);
-                        }
-                    }
+            for (key, error) in lanes.reap() {
+                tracing::error!(%error, key, "a publishing lane failed; its events will be claimed again");
+                busy.remove(&key);
+                if let Some((unit, claimed)) = lane_units.remove(&key) {
+                    ledger.abandon(unit, claimed);
                 }
             }
             let stopping = *shutdown.borrow();
             if stopping && draining_since.is_none() {
                 draining_since = Some(tokio::time::Instant::now());
             }
-            if stopping && lanes.is_empty() {
+            if stopping && lanes.is_idle() {
                 self.settle(&context.source, &mut ledger, &mut busy).await;
                 break;
             }
@@ -196,12 +213,12 @@ impl<S: Sink> Pipeline<S> {
                 && since.elapsed() > self.config.shutdown_grace
             {
                 tracing::warn!(
-                    lanes = lanes.len(),
+                    lanes = lanes.running(),
                     "shutdown grace period over with publishes in flight; they will be republished"
                 );
                 lanes.abort_all();
                 while let Ok(done) = done_rx.try_recv() {
-                    round.collect(done, &mut ledger);
+                    round.collect(done, &mut ledger, &mut lanes, &mut lane_units);
                 }
                 self.settle(&context.source, &mut ledger, &mut busy).await;
                 break;
@@ -219,10 +236,8 @@ impl<S: Sink> Pipeline<S> {
                     self.stats.set_breaker(breaker.state());
                     let probe = breaker.state() == BreakerState::HalfOpen;
                     // A probe goes alone: claim it only when nothing else is in flight.
-                    if !probe || (lanes.is_empty() && ledger.finished_lanes() == 0) {
-                        let owned = self
-                            .release_extra_partitions(&state, lanes.is_empty())
-                            .await;
+                    if !probe || (lanes.is_idle() && ledger.finished_lanes() == 0) {
+                        let owned = self.release_extra_partitions(&state, lanes.is_idle()).await;
                         let limit = if probe {
                             1
                         } else {
@@ -249,20 +264,24 @@ impl<S: Sink> Pipeline<S> {
                                     self.stats.polling.batches.fetch_add(1, Ordering::Relaxed);
                                     let fences = Arc::new(batch.fences);
                                     let unit = ledger.admit(fences.clone(), batch.events.len());
-                                    for lane in lanes_by_key(batch.events) {
-                                        let key = lane[0].event.partition_key.clone();
-                                        busy.insert(key.clone());
-                                        let (context, fences, done_tx) =
-                                            (context.clone(), fences.clone(), done_tx.clone());
-                                        let task_key = key.clone();
-                                        let lane_len = lane.len();
-                                        let handle = lanes.spawn(async move {
-                                            let done =
-                                                context.publish_lane(key, unit, lane, fences).await;
-                                            let _ = done_tx.send(done);
+                                    for claimed in batch.events {
+                                        busy.insert(claimed.event.partition_key.clone());
+                                        lanes.add(LaneItem {
+                                            unit,
+                                            fences: fences.clone(),
+                                            claimed,
                                         });
-                                        lane_keys.insert(handle.id(), (task_key, unit, lane_len));
                                     }
+                                    lanes.spawn_ready(|key, items| {
+                                        let lane_unit =
+                                            items.first().map_or(unit, |item| item.unit);
+                                        lane_units.insert(key.clone(), (lane_unit, items.len()));
+                                        let (context, done_tx) = (context.clone(), done_tx.clone());
+                                        async move {
+                                            let done = context.publish_lane(key, items).await;
+                                            let _ = done_tx.send(done);
+                                        }
+                                    });
                                 } else if probe {
                                     // Nothing (else) to probe with: the next event decides.
                                     probe_suspects.clear();
@@ -284,11 +303,11 @@ impl<S: Sink> Pipeline<S> {
 
             // Collect finished lanes; settle in groups.
             while let Ok(done) = done_rx.try_recv() {
-                round.collect(done, &mut ledger);
+                round.collect(done, &mut ledger, &mut lanes, &mut lane_units);
             }
             // Settle in groups: when every lane is done, when a quarter batch waits, or at the tick.
             if ledger.finished_lanes() > 0
-                && (lanes.is_empty()
+                && (lanes.is_idle()
                     || ledger.finished_unsettled() >= (batch_size / 4).max(1)
                     || ledger.delivered_unsettled() >= SETTLE_MAX_EVENTS
                     || last_settle.elapsed() >= SETTLE_INTERVAL)
@@ -320,7 +339,7 @@ impl<S: Sink> Pipeline<S> {
             }
 
             // Wait for something to do.
-            if lanes.is_empty() && ledger.finished_lanes() == 0 {
+            if lanes.is_idle() && ledger.finished_lanes() == 0 {
                 if stopping {
                     continue;
                 }
@@ -345,7 +364,7 @@ impl<S: Sink> Pipeline<S> {
                 tokio::select! {
                     done = done_rx.recv() => {
                         if let Some(done) = done {
-                            round.collect(done, &mut ledger);
+                            round.collect(done, &mut ledger, &mut lanes, &mut lane_units);
                         }
                     }
                     _ = settle_tick.tick() => {}
@@ -448,22 +467,16 @@ impl<S: Sink> Pipeline<S> {
 impl<S: Sink> LaneContext<S> {
     /// Publish one key's events in order, each after its predecessor's confirm;
     /// stop at the first one that is not delivered.
-    async fn publish_lane(
-        &self,
-        key: String,
-        unit: UnitId,
-        lane: Vec<ClaimedEvent>,
-        fences: Arc<Owned>,
-    ) -> LaneDone {
+    async fn publish_lane(&self, key: String, lane: Vec<LaneItem>) -> LaneDone {
         let mut done = LaneDone {
             key,
-            unit,
             finished: Vec::with_capacity(lane.len()),
             transient: 0,
         };
         // The semaphore is never closed; if it were, publishing without a permit is still correct.
         let _permit = self.publishing.acquire().await.ok();
-        for claimed in &lane {
+        for item in &lane {
+            let (claimed, unit) = (&item.claimed, item.unit);
             let event = &claimed.event;
             let outcome = match &claimed.undecodable {
                 // A row that is not an event goes to the dead-letter table as it is.
@@ -478,7 +491,8 @@ impl<S: Sink> LaneContext<S> {
             match outcome {
                 Outcome::Delivered => {
                     failpoint!("polling.publish.confirmed");
-                    done.finished.push((event.sequence, Finished::Delivered))
+                    done.finished
+                        .push((unit, event.sequence, Finished::Delivered))
                 }
                 Outcome::Retry(error) => {
                     self.stats
@@ -498,7 +512,7 @@ impl<S: Sink> LaneContext<S> {
                     match self
                         .source
                         .reject(
-                            &fences,
+                            &item.fences,
                             event,
                             &error.message,
                             self.config.max_attempts,
@@ -518,7 +532,8 @@ impl<S: Sink> LaneContext<S> {
                                 %error,
                                 "event dead-lettered; its key continues"
                             );
-                            done.finished.push((event.sequence, Finished::DeadLettered));
+                            done.finished
+                                .push((unit, event.sequence, Finished::DeadLettered));
                             continue;
                         }
                         Ok(RejectionVerdict::WillRetry { attempts }) => {
@@ -554,9 +569,9 @@ impl<S: Sink> LaneContext<S> {
         }
         // The lane stopped: this event and the rest of the key's lane were not
         // delivered; their rows stay and are claimed again, in order.
-        for claimed in &lane[done.finished.len()..] {
+        for item in &lane[done.finished.len()..] {
             done.finished
-                .push((claimed.event.sequence, Finished::Released));
+                .push((item.unit, item.claimed.event.sequence, Finished::Released));
         }
         done
     }
@@ -570,34 +585,32 @@ struct Round {
 }
 
 impl Round {
-    /// Record a lane's result in the ledger and the round.
-    fn collect(&mut self, done: LaneDone, ledger: &mut ClaimLedger) {
+    /// Record a lane's result in the ledger and the round. A lane that stopped
+    /// drops whatever of its key is still queued (released: claimed again, in
+    /// order); the key leaves the lanes once nothing of it is left, and claims
+    /// again only after the settle that follows.
+    fn collect(
+        &mut self,
+        done: LaneDone,
+        ledger: &mut ClaimLedger,
+        lanes: &mut Lanes<LaneItem>,
+        lane_units: &mut std::collections::HashMap<String, (UnitId, usize)>,
+    ) {
         self.delivered += done.delivered();
         self.transient += done.transient;
-        for (sequence, finished) in done.finished {
-            ledger.finish(done.unit, sequence, finished);
-        }
-        ledger.lane_finished(done.key);
-    }
-}
-
-/// Group claimed events into lanes, one per partition key, each in sequence order.
-fn lanes_by_key(events: Vec<ClaimedEvent>) -> Vec<Vec<ClaimedEvent>> {
-    let mut lanes: Vec<Vec<ClaimedEvent>> = Vec::new();
-    let mut lane_of_key: std::collections::HashMap<String, usize> =
-        std::collections::HashMap::new();
-    for claimed in events {
-        let index = match lane_of_key.get(&claimed.event.partition_key) {
-            Some(&index) => index,
-            None => {
-                lane_of_key.insert(claimed.event.partition_key.clone(), lanes.len());
-                lanes.push(Vec::new());
-                lanes.len() - 1
+        lane_units.remove(&done.key);
+        if done.stopped() {
+            for item in lanes.release(&done.key) {
+                ledger.finish(item.unit, item.claimed.event.sequence, Finished::Released);
             }
-        };
-        lanes[index].push(claimed);
+        }
+        for (unit, sequence, finished) in done.finished {
+            ledger.finish(unit, sequence, finished);
+        }
+        if lanes.finished(&done.key) {
+            ledger.lane_finished(done.key);
+        }
     }
-    lanes
 }
 
 async fn sleep_or_shutdown(delay: Duration, shutdown: &mut watch::Receiver<bool>) {

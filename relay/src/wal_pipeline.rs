@@ -46,12 +46,12 @@
 //! * **Errors**: a broken stream or lost database ends the session (lanes get a
 //!   short grace to finish) and a new one resumes from the confirmed position.
 //!
-//! Size: over 600 lines (supervisor, session loop, lanes, settle) until it is
-//! folded into the one loop of issue 13 (the lanes into `pipeline/lanes.rs`, the
-//! supervisor into `source/wal/`); the settle rule already lives in
-//! `pipeline/ledger.rs` (its done-prefix view).
+//! Size: over 600 lines (supervisor, session loop, lane work, settle) until it
+//! is folded into the one loop of issue 13 (the supervisor into `source/wal/`);
+//! the lanes are `pipeline/lanes.rs`, the settle rule the done-prefix view of
+//! `pipeline/ledger.rs`.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -64,6 +64,7 @@ use crate::config::{OverBudget, PipelineConfig, RelayConfig, WalConfig};
 use crate::error::Result;
 use crate::event::OutboxEvent;
 use crate::failpoint::failpoint;
+use crate::pipeline::lanes::{Keyed, Lanes};
 use crate::pipeline::ledger::{DonePrefix, Finished, Ledger, UnitId};
 use crate::resilience::{Backoff, CLOSE_TIMEOUT, CircuitBreaker};
 use crate::route::Router;
@@ -154,18 +155,7 @@ struct Publish {
     attempts: u32,
 }
 
-impl Item {
-    fn publish(unit: u64, event: OutboxEvent, has_row: bool) -> Item {
-        Item {
-            unit,
-            work: Work::Publish(Publish {
-                event,
-                has_row,
-                attempts: 0,
-            }),
-        }
-    }
-
+impl Keyed for Item {
     /// The lane: the event's partition key; a malformed WAL message has none and
     /// gets a key of its own, so it can hold back nothing.
     fn key(&self) -> String {
@@ -179,6 +169,19 @@ impl Item {
                 undecodable: Undecodable::Message(message),
                 ..
             } => format!("wal-message:{}", message.lsn),
+        }
+    }
+}
+
+impl Item {
+    fn publish(unit: u64, event: OutboxEvent, has_row: bool) -> Item {
+        Item {
+            unit,
+            work: Work::Publish(Publish {
+                event,
+                has_row,
+                attempts: 0,
+            }),
         }
     }
 }
@@ -580,7 +583,7 @@ impl<S: Sink> WalRelay<S> {
             stats: self.stats.clone(),
         });
         let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<LaneDone>();
-        let mut lanes = Lanes::default();
+        let mut lanes = Lanes::new(LANE_CHUNK);
         let mut tracker = Tracker::default();
         let mut settle_tick = tokio::time::interval(SETTLE_INTERVAL);
         settle_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -598,12 +601,16 @@ impl<S: Sink> WalRelay<S> {
             // a lane counts as idle once its task is gone, and the final settle
             // must see what it delivered (else its rows stay and are sent again).
             while let Ok(done) = done_rx.try_recv() {
-                lanes.finished(done, &mut tracker);
+                collect(&mut lanes, done, &mut tracker);
             }
-            lanes.spawn_ready(&context, &done_tx);
-            if let Some(error) = lanes.reap() {
+            spawn_lanes(&mut lanes, &context, &done_tx);
+            // A panicked lane loses track of its events, which ends the session.
+            if let Some((_, error)) = lanes.reap().into_iter().find(|(_, error)| error.is_panic()) {
+                tracing::error!(%error, "a publishing lane failed; restarting the stream from the confirmed position");
                 lanes.abort_all();
-                return Ok(SessionEnd::Restart(error));
+                return Ok(SessionEnd::Restart(format!(
+                    "a publishing lane failed: {error}"
+                )));
             }
             if ending.is_none() && *shutdown.borrow() {
                 ending = Some((
@@ -622,11 +629,11 @@ impl<S: Sink> WalRelay<S> {
                         );
                         lanes.abort_all();
                         while let Ok(done) = done_rx.try_recv() {
-                            lanes.finished(done, &mut tracker);
+                            collect(&mut lanes, done, &mut tracker);
                         }
                     }
                     while let Ok(done) = done_rx.try_recv() {
-                        lanes.finished(done, &mut tracker);
+                        collect(&mut lanes, done, &mut tracker);
                     }
                     self.final_settle(source, &mut tracker).await;
                     let (end, _, _) = ending.take().unwrap_or((
@@ -663,7 +670,7 @@ impl<S: Sink> WalRelay<S> {
                         for event in page {
                             lanes.add(Item::publish(unit, event, true));
                         }
-                        lanes.spawn_ready(&context, &done_tx);
+                        spawn_lanes(&mut lanes, &context, &done_tx);
                         failpoint!("wal.drain.page");
                     }
                     Err(error) => {
@@ -701,8 +708,8 @@ impl<S: Sink> WalRelay<S> {
                     }
                 }
                 Step::Lane(Some(done)) => {
-                    lanes.finished(done, &mut tracker);
-                    lanes.spawn_ready(&context, &done_tx);
+                    collect(&mut lanes, done, &mut tracker);
+                    spawn_lanes(&mut lanes, &context, &done_tx);
                     // Settle at once when the window is full: only a settle makes room.
                     let full = tracker.in_flight() >= self.wal.max_in_flight_events;
                     let done = tracker.done_rows();
@@ -756,7 +763,7 @@ impl<S: Sink> WalRelay<S> {
                 }
                 Step::Transaction(Ok(Some(transaction))) => {
                     self.dispatch(transaction, &mut tracker, &mut lanes);
-                    lanes.spawn_ready(&context, &done_tx);
+                    spawn_lanes(&mut lanes, &context, &done_tx);
                 }
                 Step::Transaction(Ok(None)) => {
                     ending = Some((
@@ -779,7 +786,12 @@ impl<S: Sink> WalRelay<S> {
         }
     }
 
-    fn dispatch(&self, transaction: WalTransaction, tracker: &mut Tracker, lanes: &mut Lanes) {
+    fn dispatch(
+        &self,
+        transaction: WalTransaction,
+        tracker: &mut Tracker,
+        lanes: &mut Lanes<Item>,
+    ) {
         let mut rows = transaction.row_sequences;
         rows.sort_unstable();
         let unit = tracker.push(
@@ -917,86 +929,27 @@ impl<S: Sink> WalRelay<S> {
     }
 }
 
-/// Per-key queues and the lane tasks publishing them.
-#[derive(Default)]
-struct Lanes {
-    queued: HashMap<String, VecDeque<Item>>,
-    busy: HashSet<String>,
-    /// Keys with queued events and no running lane.
-    ready: Vec<String>,
-    tasks: tokio::task::JoinSet<()>,
+/// Start a lane task for every key that has events queued and none running.
+fn spawn_lanes<S: Sink>(
+    lanes: &mut Lanes<Item>,
+    context: &Arc<LaneContext<S>>,
+    done_tx: &tokio::sync::mpsc::UnboundedSender<LaneDone>,
+) {
+    lanes.spawn_ready(|key, items| {
+        let (context, done_tx) = (context.clone(), done_tx.clone());
+        async move {
+            let done = context.publish_lane(key, items).await;
+            let _ = done_tx.send(done);
+        }
+    });
 }
 
-impl Lanes {
-    fn add(&mut self, item: Item) {
-        let key = item.key();
-        let queue = self.queued.entry(key.clone()).or_default();
-        if queue.is_empty() && !self.busy.contains(&key) {
-            self.ready.push(key);
-        }
-        queue.push_back(item);
+/// Record a lane's result: each event finished in its unit; the key may go on.
+fn collect(lanes: &mut Lanes<Item>, done: LaneDone, tracker: &mut Tracker) {
+    for (unit, delivered) in done.finished {
+        tracker.finish(unit, delivered);
     }
-
-    fn spawn_ready<S: Sink>(
-        &mut self,
-        context: &Arc<LaneContext<S>>,
-        done_tx: &tokio::sync::mpsc::UnboundedSender<LaneDone>,
-    ) {
-        for key in std::mem::take(&mut self.ready) {
-            let Some(queue) = self.queued.get_mut(&key) else {
-                continue;
-            };
-            let take = queue.len().min(LANE_CHUNK);
-            let items: Vec<Item> = queue.drain(..take).collect();
-            if queue.is_empty() {
-                self.queued.remove(&key);
-            }
-            if items.is_empty() {
-                continue;
-            }
-            self.busy.insert(key.clone());
-            let (context, done_tx) = (context.clone(), done_tx.clone());
-            self.tasks.spawn(async move {
-                let done = context.publish_lane(key, items).await;
-                let _ = done_tx.send(done);
-            });
-        }
-    }
-
-    fn finished(&mut self, done: LaneDone, tracker: &mut Tracker) {
-        for (unit, delivered) in done.finished {
-            tracker.finish(unit, delivered);
-        }
-        self.busy.remove(&done.key);
-        if self.queued.contains_key(&done.key) {
-            self.ready.push(done.key);
-        }
-    }
-
-    /// Reap finished tasks; a panicked lane loses track of its events, which ends the session.
-    fn reap(&mut self) -> Option<String> {
-        while let Some(joined) = self.tasks.try_join_next() {
-            if let Err(error) = joined
-                && error.is_panic()
-            {
-                tracing::error!(%error, "a publishing lane failed; restarting the stream from the confirmed position");
-                return Some(format!("a publishing lane failed: {error}"));
-            }
-        }
-        None
-    }
-
-    fn is_idle(&self) -> bool {
-        self.tasks.is_empty()
-    }
-
-    fn running(&self) -> usize {
-        self.tasks.len()
-    }
-
-    fn abort_all(&mut self) {
-        self.tasks.abort_all();
-    }
+    lanes.finished(&done.key);
 }
 
 impl<S: Sink> LaneContext<S> {
