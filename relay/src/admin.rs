@@ -231,7 +231,7 @@ pub async fn retry_dead_letters(
     let outbox = schema.qualify("outbox");
     let dead = schema.qualify("outbox_dead_letter");
     // A malformed WAL message is no event: re-entering its record would publish it.
-    let malformed = crate::source::wal_rows::MALFORMED_MESSAGE_EVENT_TYPE;
+    let malformed = crate::source::wal::rows::MALFORMED_MESSAGE_EVENT_TYPE;
     let statements = [
         (
             format!(

@@ -1,7 +1,9 @@
 //! The relay's error type.
 
 use crate::config::ConfigError;
+use crate::resilience::DbCallFailure;
 use crate::sink::SinkError;
+use crate::source::wal::WalError;
 
 /// Result with [`RelayError`] as the default error type.
 pub type Result<T, E = RelayError> = std::result::Result<T, E>;
@@ -66,31 +68,117 @@ pub enum RelayError {
 
     /// The WAL source failed in a way that needs an operator (slot, publication, decoding).
     #[error(transparent)]
-    Wal(Box<crate::source::wal::WalError>),
+    Wal(Box<WalError>),
 
     /// An error from outbox-core (schema, migrations).
     #[error(transparent)]
     Core(#[from] outbox_core::Error),
 }
 
-/// Run a database call with a client-side deadline: `statement_timeout` cannot fire
-/// when the network to the server stalls.
+/// [`crate::resilience::db_call`] with the relay's error type.
 pub(crate) async fn db_call<T>(
     operation: &'static str,
     timeout: std::time::Duration,
     call: impl std::future::Future<Output = std::result::Result<T, sqlx::Error>>,
 ) -> Result<T> {
-    match tokio::time::timeout(timeout, call).await {
-        Ok(result) => result.map_err(RelayError::database(operation)),
-        Err(_) => Err(RelayError::DatabaseTimeout {
-            operation,
-            timeout_ms: timeout.as_millis() as u64,
-        }),
+    crate::resilience::db_call(operation, timeout, call).await
+}
+
+impl From<DbCallFailure> for RelayError {
+    fn from(failure: DbCallFailure) -> Self {
+        match failure {
+            DbCallFailure::Failed { operation, source } => {
+                RelayError::Database { operation, source }
+            }
+            DbCallFailure::TimedOut {
+                operation,
+                timeout_ms,
+            } => RelayError::DatabaseTimeout {
+                operation,
+                timeout_ms,
+            },
+        }
     }
 }
 
 impl RelayError {
+    /// True when a new attempt (a new WAL session, with backoff) can succeed
+    /// without an operator: database trouble other than TLS or the configuration.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            RelayError::Database { source, .. } => {
+                !matches!(source, sqlx::Error::Configuration(_) | sqlx::Error::Tls(_))
+            }
+            RelayError::DatabaseTimeout { .. } => true,
+            RelayError::Wal(error) => error.is_retryable(),
+            _ => false,
+        }
+    }
+
+    /// True for SQLSTATE class 57P (admin, crash or immediate shutdown; cannot connect now).
+    pub(crate) fn is_server_going_down(&self) -> bool {
+        let RelayError::Database { source, .. } = self else {
+            return false;
+        };
+        source
+            .as_database_error()
+            .and_then(|e| e.code())
+            .is_some_and(|code| code.starts_with("57P"))
+    }
+
     pub(crate) fn database(operation: &'static str) -> impl FnOnce(sqlx::Error) -> RelayError {
         move |source| RelayError::Database { operation, source }
+    }
+}
+
+impl From<WalError> for RelayError {
+    fn from(error: WalError) -> Self {
+        let config = |field: &str, problem: String, fix: String| {
+            RelayError::Config(ConfigError {
+                field: field.to_owned(),
+                problem,
+                fix,
+            })
+        };
+        match error {
+            WalError::InvalidConfig {
+                field,
+                problem,
+                fix,
+            } => config(field, problem, fix),
+            WalError::WalLevel { actual } => config(
+                "PostgreSQL wal_level",
+                format!("is {actual:?}, the WAL source needs 'logical'"),
+                "run `ALTER SYSTEM SET wal_level = logical` and restart PostgreSQL (or use the polling source)"
+                    .to_owned(),
+            ),
+            WalError::ReplicationNotPermitted { role } => config(
+                "database.url",
+                format!("role {role:?} may not use replication"),
+                format!("run `ALTER ROLE \"{role}\" REPLICATION` and allow it replication connections in pg_hba.conf"),
+            ),
+            WalError::Publication {
+                publication,
+                problem,
+                fix,
+            } => config(
+                "wal.publication",
+                format!("{publication:?}: {problem}"),
+                fix,
+            ),
+            WalError::Slot { slot, problem, fix } => {
+                config("wal.slot", format!("{slot:?}: {problem}"), fix)
+            }
+            WalError::Database { operation, source } => RelayError::Database { operation, source },
+            WalError::DatabaseTimeout {
+                operation,
+                timeout_ms,
+            } => RelayError::DatabaseTimeout {
+                operation,
+                timeout_ms,
+            },
+            WalError::Core(error) => RelayError::Core(error),
+            other => RelayError::Wal(Box::new(other)),
+        }
     }
 }

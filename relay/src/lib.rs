@@ -15,6 +15,19 @@
 //! source the slot's position is confirmed only over a contiguous prefix of
 //! transactions whose events the broker confirmed, after their rows were deleted.
 //!
+//! # Layout
+//!
+//! `relay/ARCHITECTURE.md` walks one event through the code. In short: a source
+//! (`source/polling/`, `source/wal/`) yields units of keyed events in source
+//! order; the relay loop (`pipeline.rs` for polling, `wal_pipeline.rs` for WAL)
+//! admits each unit in the ledger (`pipeline/ledger.rs`) and publishes its events
+//! in per-key lanes to a sink (`sink/rabbitmq/`, `sink/kafka/`); the ledger says
+//! what may be settled back to the source: anything finished for polling, only the
+//! contiguous done prefix for WAL. `run` chooses the sink and the source, and is
+//! the one place that falls back from WAL to polling. `stats.rs`, `error.rs`,
+//! `resilience.rs` and `ops/` serve both loops; `config/` turns the file, the
+//! environment and flags into a [`RelayConfig`].
+//!
 //! ```no_run
 //! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
 //! use outbox_relay::config::RawConfig;
@@ -52,12 +65,13 @@ pub mod route;
 pub mod sink;
 pub mod source;
 pub mod stalls;
+pub mod stats;
 mod wal_pipeline;
 
 pub use check::check_connections;
 pub use config::{RawConfig, RelayConfig};
 pub use error::{RelayError, Result};
-pub use pipeline::{RelayStats, RunSummary};
+pub use stats::{RelayStats, RunSummary};
 
 use config::{DatabaseConfig, SinkConfig};
 use error::RelayError as E;
@@ -538,22 +552,29 @@ async fn relay_with_sink<S: sink::Sink>(
     match config.wal.clone() {
         None => run_polling(&config, sink, settle_pool, stats, shutdown).await,
         Some(wal) => {
-            let rows = source::wal_rows::WalRows::new(settle_pool.clone(), &config.database);
-            wal_pipeline::WalRelay {
-                config,
+            let rows = source::wal::rows::WalRows::new(settle_pool.clone(), &config.database);
+            let end = wal_pipeline::WalRelay {
+                config: config.clone(),
                 wal,
-                sink,
+                sink: sink.clone(),
                 rows,
-                stats,
+                stats: stats.clone(),
             }
-            .run(shutdown, settle_pool)
-            .await
+            .run(shutdown.clone(), settle_pool.clone())
+            .await?;
+            match end {
+                wal_pipeline::WalRunEnd::Stopped(summary) => Ok(summary),
+                // The one place that chooses the fallback source.
+                wal_pipeline::WalRunEnd::FallBackToPolling => {
+                    run_polling(&config, sink, settle_pool, stats, shutdown).await
+                }
+            }
         }
     }
 }
 
 /// The polling source's relay loop (also the WAL source's fallback).
-pub(crate) async fn run_polling<S: sink::Sink>(
+async fn run_polling<S: sink::Sink>(
     config: &RelayConfig,
     sink: Arc<S>,
     settle_pool: PgPool,
@@ -565,7 +586,7 @@ pub(crate) async fn run_polling<S: sink::Sink>(
         source::polling::PollingSource::new(claim_pool, settle_pool.clone(), config.clone())
             .await?;
     let wakeup = source.take_wakeup();
-    let leases = Arc::new(source::lease::PartitionLeases::new(
+    let leases = Arc::new(source::polling::lease::PartitionLeases::new(
         &config.database.schema,
         config.instance_id.clone(),
         config.polling.partitions,

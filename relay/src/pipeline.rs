@@ -17,9 +17,16 @@
 //! claimed and not settled are sent twice: at most `polling.batch_size`.
 //! On SIGTERM, closing leases and the broker connection is bounded by
 //! `CLOSE_TIMEOUT` each, after the grace period.
+//!
+//! Size: over 600 lines because the loop is one piece until it and
+//! `wal_pipeline.rs` become the one loop of issue 13; what they share already
+//! lives in `ledger.rs`, `lanes.rs`, `crate::stats` and `crate::resilience`.
+
+pub(crate) mod lanes;
+pub(crate) mod ledger;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use sqlx::PgPool;
@@ -31,121 +38,11 @@ use crate::failpoint::failpoint;
 use crate::resilience::{Backoff, BreakerState, CircuitBreaker};
 use crate::route::Router;
 use crate::sink::{Outcome, Sink};
-use crate::source::lease::{Owned, PartitionLeases};
+use crate::source::polling::lease::{Owned, PartitionLeases};
 use crate::source::polling::{ClaimedEvent, PollingSource, RejectionVerdict, Wakeup};
-
-/// Counters of one relay run.
-#[derive(Debug, Default)]
-pub struct RelayStats {
-    /// Events the broker confirmed and that were settled.
-    pub published: AtomicU64,
-    /// Events confirmed but not settled because a lease was lost (the new owner republishes them).
-    pub unsettled: AtomicU64,
-    /// Broker rejections of single events.
-    pub rejected: AtomicU64,
-    /// Events moved to the dead-letter table.
-    pub dead_lettered: AtomicU64,
-    /// Publishes that failed for broker or network reasons.
-    pub transient_failures: AtomicU64,
-    /// Events parked by the `block` poison policy.
-    pub blocked: AtomicU64,
-    /// Batches claimed.
-    pub batches: AtomicU64,
-    /// Claim queries sent (including empty ones): the relay's polling load on PostgreSQL.
-    pub claim_queries: AtomicU64,
-    /// Lease maintenance rounds (a few small queries each).
-    pub lease_rounds: AtomicU64,
-    /// Failed database calls of the claim loop.
-    pub database_errors: AtomicU64,
-    /// Circuit breaker state: 0 closed, 1 open, 2 half-open.
-    pub breaker_state: AtomicU64,
-    /// Work partitions held.
-    pub partitions_held: AtomicU64,
-    /// Whether the last database call of the claim loop or the sampler succeeded.
-    pub database_reachable: std::sync::atomic::AtomicBool,
-    /// Unix time in milliseconds of the relay loop's last turn.
-    pub last_heartbeat_ms: AtomicU64,
-    /// Whether start-up is over (PostgreSQL and the broker answered); `/readyz` says 503 before.
-    pub started: std::sync::atomic::AtomicBool,
-    /// Whether the relay runs the WAL source.
-    pub wal_mode: std::sync::atomic::AtomicBool,
-    /// Whether this instance leads its replication slot (WAL source).
-    pub wal_leader: std::sync::atomic::AtomicBool,
-    /// WAL written after the slot's confirmed position, in bytes (sampled).
-    pub wal_lag_bytes: std::sync::atomic::AtomicI64,
-    /// WAL the slot keeps on the server, in bytes (sampled).
-    pub wal_retained_bytes: std::sync::atomic::AtomicI64,
-    /// The last position recorded and reported to the slot.
-    pub wal_confirmed_lsn: AtomicU64,
-    /// Times the slot was found lost and recovered from the table.
-    pub wal_slot_losses: AtomicU64,
-    /// WAL messages with the outbox prefix that were no event, dead-lettered.
-    pub wal_malformed_messages: AtomicU64,
-    /// Time from an event's `created_at` to the broker's confirm, per delivered event.
-    pub commit_to_confirm: crate::ops::histogram::Histogram,
-    /// Duration of each publish until the broker's verdict.
-    pub publish_duration: crate::ops::histogram::Histogram,
-    /// Whether an operator paused this relay's instance group (`outbox-relay pause`).
-    pub paused: std::sync::atomic::AtomicBool,
-}
-
-/// A snapshot of [`RelayStats`], returned when the relay stops.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct RunSummary {
-    /// Events published and settled.
-    pub published: u64,
-    /// Events moved to the dead-letter table.
-    pub dead_lettered: u64,
-    /// Events parked by the `block` poison policy.
-    pub blocked: u64,
-    /// Publishes that failed for broker or network reasons.
-    pub transient_failures: u64,
-}
-
-fn unix_millis() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or_default()
-}
-
-impl RelayStats {
-    /// Record that the relay loop is alive.
-    pub fn beat(&self) {
-        self.last_heartbeat_ms
-            .store(unix_millis(), Ordering::Relaxed);
-    }
-
-    /// Time since the relay loop's last turn.
-    pub fn heartbeat_age(&self) -> Duration {
-        Duration::from_millis(
-            unix_millis().saturating_sub(self.last_heartbeat_ms.load(Ordering::Relaxed)),
-        )
-    }
-
-    fn set_breaker(&self, state: BreakerState) {
-        self.breaker_state
-            .store(state.as_gauge() as u64, Ordering::Relaxed);
-    }
-
-    /// The circuit breaker's current state.
-    pub fn breaker(&self) -> BreakerState {
-        match self.breaker_state.load(Ordering::Relaxed) {
-            1 => BreakerState::Open,
-            2 => BreakerState::HalfOpen,
-            _ => BreakerState::Closed,
-        }
-    }
-
-    pub(crate) fn summary(&self) -> RunSummary {
-        RunSummary {
-            published: self.published.load(Ordering::Relaxed),
-            dead_lettered: self.dead_lettered.load(Ordering::Relaxed),
-            blocked: self.blocked.load(Ordering::Relaxed),
-            transient_failures: self.transient_failures.load(Ordering::Relaxed),
-        }
-    }
-}
+use crate::stats::{RelayStats, RunSummary};
+use lanes::{Keyed, Lanes};
+use ledger::{AnyOrder, Finished, Ledger, UnitId};
 
 #[derive(Debug, Default)]
 struct LeaseState {
@@ -153,15 +50,46 @@ struct LeaseState {
     fair_share: usize,
 }
 
-/// What one key's lane did.
+/// A claimed event in its key's lane, with the claim it came in.
+#[derive(Debug)]
+struct LaneItem {
+    unit: UnitId,
+    fences: Arc<Owned>,
+    claimed: ClaimedEvent,
+}
+
+impl Keyed for LaneItem {
+    fn key(&self) -> String {
+        self.claimed.event.partition_key.clone()
+    }
+}
+
+/// What one key's lane did: how each of its events left the lane, in order.
 #[derive(Debug)]
 struct LaneDone {
     key: String,
-    fences: Arc<Owned>,
-    claimed: usize,
-    delivered: Vec<i64>,
+    finished: Vec<(UnitId, i64, Finished)>,
     transient: u64,
 }
+
+impl LaneDone {
+    fn delivered(&self) -> usize {
+        self.finished
+            .iter()
+            .filter(|(_, _, finished)| *finished == Finished::Delivered)
+            .count()
+    }
+
+    /// The lane stopped before its last event: the rest of its key must wait.
+    fn stopped(&self) -> bool {
+        self.finished
+            .last()
+            .is_some_and(|(_, _, finished)| *finished == Finished::Released)
+    }
+}
+
+/// Claims in flight: settled in any order, each under its own lease fences.
+type ClaimLedger = Ledger<Arc<Owned>, AnyOrder>;
 
 /// Everything one running relay instance needs.
 pub(crate) struct Pipeline<S: Sink> {
@@ -185,35 +113,6 @@ struct LaneContext<S: Sink> {
     router: Router,
     config: PipelineConfig,
     stats: Arc<RelayStats>,
-}
-
-/// Delivered events waiting to be settled, grouped by the lease snapshot they were claimed under.
-#[derive(Default)]
-struct Unsettled {
-    groups: Vec<(Arc<Owned>, Vec<i64>, Vec<String>)>,
-    events: usize,
-    claimed: usize,
-    keys_done: Vec<String>,
-}
-
-impl Unsettled {
-    fn add(&mut self, done: LaneDone) {
-        self.events += done.delivered.len();
-        self.claimed += done.claimed;
-        match self
-            .groups
-            .iter_mut()
-            .find(|(fences, _, _)| Arc::ptr_eq(fences, &done.fences))
-        {
-            Some((_, sequences, keys)) => {
-                sequences.extend(done.delivered);
-                keys.push(done.key);
-            }
-            None => self
-                .groups
-                .push((done.fences, done.delivered, vec![done.key])),
-        }
-    }
 }
 
 /// Keys skipped by half-open probes at most (beyond that, probes take any key again).
@@ -258,15 +157,15 @@ impl<S: Sink> Pipeline<S> {
             stats: self.stats.clone(),
         });
         let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<LaneDone>();
-        let mut lanes = tokio::task::JoinSet::new();
+        // One task per key with the key's whole claim (a key is in one claim at a time).
+        let mut lanes: Lanes<LaneItem> = Lanes::new(usize::MAX);
         let mut busy: std::collections::HashSet<String> = std::collections::HashSet::new();
-        let mut lane_keys: std::collections::HashMap<tokio::task::Id, (String, usize)> =
+        // The unit and size of each key's running lane, for a lane that fails.
+        let mut lane_units: std::collections::HashMap<String, (UnitId, usize)> =
             std::collections::HashMap::new();
-        let mut unsettled = Unsettled::default();
-        let mut round_delivered = 0_usize;
         // Claimed events not yet settled: the window that can be published twice after a crash.
-        let mut in_flight_events = 0_usize;
-        let mut round_transient = 0_u64;
+        let mut ledger = ClaimLedger::default();
+        let mut round = Round::default();
         // Keys whose event failed a half-open probe: later probes try other keys, so
         // one event that the broker keeps refusing (a nack, a closed channel) cannot
         // keep the breaker open for every key by being the oldest, probe after probe.
@@ -292,49 +191,36 @@ impl<S: Sink> Pipeline<S> {
             self.stats.beat();
             // Collect finished lanes first, then reap their tasks (a finished task has sent its result).
             while let Ok(done) = done_rx.try_recv() {
-                round_delivered += done.delivered.len();
-                round_transient += done.transient;
-                unsettled.keys_done.push(done.key.clone());
-                unsettled.add(done);
+                round.collect(done, &mut ledger, &mut lanes, &mut lane_units);
             }
             // Reap finished tasks; a lane that panicked frees its key (its rows are claimed again).
-            while let Some(joined) = lanes.try_join_next_with_id() {
-                match joined {
-                    Ok((id, ())) => {
-                        lane_keys.remove(&id);
-                    }
-                    Err(error) => {
-                        if let Some((key, claimed)) = lane_keys.remove(&error.id()) {
-                            tracing::error!(%error, key, "a publishing lane failed; its events will be claimed again");
-                            busy.remove(&key);
-                            in_flight_events -= claimed;
-                        }
-                    }
+            for (key, error) in lanes.reap() {
+                tracing::error!(%error, key, "a publishing lane failed; its events will be claimed again");
+                busy.remove(&key);
+                if let Some((unit, claimed)) = lane_units.remove(&key) {
+                    ledger.abandon(unit, claimed);
                 }
             }
             let stopping = *shutdown.borrow();
             if stopping && draining_since.is_none() {
                 draining_since = Some(tokio::time::Instant::now());
             }
-            if stopping && lanes.is_empty() {
-                self.settle(&context.source, &mut unsettled, &mut busy)
-                    .await;
+            if stopping && lanes.is_idle() {
+                self.settle(&context.source, &mut ledger, &mut busy).await;
                 break;
             }
             if let Some(since) = draining_since
                 && since.elapsed() > self.config.shutdown_grace
             {
                 tracing::warn!(
-                    lanes = lanes.len(),
+                    lanes = lanes.running(),
                     "shutdown grace period over with publishes in flight; they will be republished"
                 );
                 lanes.abort_all();
                 while let Ok(done) = done_rx.try_recv() {
-                    unsettled.keys_done.push(done.key.clone());
-                    unsettled.add(done);
+                    round.collect(done, &mut ledger, &mut lanes, &mut lane_units);
                 }
-                self.settle(&context.source, &mut unsettled, &mut busy)
-                    .await;
+                self.settle(&context.source, &mut ledger, &mut busy).await;
                 break;
             }
 
@@ -343,27 +229,28 @@ impl<S: Sink> Pipeline<S> {
             let mut claim_wait = Duration::ZERO;
             let batch_size = context.source.batch_size();
             // Refill when half the window is free, so claims stay large.
-            if !stopping && in_flight_events <= batch_size / 2 {
+            if !stopping && ledger.in_flight() <= batch_size / 2 {
                 self.stats.set_breaker(breaker.state());
                 claim_wait = breaker.wait();
                 if claim_wait.is_zero() {
                     self.stats.set_breaker(breaker.state());
                     let probe = breaker.state() == BreakerState::HalfOpen;
                     // A probe goes alone: claim it only when nothing else is in flight.
-                    if !probe || (lanes.is_empty() && unsettled.keys_done.is_empty()) {
-                        let owned = self
-                            .release_extra_partitions(&state, lanes.is_empty())
-                            .await;
+                    if !probe || (lanes.is_idle() && ledger.finished_lanes() == 0) {
+                        let owned = self.release_extra_partitions(&state, lanes.is_idle()).await;
                         let limit = if probe {
                             1
                         } else {
-                            batch_size - in_flight_events
+                            batch_size - ledger.in_flight()
                         };
                         let mut busy_keys: Vec<String> = busy.iter().cloned().collect();
                         if probe {
                             busy_keys.extend(probe_suspects.iter().cloned());
                         }
-                        self.stats.claim_queries.fetch_add(1, Ordering::Relaxed);
+                        self.stats
+                            .polling
+                            .claim_queries
+                            .fetch_add(1, Ordering::Relaxed);
                         match context.source.claim(&owned, Some(limit), &busy_keys).await {
                             Ok(batch) => {
                                 db_backoff.reset();
@@ -374,23 +261,27 @@ impl<S: Sink> Pipeline<S> {
                                     wakeup.found_work();
                                     probe_key =
                                         probe.then(|| batch.events[0].event.partition_key.clone());
-                                    self.stats.batches.fetch_add(1, Ordering::Relaxed);
+                                    self.stats.polling.batches.fetch_add(1, Ordering::Relaxed);
                                     let fences = Arc::new(batch.fences);
-                                    for lane in lanes_by_key(batch.events) {
-                                        in_flight_events += lane.len();
-                                        let key = lane[0].event.partition_key.clone();
-                                        busy.insert(key.clone());
-                                        let (context, fences, done_tx) =
-                                            (context.clone(), fences.clone(), done_tx.clone());
-                                        let task_key = key.clone();
-                                        let lane_len = lane.len();
-                                        let handle = lanes.spawn(async move {
-                                            let done =
-                                                context.publish_lane(key, lane, fences).await;
-                                            let _ = done_tx.send(done);
+                                    let unit = ledger.admit(fences.clone(), batch.events.len());
+                                    for claimed in batch.events {
+                                        busy.insert(claimed.event.partition_key.clone());
+                                        lanes.add(LaneItem {
+                                            unit,
+                                            fences: fences.clone(),
+                                            claimed,
                                         });
-                                        lane_keys.insert(handle.id(), (task_key, lane_len));
                                     }
+                                    lanes.spawn_ready(|key, items| {
+                                        let lane_unit =
+                                            items.first().map_or(unit, |item| item.unit);
+                                        lane_units.insert(key.clone(), (lane_unit, items.len()));
+                                        let (context, done_tx) = (context.clone(), done_tx.clone());
+                                        async move {
+                                            let done = context.publish_lane(key, items).await;
+                                            let _ = done_tx.send(done);
+                                        }
+                                    });
                                 } else if probe {
                                     // Nothing (else) to probe with: the next event decides.
                                     probe_suspects.clear();
@@ -412,24 +303,19 @@ impl<S: Sink> Pipeline<S> {
 
             // Collect finished lanes; settle in groups.
             while let Ok(done) = done_rx.try_recv() {
-                round_delivered += done.delivered.len();
-                round_transient += done.transient;
-                unsettled.keys_done.push(done.key.clone());
-                unsettled.add(done);
+                round.collect(done, &mut ledger, &mut lanes, &mut lane_units);
             }
             // Settle in groups: when every lane is done, when a quarter batch waits, or at the tick.
-            if !unsettled.keys_done.is_empty()
-                && (lanes.is_empty()
-                    || unsettled.claimed >= (batch_size / 4).max(1)
-                    || unsettled.events >= SETTLE_MAX_EVENTS
+            if ledger.finished_lanes() > 0
+                && (lanes.is_idle()
+                    || ledger.finished_unsettled() >= (batch_size / 4).max(1)
+                    || ledger.delivered_unsettled() >= SETTLE_MAX_EVENTS
                     || last_settle.elapsed() >= SETTLE_INTERVAL)
             {
                 last_settle = tokio::time::Instant::now();
-                in_flight_events -= self
-                    .settle(&context.source, &mut unsettled, &mut busy)
-                    .await;
+                self.settle(&context.source, &mut ledger, &mut busy).await;
                 let probed = probe_key.take();
-                if round_delivered > 0 || round_transient == 0 {
+                if round.delivered > 0 || round.transient == 0 {
                     probe_suspects.clear();
                     breaker.record_success();
                 } else {
@@ -446,15 +332,14 @@ impl<S: Sink> Pipeline<S> {
                         claim_wait = claim_wait.max(self.config.retry_backoff_initial);
                     }
                 }
-                round_delivered = 0;
-                round_transient = 0;
+                round = Round::default();
             }
-            if claimed_any && in_flight_events <= batch_size / 2 {
+            if claimed_any && ledger.in_flight() <= batch_size / 2 {
                 continue;
             }
 
             // Wait for something to do.
-            if lanes.is_empty() && unsettled.keys_done.is_empty() {
+            if lanes.is_idle() && ledger.finished_lanes() == 0 {
                 if stopping {
                     continue;
                 }
@@ -479,10 +364,7 @@ impl<S: Sink> Pipeline<S> {
                 tokio::select! {
                     done = done_rx.recv() => {
                         if let Some(done) = done {
-                            round_delivered += done.delivered.len();
-                            round_transient += done.transient;
-                            unsettled.keys_done.push(done.key.clone());
-                            unsettled.add(done);
+                            round.collect(done, &mut ledger, &mut lanes, &mut lane_units);
                         }
                     }
                     _ = settle_tick.tick() => {}
@@ -497,7 +379,7 @@ impl<S: Sink> Pipeline<S> {
         keeper.abort();
         // Bounded, like closing the sink: the leases expire on their own anyway.
         match tokio::time::timeout(
-            crate::wal_pipeline::CLOSE_TIMEOUT,
+            crate::resilience::CLOSE_TIMEOUT,
             self.leases.leave(&self.lease_pool),
         )
         .await
@@ -510,24 +392,22 @@ impl<S: Sink> Pipeline<S> {
                 tracing::warn!("releasing leases on shutdown timed out; they expire on their own")
             }
         }
-        crate::wal_pipeline::close_sink(&*self.sink).await;
+        crate::sink::close_sink(&*self.sink).await;
         let summary = self.stats.summary();
         tracing::info!(?summary, "relay stopped");
         Ok(summary)
     }
 
-    /// Settle what finished lanes delivered, then free their keys for new claims.
-    /// Returns how many claimed events left the in-flight window.
+    /// Settle what finished lanes delivered (any order, each claim under its own
+    /// fences), then free their keys for new claims.
     async fn settle(
         &self,
         source: &PollingSource,
-        unsettled: &mut Unsettled,
+        ledger: &mut ClaimLedger,
         busy: &mut std::collections::HashSet<String>,
-    ) -> usize {
-        for (fences, mut sequences, _keys) in std::mem::take(&mut unsettled.groups) {
-            if sequences.is_empty() {
-                continue;
-            }
+    ) {
+        let settlement = ledger.take_finished();
+        for (fences, mut sequences) in settlement.units {
             sequences.sort_unstable();
             match source.settle(&fences, &sequences).await {
                 Ok(settled) => {
@@ -537,6 +417,7 @@ impl<S: Sink> Pipeline<S> {
                     let lost = sequences.len() - settled.len();
                     if lost > 0 {
                         self.stats
+                            .polling
                             .unsettled
                             .fetch_add(lost as u64, Ordering::Relaxed);
                         tracing::warn!(
@@ -551,11 +432,11 @@ impl<S: Sink> Pipeline<S> {
                 }
             }
         }
-        for key in std::mem::take(&mut unsettled.keys_done) {
+        // Only now: a key freed before its rows are settled could be claimed again
+        // and publish its later rows while the delivered ones are still there.
+        for key in settlement.keys {
             busy.remove(&key);
         }
-        unsettled.events = 0;
-        std::mem::take(&mut unsettled.claimed)
     }
 
     async fn release_extra_partitions(&self, state: &Mutex<LeaseState>, idle: bool) -> Owned {
@@ -586,22 +467,16 @@ impl<S: Sink> Pipeline<S> {
 impl<S: Sink> LaneContext<S> {
     /// Publish one key's events in order, each after its predecessor's confirm;
     /// stop at the first one that is not delivered.
-    async fn publish_lane(
-        &self,
-        key: String,
-        lane: Vec<ClaimedEvent>,
-        fences: Arc<Owned>,
-    ) -> LaneDone {
+    async fn publish_lane(&self, key: String, lane: Vec<LaneItem>) -> LaneDone {
         let mut done = LaneDone {
             key,
-            fences,
-            claimed: lane.len(),
-            delivered: Vec::new(),
+            finished: Vec::with_capacity(lane.len()),
             transient: 0,
         };
         // The semaphore is never closed; if it were, publishing without a permit is still correct.
         let _permit = self.publishing.acquire().await.ok();
-        for claimed in lane {
+        for item in &lane {
+            let (claimed, unit) = (&item.claimed, item.unit);
             let event = &claimed.event;
             let outcome = match &claimed.undecodable {
                 // A row that is not an event goes to the dead-letter table as it is.
@@ -616,7 +491,8 @@ impl<S: Sink> LaneContext<S> {
             match outcome {
                 Outcome::Delivered => {
                     failpoint!("polling.publish.confirmed");
-                    done.delivered.push(event.sequence)
+                    done.finished
+                        .push((unit, event.sequence, Finished::Delivered))
                 }
                 Outcome::Retry(error) => {
                     self.stats
@@ -636,7 +512,7 @@ impl<S: Sink> LaneContext<S> {
                     match self
                         .source
                         .reject(
-                            &done.fences,
+                            &item.fences,
                             event,
                             &error.message,
                             self.config.max_attempts,
@@ -656,6 +532,8 @@ impl<S: Sink> LaneContext<S> {
                                 %error,
                                 "event dead-lettered; its key continues"
                             );
+                            done.finished
+                                .push((unit, event.sequence, Finished::DeadLettered));
                             continue;
                         }
                         Ok(RejectionVerdict::WillRetry { attempts }) => {
@@ -689,27 +567,50 @@ impl<S: Sink> LaneContext<S> {
                 }
             }
         }
+        // The lane stopped: this event and the rest of the key's lane were not
+        // delivered; their rows stay and are claimed again, in order.
+        for item in &lane[done.finished.len()..] {
+            done.finished
+                .push((item.unit, item.claimed.event.sequence, Finished::Released));
+        }
         done
     }
 }
 
-/// Group claimed events into lanes, one per partition key, each in sequence order.
-fn lanes_by_key(events: Vec<ClaimedEvent>) -> Vec<Vec<ClaimedEvent>> {
-    let mut lanes: Vec<Vec<ClaimedEvent>> = Vec::new();
-    let mut lane_of_key: std::collections::HashMap<String, usize> =
-        std::collections::HashMap::new();
-    for claimed in events {
-        let index = match lane_of_key.get(&claimed.event.partition_key) {
-            Some(&index) => index,
-            None => {
-                lane_of_key.insert(claimed.event.partition_key.clone(), lanes.len());
-                lanes.push(Vec::new());
-                lanes.len() - 1
+/// What the lanes finished since the last settle did, for the breaker.
+#[derive(Debug, Default)]
+struct Round {
+    delivered: usize,
+    transient: u64,
+}
+
+impl Round {
+    /// Record a lane's result in the ledger and the round. A lane that stopped
+    /// drops whatever of its key is still queued (released: claimed again, in
+    /// order); the key leaves the lanes once nothing of it is left, and claims
+    /// again only after the settle that follows.
+    fn collect(
+        &mut self,
+        done: LaneDone,
+        ledger: &mut ClaimLedger,
+        lanes: &mut Lanes<LaneItem>,
+        lane_units: &mut std::collections::HashMap<String, (UnitId, usize)>,
+    ) {
+        self.delivered += done.delivered();
+        self.transient += done.transient;
+        lane_units.remove(&done.key);
+        if done.stopped() {
+            for item in lanes.release(&done.key) {
+                ledger.finish(item.unit, item.claimed.event.sequence, Finished::Released);
             }
-        };
-        lanes[index].push(claimed);
+        }
+        for (unit, sequence, finished) in done.finished {
+            ledger.finish(unit, sequence, finished);
+        }
+        if lanes.finished(&done.key) {
+            ledger.lane_finished(done.key);
+        }
     }
-    lanes
 }
 
 async fn sleep_or_shutdown(delay: Duration, shutdown: &mut watch::Receiver<bool>) {
@@ -732,13 +633,14 @@ async fn keep_leases(
     loop {
         {
             let mut state = state.lock().await;
-            stats.lease_rounds.fetch_add(1, Ordering::Relaxed);
+            stats.polling.lease_rounds.fetch_add(1, Ordering::Relaxed);
             match leases.maintain(&pool, &state.owned).await {
                 Ok((owned, fair)) => {
                     let grew = owned.keys().any(|p| !state.owned.contains_key(p));
                     state.owned = owned;
                     state.fair_share = fair;
                     stats
+                        .polling
                         .partitions_held
                         .store(state.owned.len() as u64, Ordering::Relaxed);
                     if grew {

@@ -20,7 +20,7 @@ use sqlx::{AssertSqlSafe, PgPool};
 use crate::event::OutboxEvent;
 use crate::route::Router;
 use crate::sink::{Outcome, Sink};
-use crate::source::polling::{CREATED_AT_COLUMNS, ClaimRow};
+use crate::source::row::{CREATED_AT_COLUMNS, ClaimRow};
 use crate::{RelayError, Result};
 
 /// Header added to every replayed message: the replay run's id.

@@ -1,4 +1,5 @@
-//! Retry timing: exponential backoff with jitter and a cap.
+//! Retry timing: exponential backoff with jitter and a cap, the circuit breaker,
+//! and deadlines on database calls.
 
 use std::time::Duration;
 
@@ -197,5 +198,46 @@ mod breaker_tests {
         breaker.record_success();
         assert_eq!(breaker.state(), BreakerState::Closed);
         assert_eq!(breaker.record_failure(), BreakerState::Closed);
+    }
+}
+
+/// Longest each closing step (final position, replication stream, leader lock,
+/// leases, broker connection) may take once the grace period is over.
+pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_millis(1_000);
+
+/// A database call that failed or did not answer within its deadline; each
+/// error type of the crate converts it into its own variants.
+#[derive(Debug)]
+pub(crate) enum DbCallFailure {
+    /// The driver returned an error.
+    Failed {
+        /// What the caller was doing.
+        operation: &'static str,
+        /// The driver's error.
+        source: sqlx::Error,
+    },
+    /// The deadline passed first.
+    TimedOut {
+        /// What the caller was doing.
+        operation: &'static str,
+        /// The deadline that passed.
+        timeout_ms: u64,
+    },
+}
+
+/// Run a database call with a client-side deadline: `statement_timeout` cannot fire
+/// when the network to the server stalls.
+pub(crate) async fn db_call<T, E: From<DbCallFailure>>(
+    operation: &'static str,
+    timeout: Duration,
+    call: impl std::future::Future<Output = Result<T, sqlx::Error>>,
+) -> Result<T, E> {
+    match tokio::time::timeout(timeout, call).await {
+        Ok(result) => result.map_err(|source| DbCallFailure::Failed { operation, source }.into()),
+        Err(_) => Err(DbCallFailure::TimedOut {
+            operation,
+            timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+        }
+        .into()),
     }
 }

@@ -45,8 +45,13 @@
 //!   but unconfirmed events: after a crash at most the window is sent again.
 //! * **Errors**: a broken stream or lost database ends the session (lanes get a
 //!   short grace to finish) and a new one resumes from the confirmed position.
+//!
+//! Size: over 600 lines (supervisor, session loop, lane work, settle) until it
+//! is folded into the one loop of issue 13 (the supervisor into `source/wal/`);
+//! the lanes are `pipeline/lanes.rs`, the settle rule the done-prefix view of
+//! `pipeline/ledger.rs`.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -56,18 +61,20 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::config::{OverBudget, PipelineConfig, RelayConfig, WalConfig};
-use crate::error::{RelayError, Result};
+use crate::error::Result;
 use crate::event::OutboxEvent;
 use crate::failpoint::failpoint;
-use crate::pipeline::{RelayStats, RunSummary};
-use crate::resilience::{Backoff, CircuitBreaker};
+use crate::pipeline::lanes::{Keyed, Lanes};
+use crate::pipeline::ledger::{DonePrefix, Finished, Ledger, UnitId};
+use crate::resilience::{Backoff, CLOSE_TIMEOUT, CircuitBreaker};
 use crate::route::Router;
 use crate::sink::{Outcome, Sink};
-use crate::source::leader::Leadership;
+use crate::source::wal::leader::Leadership;
+use crate::source::wal::rows::WalRows;
 use crate::source::wal::{
     Lsn, SlotMonitor, Undecodable, WalError, WalSource, WalStart, WalTransaction,
 };
-use crate::source::wal_rows::WalRows;
+use crate::stats::{RelayStats, RunSummary};
 
 /// Events handed to one lane task at a time (progress is reported per chunk).
 const LANE_CHUNK: usize = 128;
@@ -91,10 +98,6 @@ const DRAIN_PAGE: usize = 1_000;
 /// `status_interval`): after a crash the stream re-sends the unconfirmed window
 /// plus what was confirmed in the last interval.
 const POSITION_RECORD_INTERVAL: Duration = Duration::from_millis(250);
-/// Longest each closing step (final position, replication stream, leader lock,
-/// broker connection) may take once the grace period is over.
-pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_millis(1_000);
-
 /// The WAL relay of one instance.
 pub(crate) struct WalRelay<S: Sink> {
     pub(crate) config: RelayConfig,
@@ -102,6 +105,16 @@ pub(crate) struct WalRelay<S: Sink> {
     pub(crate) sink: Arc<S>,
     pub(crate) rows: WalRows,
     pub(crate) stats: Arc<RelayStats>,
+}
+
+/// How the WAL relay ended.
+#[derive(Debug)]
+pub(crate) enum WalRunEnd {
+    /// Shut down, or failed for good (the sink is closed).
+    Stopped(RunSummary),
+    /// The retained-WAL budget was exceeded and the slot dropped: run the
+    /// polling source for the rest of the run (the sink is still open).
+    FallBackToPolling,
 }
 
 /// How a streaming session ended.
@@ -142,18 +155,7 @@ struct Publish {
     attempts: u32,
 }
 
-impl Item {
-    fn publish(unit: u64, event: OutboxEvent, has_row: bool) -> Item {
-        Item {
-            unit,
-            work: Work::Publish(Publish {
-                event,
-                has_row,
-                attempts: 0,
-            }),
-        }
-    }
-
+impl Keyed for Item {
     /// The lane: the event's partition key; a malformed WAL message has none and
     /// gets a key of its own, so it can hold back nothing.
     fn key(&self) -> String {
@@ -171,21 +173,31 @@ impl Item {
     }
 }
 
+impl Item {
+    fn publish(unit: u64, event: OutboxEvent, has_row: bool) -> Item {
+        Item {
+            unit,
+            work: Work::Publish(Publish {
+                event,
+                has_row,
+                attempts: 0,
+            }),
+        }
+    }
+}
+
 /// What a lane task finished: per event, its unit and whether it was delivered
 /// (`false`: dead-lettered).
 #[derive(Debug)]
 struct LaneDone {
     key: String,
-    finished: Vec<(u64, bool)>,
+    finished: Vec<(UnitId, bool)>,
 }
 
-/// One transaction (or one page of the table drain) in flight.
+/// What settling one transaction (or one page of the table drain) needs.
 #[derive(Debug)]
-struct Unit {
+struct WalUnit {
     end_lsn: Option<Lsn>,
-    events: usize,
-    remaining: usize,
-    delivered: u64,
     rows: Vec<i64>,
     drain: Option<DrainMark>,
 }
@@ -199,13 +211,12 @@ enum DrainMark {
     Finished,
 }
 
-/// Units in commit order; the done prefix is settled.
+/// Units in commit order, settled through the ledger's done-prefix view only
+/// (a confirmed position confirms everything before it), plus the settle's own
+/// retry state.
 #[derive(Debug)]
 struct Tracker {
-    base: u64,
-    units: VecDeque<Unit>,
-    /// Events admitted and not yet settled.
-    in_flight: usize,
+    ledger: Ledger<WalUnit, DonePrefix>,
     /// After a failed settle: not before this instant.
     retry_settle_at: Option<Instant>,
     settle_backoff: Backoff,
@@ -217,9 +228,7 @@ struct Tracker {
 impl Default for Tracker {
     fn default() -> Self {
         Tracker {
-            base: 0,
-            units: VecDeque::new(),
-            in_flight: 0,
+            ledger: Ledger::default(),
             retry_settle_at: None,
             settle_backoff: Backoff::new(Duration::from_millis(50), Duration::from_secs(2)),
             stray_rows: Vec::new(),
@@ -230,7 +239,7 @@ impl Default for Tracker {
 
 /// The done prefix of the tracker, to settle.
 #[derive(Debug, Default)]
-struct DonePrefix {
+struct PrefixToSettle {
     units: usize,
     rows: Vec<i64>,
     end_lsn: Option<Lsn>,
@@ -242,11 +251,11 @@ struct DonePrefix {
 }
 
 impl Tracker {
-    fn push(&mut self, end_lsn: Option<Lsn>, events: usize, rows: Vec<i64>) -> u64 {
+    fn push(&mut self, end_lsn: Option<Lsn>, events: usize, rows: Vec<i64>) -> UnitId {
         self.push_unit(end_lsn, events, rows, None)
     }
 
-    fn push_drain(&mut self, mark: DrainMark, events: usize, rows: Vec<i64>) -> u64 {
+    fn push_drain(&mut self, mark: DrainMark, events: usize, rows: Vec<i64>) -> UnitId {
         self.push_unit(None, events, rows, Some(mark))
     }
 
@@ -256,41 +265,41 @@ impl Tracker {
         events: usize,
         rows: Vec<i64>,
         drain: Option<DrainMark>,
-    ) -> u64 {
-        let index = self.base + self.units.len() as u64;
-        self.units.push_back(Unit {
-            end_lsn,
+    ) -> UnitId {
+        self.ledger.admit(
+            WalUnit {
+                end_lsn,
+                rows,
+                drain,
+            },
             events,
-            remaining: events,
-            delivered: 0,
-            rows,
-            drain,
-        });
-        self.in_flight += events;
-        index
+        )
     }
 
-    fn finish(&mut self, unit: u64, delivered: bool) {
-        let Some(entry) = unit
-            .checked_sub(self.base)
-            .and_then(|offset| self.units.get_mut(offset as usize))
-        else {
-            tracing::error!(unit, "a lane finished an event of an unknown transaction");
-            return;
+    /// Events received and not yet settled: what `wal.max_in_flight_events` limits.
+    fn in_flight(&self) -> usize {
+        self.ledger.in_flight()
+    }
+
+    /// An event of `unit` was delivered (`false`: dead-lettered).
+    fn finish(&mut self, unit: UnitId, delivered: bool) {
+        let finished = if delivered {
+            Finished::Delivered
+        } else {
+            Finished::DeadLettered
         };
-        entry.remaining = entry.remaining.saturating_sub(1);
-        if delivered {
-            entry.delivered += 1;
-        }
+        // The done-prefix view keeps no sequences: the unit's rows are in its token.
+        self.ledger.finish(unit, 0, finished);
     }
 
-    fn done_prefix(&self) -> DonePrefix {
-        let mut prefix = DonePrefix::default();
-        for unit in self.units.iter().take_while(|unit| unit.remaining == 0) {
+    fn done_prefix(&self) -> PrefixToSettle {
+        let mut prefix = PrefixToSettle::default();
+        for done in self.ledger.done_prefix() {
+            let unit = done.token;
             prefix.units += 1;
             prefix.rows.extend_from_slice(&unit.rows);
             prefix.end_lsn = unit.end_lsn.or(prefix.end_lsn);
-            prefix.delivered += unit.delivered;
+            prefix.delivered += done.delivered;
             match unit.drain {
                 Some(DrainMark::Page(last)) => {
                     prefix.drain_after = Some(prefix.drain_after.unwrap_or(last).max(last));
@@ -303,19 +312,13 @@ impl Tracker {
     }
 
     fn pop(&mut self, units: usize) {
-        for _ in 0..units {
-            if let Some(unit) = self.units.pop_front() {
-                self.in_flight = self.in_flight.saturating_sub(unit.events);
-            }
-        }
-        self.base += units as u64;
+        self.ledger.pop_prefix(units);
     }
 
     fn done_rows(&self) -> usize {
-        self.units
-            .iter()
-            .take_while(|unit| unit.remaining == 0)
-            .map(|unit| unit.rows.len().max(1))
+        self.ledger
+            .done_prefix()
+            .map(|done| done.token.rows.len().max(1))
             .sum()
     }
 }
@@ -363,28 +366,6 @@ enum Settled {
 
 const SERVER_GOING_DOWN: &str = "PostgreSQL is shutting down";
 
-/// SQLSTATE class 57P (admin, crash or immediate shutdown; cannot connect now).
-fn server_going_down(error: &RelayError) -> bool {
-    let RelayError::Database { source, .. } = error else {
-        return false;
-    };
-    source
-        .as_database_error()
-        .and_then(|e| e.code())
-        .is_some_and(|code| code.starts_with("57P"))
-}
-
-fn is_retryable(error: &RelayError) -> bool {
-    match error {
-        RelayError::Database { source, .. } => {
-            !matches!(source, sqlx::Error::Configuration(_) | sqlx::Error::Tls(_))
-        }
-        RelayError::DatabaseTimeout { .. } => true,
-        RelayError::Wal(error) => error.is_retryable(),
-        _ => false,
-    }
-}
-
 /// A WAL error as a session end: retryable ones restart the session.
 fn wal_end(error: WalError) -> Result<SessionEnd> {
     if error.is_retryable() {
@@ -395,12 +376,13 @@ fn wal_end(error: WalError) -> Result<SessionEnd> {
 }
 
 impl<S: Sink> WalRelay<S> {
-    /// Elect, stream, restart after errors; on fallback, drop the slot and poll.
+    /// Elect, stream, restart after errors; on fallback, drop the slot and say
+    /// so: the caller starts the polling source.
     pub(crate) async fn run(
         self,
         mut shutdown: watch::Receiver<bool>,
         settle_pool: sqlx::PgPool,
-    ) -> Result<RunSummary> {
+    ) -> Result<WalRunEnd> {
         let source_config = self.wal.source_config(&self.config.database);
         let lock_name = format!(
             "{}:{}",
@@ -411,7 +393,7 @@ impl<S: Sink> WalRelay<S> {
             self.config.pipeline.retry_backoff_initial,
             self.config.pipeline.retry_backoff_max,
         );
-        self.stats.wal_mode.store(true, Ordering::Relaxed);
+        self.stats.wal.active.store(true, Ordering::Relaxed);
         self.stats.beat();
         tracing::info!(
             instance = %self.config.instance_id,
@@ -433,18 +415,18 @@ impl<S: Sink> WalRelay<S> {
                 break SessionEnd::Shutdown;
             };
             failpoint!("wal.leader.acquired");
-            self.stats.wal_leader.store(true, Ordering::Relaxed);
+            self.stats.wal.leader.store(true, Ordering::Relaxed);
             let started = Instant::now();
             let result = self.session(&mut leadership, &mut shutdown).await;
-            self.stats.wal_leader.store(false, Ordering::Relaxed);
+            self.stats.wal.leader.store(false, Ordering::Relaxed);
             // The lock goes with its session anyway; never wait long for the unlock.
             let _ = tokio::time::timeout(CLOSE_TIMEOUT, leadership.release()).await;
             let reason = match result {
                 Ok(SessionEnd::Restart(reason)) => reason,
                 Ok(end) => break end,
-                Err(error) if is_retryable(&error) => error.to_string(),
+                Err(error) if error.is_retryable() => error.to_string(),
                 Err(error) => {
-                    close_sink(&*self.sink).await;
+                    crate::sink::close_sink(&*self.sink).await;
                     return Err(error);
                 }
             };
@@ -495,14 +477,13 @@ impl<S: Sink> WalRelay<S> {
                  for the rest of this run (every table row is still there; wal-message events not yet relayed are lost). \
                  Restarting the relay starts the WAL source again with a new slot."
             );
-            self.stats.wal_mode.store(false, Ordering::Relaxed);
-            return crate::run_polling(&self.config, self.sink, settle_pool, self.stats, shutdown)
-                .await;
+            self.stats.wal.active.store(false, Ordering::Relaxed);
+            return Ok(WalRunEnd::FallBackToPolling);
         }
-        close_sink(&*self.sink).await;
+        crate::sink::close_sink(&*self.sink).await;
         let summary = self.stats.summary();
         tracing::info!(?summary, "relay stopped");
-        Ok(summary)
+        Ok(WalRunEnd::Stopped(summary))
     }
 
     /// Start the source (recovering a lost slot), run the stream, close it.
@@ -520,7 +501,7 @@ impl<S: Sink> WalRelay<S> {
         let mut source = match started {
             Ok(WalStart::Ready(source)) => source,
             Ok(WalStart::SlotLost(lost)) => {
-                self.stats.wal_slot_losses.fetch_add(1, Ordering::Relaxed);
+                self.stats.wal.slot_losses.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(
                     slot = %self.wal.slot,
                     reason = %lost.reason,
@@ -602,7 +583,7 @@ impl<S: Sink> WalRelay<S> {
             stats: self.stats.clone(),
         });
         let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<LaneDone>();
-        let mut lanes = Lanes::default();
+        let mut lanes = Lanes::new(LANE_CHUNK);
         let mut tracker = Tracker::default();
         let mut settle_tick = tokio::time::interval(SETTLE_INTERVAL);
         settle_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -620,12 +601,16 @@ impl<S: Sink> WalRelay<S> {
             // a lane counts as idle once its task is gone, and the final settle
             // must see what it delivered (else its rows stay and are sent again).
             while let Ok(done) = done_rx.try_recv() {
-                lanes.finished(done, &mut tracker);
+                collect(&mut lanes, done, &mut tracker);
             }
-            lanes.spawn_ready(&context, &done_tx);
-            if let Some(error) = lanes.reap() {
+            spawn_lanes(&mut lanes, &context, &done_tx);
+            // A panicked lane loses track of its events, which ends the session.
+            if let Some((_, error)) = lanes.reap().into_iter().find(|(_, error)| error.is_panic()) {
+                tracing::error!(%error, "a publishing lane failed; restarting the stream from the confirmed position");
                 lanes.abort_all();
-                return Ok(SessionEnd::Restart(error));
+                return Ok(SessionEnd::Restart(format!(
+                    "a publishing lane failed: {error}"
+                )));
             }
             if ending.is_none() && *shutdown.borrow() {
                 ending = Some((
@@ -644,11 +629,11 @@ impl<S: Sink> WalRelay<S> {
                         );
                         lanes.abort_all();
                         while let Ok(done) = done_rx.try_recv() {
-                            lanes.finished(done, &mut tracker);
+                            collect(&mut lanes, done, &mut tracker);
                         }
                     }
                     while let Ok(done) = done_rx.try_recv() {
-                        lanes.finished(done, &mut tracker);
+                        collect(&mut lanes, done, &mut tracker);
                     }
                     self.final_settle(source, &mut tracker).await;
                     let (end, _, _) = ending.take().unwrap_or((
@@ -659,14 +644,14 @@ impl<S: Sink> WalRelay<S> {
                     return end;
                 }
             }
-            let room = ending.is_none() && tracker.in_flight < self.wal.max_in_flight_events;
+            let room = ending.is_none() && tracker.in_flight() < self.wal.max_in_flight_events;
 
             // The table drain goes first, page by page, before any streamed transaction.
             if room && let Some(current) = drain {
                 // A page fills the free room only: the window bounds the drain's
                 // re-sends after a crash as it bounds the stream's.
                 let limit =
-                    (self.wal.max_in_flight_events - tracker.in_flight).clamp(1, DRAIN_PAGE);
+                    (self.wal.max_in_flight_events - tracker.in_flight()).clamp(1, DRAIN_PAGE);
                 match self.rows.page(current.after, current.upto, limit).await {
                     Ok(page) if page.is_empty() => {
                         tracing::info!(slot = %self.wal.slot, "table drain dispatched; streaming");
@@ -685,7 +670,7 @@ impl<S: Sink> WalRelay<S> {
                         for event in page {
                             lanes.add(Item::publish(unit, event, true));
                         }
-                        lanes.spawn_ready(&context, &done_tx);
+                        spawn_lanes(&mut lanes, &context, &done_tx);
                         failpoint!("wal.drain.page");
                     }
                     Err(error) => {
@@ -723,10 +708,10 @@ impl<S: Sink> WalRelay<S> {
                     }
                 }
                 Step::Lane(Some(done)) => {
-                    lanes.finished(done, &mut tracker);
-                    lanes.spawn_ready(&context, &done_tx);
+                    collect(&mut lanes, done, &mut tracker);
+                    spawn_lanes(&mut lanes, &context, &done_tx);
                     // Settle at once when the window is full: only a settle makes room.
-                    let full = tracker.in_flight >= self.wal.max_in_flight_events;
+                    let full = tracker.in_flight() >= self.wal.max_in_flight_events;
                     let done = tracker.done_rows();
                     if (done >= SETTLE_MAX_ROWS || (full && done > 0))
                         && self.settle(source, &mut tracker).await == Settled::ServerGoingDown
@@ -755,7 +740,8 @@ impl<S: Sink> WalRelay<S> {
                         _ => {}
                     }
                     self.stats
-                        .wal_confirmed_lsn
+                        .wal
+                        .confirmed_lsn
                         .store(source.positions().reported.as_u64(), Ordering::Relaxed);
                     // Record and report the position here, outside the select: a flush
                     // inside `next_transaction` can be cut short when another branch wins.
@@ -777,7 +763,7 @@ impl<S: Sink> WalRelay<S> {
                 }
                 Step::Transaction(Ok(Some(transaction))) => {
                     self.dispatch(transaction, &mut tracker, &mut lanes);
-                    lanes.spawn_ready(&context, &done_tx);
+                    spawn_lanes(&mut lanes, &context, &done_tx);
                 }
                 Step::Transaction(Ok(None)) => {
                     ending = Some((
@@ -800,7 +786,12 @@ impl<S: Sink> WalRelay<S> {
         }
     }
 
-    fn dispatch(&self, transaction: WalTransaction, tracker: &mut Tracker, lanes: &mut Lanes) {
+    fn dispatch(
+        &self,
+        transaction: WalTransaction,
+        tracker: &mut Tracker,
+        lanes: &mut Lanes<Item>,
+    ) {
         let mut rows = transaction.row_sequences;
         rows.sort_unstable();
         let unit = tracker.push(
@@ -877,7 +868,7 @@ impl<S: Sink> WalRelay<S> {
                 self.stats.database_reachable.store(true, Ordering::Relaxed);
                 Settled::Done
             }
-            Err(error) if server_going_down(&error) => {
+            Err(error) if error.is_server_going_down() => {
                 tracing::warn!(%error, "PostgreSQL is shutting down; closing the replication stream");
                 Settled::ServerGoingDown
             }
@@ -911,17 +902,6 @@ impl<S: Sink> WalRelay<S> {
     }
 }
 
-/// Close the broker connection within [`CLOSE_TIMEOUT`]: a hung broker must not
-/// hold the shutdown beyond the grace period.
-pub(crate) async fn close_sink<S: Sink>(sink: &S) {
-    if tokio::time::timeout(CLOSE_TIMEOUT, sink.close())
-        .await
-        .is_err()
-    {
-        tracing::warn!("closing the broker connection timed out; exiting without waiting for it");
-    }
-}
-
 impl<S: Sink> WalRelay<S> {
     /// Retry deleting rows a settle did not find (see [`WalRows::delete`]) every
     /// [`STRAY_RETRY_INTERVAL`], for [`STRAY_RETRY_FOR`]; rows still not found by
@@ -949,86 +929,27 @@ impl<S: Sink> WalRelay<S> {
     }
 }
 
-/// Per-key queues and the lane tasks publishing them.
-#[derive(Default)]
-struct Lanes {
-    queued: HashMap<String, VecDeque<Item>>,
-    busy: HashSet<String>,
-    /// Keys with queued events and no running lane.
-    ready: Vec<String>,
-    tasks: tokio::task::JoinSet<()>,
+/// Start a lane task for every key that has events queued and none running.
+fn spawn_lanes<S: Sink>(
+    lanes: &mut Lanes<Item>,
+    context: &Arc<LaneContext<S>>,
+    done_tx: &tokio::sync::mpsc::UnboundedSender<LaneDone>,
+) {
+    lanes.spawn_ready(|key, items| {
+        let (context, done_tx) = (context.clone(), done_tx.clone());
+        async move {
+            let done = context.publish_lane(key, items).await;
+            let _ = done_tx.send(done);
+        }
+    });
 }
 
-impl Lanes {
-    fn add(&mut self, item: Item) {
-        let key = item.key();
-        let queue = self.queued.entry(key.clone()).or_default();
-        if queue.is_empty() && !self.busy.contains(&key) {
-            self.ready.push(key);
-        }
-        queue.push_back(item);
+/// Record a lane's result: each event finished in its unit; the key may go on.
+fn collect(lanes: &mut Lanes<Item>, done: LaneDone, tracker: &mut Tracker) {
+    for (unit, delivered) in done.finished {
+        tracker.finish(unit, delivered);
     }
-
-    fn spawn_ready<S: Sink>(
-        &mut self,
-        context: &Arc<LaneContext<S>>,
-        done_tx: &tokio::sync::mpsc::UnboundedSender<LaneDone>,
-    ) {
-        for key in std::mem::take(&mut self.ready) {
-            let Some(queue) = self.queued.get_mut(&key) else {
-                continue;
-            };
-            let take = queue.len().min(LANE_CHUNK);
-            let items: Vec<Item> = queue.drain(..take).collect();
-            if queue.is_empty() {
-                self.queued.remove(&key);
-            }
-            if items.is_empty() {
-                continue;
-            }
-            self.busy.insert(key.clone());
-            let (context, done_tx) = (context.clone(), done_tx.clone());
-            self.tasks.spawn(async move {
-                let done = context.publish_lane(key, items).await;
-                let _ = done_tx.send(done);
-            });
-        }
-    }
-
-    fn finished(&mut self, done: LaneDone, tracker: &mut Tracker) {
-        for (unit, delivered) in done.finished {
-            tracker.finish(unit, delivered);
-        }
-        self.busy.remove(&done.key);
-        if self.queued.contains_key(&done.key) {
-            self.ready.push(done.key);
-        }
-    }
-
-    /// Reap finished tasks; a panicked lane loses track of its events, which ends the session.
-    fn reap(&mut self) -> Option<String> {
-        while let Some(joined) = self.tasks.try_join_next() {
-            if let Err(error) = joined
-                && error.is_panic()
-            {
-                tracing::error!(%error, "a publishing lane failed; restarting the stream from the confirmed position");
-                return Some(format!("a publishing lane failed: {error}"));
-            }
-        }
-        None
-    }
-
-    fn is_idle(&self) -> bool {
-        self.tasks.is_empty()
-    }
-
-    fn running(&self) -> usize {
-        self.tasks.len()
-    }
-
-    fn abort_all(&mut self) {
-        self.tasks.abort_all();
-    }
+    lanes.finished(&done.key);
 }
 
 impl<S: Sink> LaneContext<S> {
@@ -1083,7 +1004,8 @@ impl<S: Sink> LaneContext<S> {
                 (Ok(true), Undecodable::Message(message)) => {
                     self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
                     self.stats
-                        .wal_malformed_messages
+                        .wal
+                        .malformed_messages
                         .fetch_add(1, Ordering::Relaxed);
                     // Never the content or the reason (it can quote the content).
                     tracing::error!(
@@ -1255,8 +1177,8 @@ async fn sample_slot(
             Ok(Some(status)) => {
                 let lag = status.lag_bytes.unwrap_or(0);
                 let retained = status.retained_bytes.unwrap_or(0);
-                stats.wal_lag_bytes.store(lag, Ordering::Relaxed);
-                stats.wal_retained_bytes.store(retained, Ordering::Relaxed);
+                stats.wal.lag_bytes.store(lag, Ordering::Relaxed);
+                stats.wal.retained_bytes.store(retained, Ordering::Relaxed);
                 if let Some(budget) = wal.retained_wal_budget_bytes
                     && u64::try_from(retained).unwrap_or(0) > budget
                 {
@@ -1304,7 +1226,7 @@ mod tests {
         let a = tracker.push(Some(Lsn(10)), 2, vec![1, 2]);
         let b = tracker.push(Some(Lsn(20)), 1, vec![3]);
         let c = tracker.push(Some(Lsn(30)), 1, vec![]);
-        assert_eq!(tracker.in_flight, 4);
+        assert_eq!(tracker.in_flight(), 4);
         tracker.finish(b, true);
         tracker.finish(c, false);
         assert_eq!(tracker.done_prefix().units, 0, "a is not done");
@@ -1320,11 +1242,12 @@ mod tests {
             "the dead-lettered event is not counted as published"
         );
         assert_eq!(
-            tracker.in_flight, 4,
+            tracker.in_flight(),
+            4,
             "finished events fill the window until they are settled"
         );
         tracker.pop(prefix.units);
-        assert_eq!(tracker.in_flight, 0);
+        assert_eq!(tracker.in_flight(), 0);
         let d = tracker.push(Some(Lsn(40)), 1, vec![4]);
         assert_eq!(d, 3, "unit indexes keep counting after a pop");
         tracker.finish(d, true);

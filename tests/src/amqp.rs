@@ -47,6 +47,13 @@ impl Received {
     }
 }
 
+/// The counter `n` in a test event's JSON payload.
+pub fn n_of(message: &Received) -> i64 {
+    message.json()["n"]
+        .as_i64()
+        .expect("a payload with a counter n")
+}
+
 fn header_text(value: &AMQPValue) -> String {
     match value {
         AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),

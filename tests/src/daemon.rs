@@ -597,19 +597,3 @@ pub async fn outbox_event_ids(test: &TestSchema) -> Vec<uuid::Uuid> {
     .await
     .expect("read the outbox")
 }
-
-/// Poll `condition` every 50 ms until it holds, or panic after `deadline`.
-pub async fn wait_until<F, Fut>(what: &str, deadline: Duration, mut condition: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let until = tokio::time::Instant::now() + deadline;
-    while !condition().await {
-        assert!(
-            tokio::time::Instant::now() < until,
-            "{what}: not within {deadline:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}

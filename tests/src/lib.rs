@@ -161,3 +161,15 @@ pub fn init_tracing() {
             .try_init();
     }
 }
+
+/// Poll `check` every 50 ms until it holds, or panic after `deadline` naming `what`.
+pub async fn wait_until(what: &str, deadline: Duration, mut check: impl AsyncFnMut() -> bool) {
+    let until = tokio::time::Instant::now() + deadline;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "{what}: not within {deadline:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

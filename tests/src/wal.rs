@@ -126,6 +126,21 @@ impl WalDatabase {
         .expect("read pg_replication_slots")
     }
 
+    /// Whether a walsender streams from the slot, not just a session creating it:
+    /// `active` is true during `pg_create_logical_replication_slot` too, before
+    /// the slot's start and its table drain's range are recorded, and rows written
+    /// then are drained from the table instead of streamed (and may come both ways).
+    pub async fn walsender_streams(&self) -> bool {
+        sqlx::query_scalar(
+            "select exists (select from pg_replication_slots s join pg_stat_activity a on a.pid = s.active_pid \
+             where s.slot_name = $1 and a.backend_type = 'walsender' and s.confirmed_flush_lsn is not null)",
+        )
+        .bind(&self.slot)
+        .fetch_one(&self.test.pool)
+        .await
+        .expect("read pg_replication_slots")
+    }
+
     /// Wait until no session streams from the slot (a killed relay's walsender ended).
     pub async fn wait_slot_inactive(&self) {
         let until = tokio::time::Instant::now() + DEADLINE;

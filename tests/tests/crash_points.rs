@@ -19,9 +19,10 @@ use std::time::{Duration, Instant};
 use outbox_tests::amqp::RabbitFixture;
 use outbox_tests::daemon::{
     Daemon, GroundTruth, polling_env, relay_binary, seen_on_kafka, seen_on_rabbitmq, use_kafka,
-    wait_until, wal_env,
+    wal_env,
 };
 use outbox_tests::kafka::{TopicConsumer, create_topic};
+use outbox_tests::wait_until;
 use outbox_tests::wal::WalDatabase;
 
 fn binary() -> std::path::PathBuf {

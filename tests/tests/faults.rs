@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use outbox_core::{Event, Outbox, OutboxConfig};
 use outbox_tests::TestSchema;
+use outbox_tests::amqp::n_of;
 use outbox_tests::amqp::{RabbitFixture, first_delivery_order_violations};
 use outbox_tests::fault_proxy::FaultProxy;
 use outbox_tests::ops::{free_local_addr, metric};
@@ -98,10 +99,6 @@ async fn wait_for_metric(
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-fn n_of(message: &outbox_tests::amqp::Received) -> i64 {
-    message.json()["n"].as_i64().unwrap()
 }
 
 async fn dead_letters(test: &TestSchema) -> i64 {

@@ -13,6 +13,7 @@ use outbox_relay::admin::{self, DeadLetterFilter};
 use outbox_tests::TestSchema;
 use outbox_tests::amqp::RabbitFixture;
 use outbox_tests::relay::{RunningRelay, raw_config, wait_for_empty_outbox};
+use outbox_tests::wait_until;
 use sqlx::AssertSqlSafe;
 
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -63,17 +64,6 @@ async fn enqueue_ordinary(test: &TestSchema, count: usize) -> Vec<Event> {
         .await
         .unwrap();
     events
-}
-
-async fn wait_until(what: &str, deadline: Duration, mut check: impl AsyncFnMut() -> bool) {
-    let until = tokio::time::Instant::now() + deadline;
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < until,
-            "{what} did not happen within {deadline:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// `(attempts, last_error, created_at as text)` of a dead-lettered event.
@@ -701,7 +691,7 @@ async fn hostile_rows_are_delivered_or_dead_lettered(source: Source, sink: Sink)
         let relay = RunningRelay::start(raw.validate().unwrap());
         let db = wal.as_ref().unwrap();
         wait_until("the WAL relay streams", DEADLINE, async || {
-            db.slot_active().await
+            db.walsender_streams().await
         })
         .await;
         for n in 0..60 {

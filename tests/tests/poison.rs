@@ -11,6 +11,7 @@ use outbox_relay::admin::{self, DeadLetterFilter};
 use outbox_tests::TestSchema;
 use outbox_tests::amqp::RabbitFixture;
 use outbox_tests::relay::{RunningRelay, raw_config, wait_for_empty_outbox};
+use outbox_tests::wait_until;
 
 /// `doc:1` gets ok.before, a poison event (routing key nobody binds), ok.after;
 /// 200 other keys get one routable event each.
@@ -37,17 +38,6 @@ async fn enqueue_poison_scenario(test: &TestSchema) -> (Event, usize) {
         .await
         .unwrap();
     (poison, events.len())
-}
-
-async fn wait_until(what: &str, deadline: Duration, mut check: impl AsyncFnMut() -> bool) {
-    let until = tokio::time::Instant::now() + deadline;
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < until,
-            "{what} did not happen within {deadline:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 fn doc_order(rabbit: &RabbitFixture) -> Vec<String> {

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use outbox_core::{Event, Outbox, OutboxConfig};
 use outbox_tests::TestSchema;
+use outbox_tests::amqp::n_of;
 use outbox_tests::amqp::{RabbitFixture, first_delivery_order_violations};
 use outbox_tests::relay::{RunningRelay, outbox_rows, raw_config, wait_for_empty_outbox};
 
@@ -16,10 +17,6 @@ fn outbox_for(test: &TestSchema) -> Outbox {
         schema: test.schema.clone(),
         ..OutboxConfig::default()
     })
-}
-
-fn n_of(message: &outbox_tests::amqp::Received) -> i64 {
-    message.json()["n"].as_i64().unwrap()
 }
 
 #[tokio::test]

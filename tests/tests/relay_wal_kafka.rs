@@ -49,7 +49,7 @@ async fn start_streaming(db: &WalDatabase, raw: RawConfig) -> RunningRelay {
     init_tracing();
     let relay = RunningRelay::start(raw.validate().unwrap());
     let until = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !db.slot_active().await {
+    while !db.walsender_streams().await {
         assert!(
             tokio::time::Instant::now() < until,
             "the relay did not stream from slot {} within 30 s",

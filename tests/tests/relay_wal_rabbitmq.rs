@@ -12,14 +12,15 @@
 #![allow(clippy::unwrap_used)] // a test should fail loudly at the broken step
 
 use std::collections::{HashMap, HashSet};
-use std::future::Future;
 use std::time::Duration;
 
 use outbox_core::{Event, Outbox, OutboxConfig, wal_message};
 use outbox_relay::config::{RawConfig, RawDatabase, RawPipeline, RawRabbitMq};
 use outbox_tests::TestSchema;
+use outbox_tests::amqp::n_of;
 use outbox_tests::amqp::{RabbitFixture, Received, first_delivery_order_violations};
 use outbox_tests::relay::{RunningRelay, outbox_rows};
+use outbox_tests::wait_until;
 use outbox_tests::wal::WalDatabase;
 use tokio::time::Instant;
 
@@ -37,10 +38,6 @@ fn outbox_for(test: &TestSchema) -> Outbox {
     })
 }
 
-fn n_of(message: &Received) -> i64 {
-    message.json()["n"].as_i64().unwrap()
-}
-
 fn key_of(message: &Received) -> &str {
     message.header("outbox-partition-key").unwrap()
 }
@@ -51,35 +48,10 @@ fn duplicates(received: &[Received]) -> usize {
     received.len() - distinct.len()
 }
 
-/// Poll `condition` every 50 ms until it holds, or panic at the deadline.
-async fn wait_until<F, Fut>(what: &str, deadline: Duration, mut condition: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let until = Instant::now() + deadline;
-    while !condition().await {
-        assert!(Instant::now() < until, "{what}: not within {deadline:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Whether a walsender streams from the slot (not just a session creating it).
-async fn walsender_streams(db: &WalDatabase) -> bool {
-    sqlx::query_scalar(
-        "select exists (select from pg_replication_slots s join pg_stat_activity a on a.pid = s.active_pid \
-         where s.slot_name = $1 and a.backend_type = 'walsender' and s.confirmed_flush_lsn is not null)",
-    )
-    .bind(&db.slot)
-    .fetch_one(&db.test.pool)
-    .await
-    .unwrap()
-}
-
 /// Wait until a relay streams from the slot, so later commits come through the stream.
 async fn wait_streaming(db: &WalDatabase) {
     wait_until("a relay streams from the slot", DEADLINE, || {
-        walsender_streams(db)
+        db.walsender_streams()
     })
     .await;
 }

@@ -14,19 +14,9 @@ use outbox_tests::amqp::{RabbitFixture, amqp_url};
 use outbox_tests::fault_proxy::FaultProxy;
 use outbox_tests::ops::{free_local_addr, http_get};
 use outbox_tests::relay::{RunningRelay, raw_config, wait_for_empty_outbox};
+use outbox_tests::wait_until;
 
 const DEADLINE: Duration = Duration::from_secs(30);
-
-async fn wait_until(what: &str, deadline: Duration, mut check: impl AsyncFnMut() -> bool) {
-    let until = tokio::time::Instant::now() + deadline;
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < until,
-            "{what} did not happen within {deadline:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 /// `host:port` of `url` (a postgres:// or amqp:// URL).
 fn host_port(url: &str) -> String {

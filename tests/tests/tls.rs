@@ -146,7 +146,7 @@ async fn the_wal_relay_streams_over_verify_full_with_a_client_certificate_on_eve
     raw.database.url = Some(tls_url(&db.test.database_url, "localhost", "ca.pem"));
     let relay = RunningRelay::start(raw.validate().unwrap());
     let until = tokio::time::Instant::now() + DEADLINE;
-    while !db.slot_active().await {
+    while !db.walsender_streams().await {
         assert!(
             tokio::time::Instant::now() < until,
             "the WAL relay did not stream over TLS within {DEADLINE:?}"

@@ -7,16 +7,14 @@
 
 use std::time::Duration;
 
+use outbox_tests::amqp::n_of;
 use outbox_tests::amqp::{RabbitFixture, first_delivery_order_violations};
 use outbox_tests::ops::{free_local_addr, metric};
 use outbox_tests::relay::{RunningRelay, wait_for_empty_outbox};
+use outbox_tests::wait_until;
 use outbox_tests::wal::WalDatabase;
 
 const DEADLINE: Duration = Duration::from_secs(30);
-
-fn n_of(message: &outbox_tests::amqp::Received) -> i64 {
-    message.json()["n"].as_i64().unwrap()
-}
 
 /// Enqueue 1,000 events over 20 keys in one transaction; per key `n` continues from `n_by_key`.
 async fn enqueue_numbered(db: &WalDatabase, n_by_key: &mut [i64; 20]) {
@@ -39,22 +37,6 @@ async fn enqueue_numbered(db: &WalDatabase, n_by_key: &mut [i64; 20]) {
     tx.commit().await.unwrap();
 }
 
-/// Wait until `condition` holds, or panic with `what` at the deadline.
-async fn wait_until<F, Fut>(what: &str, mut condition: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let until = tokio::time::Instant::now() + DEADLINE;
-    while !condition().await {
-        assert!(
-            tokio::time::Instant::now() < until,
-            "{what}: not within {DEADLINE:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test]
 async fn slot_lag_and_leadership_are_on_the_metrics_endpoint() {
     let db = WalDatabase::new().await;
@@ -64,19 +46,19 @@ async fn slot_lag_and_leadership_are_on_the_metrics_endpoint() {
     raw.ops.listen_addr = Some(ops.to_string());
     let relay = RunningRelay::start(raw.validate().unwrap());
 
-    wait_until("the relay leads its slot", || async {
+    wait_until("the relay leads its slot", DEADLINE, || async {
         metric(ops, "outbox_relay_wal_leader").await == Some(1.0)
     })
     .await;
     outbox_tests::load::enqueue_backlog(&db.test, 200, 10).await;
     rabbit.wait_for_distinct(200, DEADLINE).await;
-    wait_until("a confirmed position is reported", || async {
+    wait_until("a confirmed position is reported", DEADLINE, || async {
         metric(ops, "outbox_relay_wal_confirmed_lsn")
             .await
             .is_some_and(|lsn| lsn > 0.0)
     })
     .await;
-    wait_until("the retained WAL is sampled", || async {
+    wait_until("the retained WAL is sampled", DEADLINE, || async {
         metric(ops, "outbox_relay_wal_retained_bytes")
             .await
             .is_some_and(|bytes| bytes > 0.0)
@@ -93,7 +75,7 @@ async fn slot_lag_and_leadership_are_on_the_metrics_endpoint() {
         Some(0.0)
     );
     // Counted when settled, which follows the broker's confirm by up to a settle tick.
-    wait_until("the 200 events counted as published", || async {
+    wait_until("the 200 events counted as published", DEADLINE, || async {
         metric(ops, "outbox_relay_events_published_total").await == Some(200.0)
     })
     .await;
@@ -120,7 +102,7 @@ async fn over_the_retained_wal_budget_the_slot_is_dropped_and_the_relay_polls_wi
     for _ in 0..5 {
         enqueue_numbered(&db, &mut n_by_key).await;
     }
-    wait_until("the slot is dropped", || async {
+    wait_until("the slot is dropped", DEADLINE, || async {
         db.slot_confirmed().await.is_none()
     })
     .await;

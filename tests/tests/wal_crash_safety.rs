@@ -21,9 +21,10 @@ use std::time::{Duration, Instant};
 use outbox_tests::amqp::RabbitFixture;
 use outbox_tests::daemon::{
     Daemon, GroundTruth, outbox_event_ids, polling_env, relay_binary, seen_on_kafka,
-    seen_on_rabbitmq, set, use_kafka, wait_until, wal_env,
+    seen_on_rabbitmq, set, use_kafka, wal_env,
 };
 use outbox_tests::fault_proxy::FaultProxy;
+use outbox_tests::wait_until;
 use outbox_tests::wal::WalDatabase;
 
 fn binary() -> std::path::PathBuf {

@@ -22,20 +22,18 @@ use std::time::{Duration, Instant};
 
 use outbox_core::{Event, Outbox, OutboxConfig};
 use outbox_relay::config::RawConfig;
-use outbox_tests::amqp::{RabbitFixture, Received, first_delivery_order_violations};
+use outbox_tests::amqp::n_of;
+use outbox_tests::amqp::{RabbitFixture, first_delivery_order_violations};
 use outbox_tests::fault_proxy::FaultProxy;
 use outbox_tests::ops::{free_local_addr, metric};
 use outbox_tests::relay::{RunningRelay, wait_for_empty_outbox};
+use outbox_tests::wait_until;
 use outbox_tests::wal::WalDatabase;
 
 use outbox_tests::init_tracing;
 
 /// The ground-truth table: one row per committed event, written in its transaction.
 const TRUTH: &str = "public.committed_events";
-
-fn n_of(message: &Received) -> i64 {
-    message.json()["n"].as_i64().unwrap()
-}
 
 /// Start a relay and wait until it streams from the slot, so that what is
 /// written next comes through the replication stream.
@@ -45,26 +43,10 @@ async fn start_streaming(db: &WalDatabase, raw: RawConfig) -> RunningRelay {
     wait_until(
         "the relay streaming from its slot",
         Duration::from_secs(30),
-        || async { db.slot_active().await },
+        || async { db.walsender_streams().await },
     )
     .await;
     relay
-}
-
-/// Poll `condition` every 50 ms until it holds, or panic after `deadline`.
-async fn wait_until<F, Fut>(what: &str, deadline: Duration, mut condition: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let until = tokio::time::Instant::now() + deadline;
-    while !condition().await {
-        assert!(
-            tokio::time::Instant::now() < until,
-            "{what}: not within {deadline:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// The pid of the walsender streaming from the slot, if one does.

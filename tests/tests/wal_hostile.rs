@@ -13,23 +13,13 @@ use outbox_relay::source::wal::Lsn;
 use outbox_tests::TestSchema;
 use outbox_tests::amqp::RabbitFixture;
 use outbox_tests::relay::{RunningRelay, wait_for_empty_outbox};
+use outbox_tests::wait_until;
 use outbox_tests::wal::WalDatabase;
 use sqlx::AssertSqlSafe;
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
 use outbox_tests::init_tracing;
-
-async fn wait_until(what: &str, deadline: Duration, mut check: impl AsyncFnMut() -> bool) {
-    let until = tokio::time::Instant::now() + deadline;
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < until,
-            "{what} did not happen within {deadline:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 /// Wait until a relay streams from the slot, so later commits come through the stream.
 async fn wait_streaming(db: &WalDatabase) {
@@ -292,7 +282,7 @@ async fn malformed_wal_messages_are_dead_lettered_raw_the_slot_passes_them_and_a
     }
     // They are no events: `dead-letters retry` leaves them (re-entering one would publish it).
     let filter = outbox_relay::admin::DeadLetterFilter {
-        event_type: Some(outbox_relay::source::wal_rows::MALFORMED_MESSAGE_EVENT_TYPE.into()),
+        event_type: Some(outbox_relay::source::wal::rows::MALFORMED_MESSAGE_EVENT_TYPE.into()),
         ..Default::default()
     };
     outbox_relay::admin::retry_dead_letters(&db.test.pool, &db.test.schema, &filter)

@@ -13,8 +13,8 @@ use axum::routing::get;
 use tokio::sync::{RwLock, watch};
 
 use super::metrics::{self, OutboxSample};
-use crate::pipeline::RelayStats;
 use crate::resilience::BreakerState;
+use crate::stats::RelayStats;
 
 /// How stale the relay loop's heartbeat may be before `/healthz` fails.
 pub const LIVENESS_TIMEOUT: Duration = Duration::from_secs(300);

@@ -7,7 +7,7 @@
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 
-use crate::pipeline::RelayStats;
+use crate::stats::RelayStats;
 
 /// Events published and settled (counter).
 pub const EVENTS_PUBLISHED: &str = "outbox_relay_events_published_total";
@@ -145,7 +145,7 @@ pub fn render(stats: &RelayStats, sample: Option<OutboxSample>) -> String {
         EVENTS_UNSETTLED,
         "counter",
         "Events confirmed but not settled because their lease moved.",
-        counter(&stats.unsettled),
+        counter(&stats.polling.unsettled),
     );
     metric(
         &mut out,
@@ -159,21 +159,21 @@ pub fn render(stats: &RelayStats, sample: Option<OutboxSample>) -> String {
         BATCHES,
         "counter",
         "Batches claimed.",
-        counter(&stats.batches),
+        counter(&stats.polling.batches),
     );
     metric(
         &mut out,
         CLAIM_QUERIES,
         "counter",
         "Claim queries sent, empty ones included.",
-        counter(&stats.claim_queries),
+        counter(&stats.polling.claim_queries),
     );
     metric(
         &mut out,
         LEASE_ROUNDS,
         "counter",
         "Lease maintenance rounds.",
-        counter(&stats.lease_rounds),
+        counter(&stats.polling.lease_rounds),
     );
     metric(
         &mut out,
@@ -194,16 +194,16 @@ pub fn render(stats: &RelayStats, sample: Option<OutboxSample>) -> String {
         PARTITIONS_HELD,
         "gauge",
         "Work partitions this instance holds.",
-        counter(&stats.partitions_held),
+        counter(&stats.polling.partitions_held),
     );
-    if stats.wal_mode.load(Ordering::Relaxed) {
+    if stats.wal.active.load(Ordering::Relaxed) {
         let gauge_i64 = |g: &std::sync::atomic::AtomicI64| g.load(Ordering::Relaxed) as f64;
         metric(
             &mut out,
             WAL_LEADER,
             "gauge",
             "1 when this instance leads its replication slot, 0 on a standby.",
-            if stats.wal_leader.load(Ordering::Relaxed) {
+            if stats.wal.leader.load(Ordering::Relaxed) {
                 1.0
             } else {
                 0.0
@@ -214,35 +214,35 @@ pub fn render(stats: &RelayStats, sample: Option<OutboxSample>) -> String {
             WAL_SLOT_LAG,
             "gauge",
             "WAL written after the slot's confirmed position, in bytes.",
-            gauge_i64(&stats.wal_lag_bytes),
+            gauge_i64(&stats.wal.lag_bytes),
         );
         metric(
             &mut out,
             WAL_RETAINED,
             "gauge",
             "WAL the replication slot keeps on the server, in bytes.",
-            gauge_i64(&stats.wal_retained_bytes),
+            gauge_i64(&stats.wal.retained_bytes),
         );
         metric(
             &mut out,
             WAL_CONFIRMED_LSN,
             "gauge",
             "The last WAL position recorded and reported to the slot.",
-            counter(&stats.wal_confirmed_lsn),
+            counter(&stats.wal.confirmed_lsn),
         );
         metric(
             &mut out,
             WAL_SLOT_LOSSES,
             "counter",
             "Times the slot was found lost and recovered from the outbox table.",
-            counter(&stats.wal_slot_losses),
+            counter(&stats.wal.slot_losses),
         );
         metric(
             &mut out,
             WAL_MALFORMED_MESSAGES,
             "counter",
             "WAL messages with the outbox prefix that were no event, dead-lettered.",
-            counter(&stats.wal_malformed_messages),
+            counter(&stats.wal.malformed_messages),
         );
     }
     metric(
@@ -374,9 +374,9 @@ mod tests {
             !text.contains(WAL_SLOT_LAG),
             "no WAL metrics with the polling source"
         );
-        stats.wal_mode.store(true, Ordering::Relaxed);
-        stats.wal_leader.store(true, Ordering::Relaxed);
-        stats.wal_lag_bytes.store(4096, Ordering::Relaxed);
+        stats.wal.active.store(true, Ordering::Relaxed);
+        stats.wal.leader.store(true, Ordering::Relaxed);
+        stats.wal.lag_bytes.store(4096, Ordering::Relaxed);
         let text = render(&stats, None);
         assert!(text.contains("outbox_relay_wal_slot_lag_bytes 4096\n"));
         assert!(text.contains("outbox_relay_wal_leader 1\n"));

@@ -61,6 +61,10 @@ impl<S: Sink> Sink for InstrumentedSink<S> {
         .instrument(span)
     }
 
+    fn max_in_flight_per_key(&self) -> usize {
+        self.inner.max_in_flight_per_key()
+    }
+
     fn close(&self) -> impl Future<Output = ()> + Send {
         self.inner.close()
     }

@@ -9,6 +9,7 @@
 use std::future::Future;
 
 use crate::event::OutboxEvent;
+use crate::resilience::CLOSE_TIMEOUT;
 use crate::route::Route;
 
 pub(crate) use instrumented::InstrumentedSink;
@@ -16,8 +17,6 @@ pub(crate) use instrumented::InstrumentedSink;
 mod instrumented;
 #[cfg(feature = "kafka")]
 pub mod kafka;
-#[cfg(feature = "kafka")]
-mod kafka_topic_limits;
 #[cfg(feature = "rabbitmq")]
 pub mod rabbitmq;
 
@@ -77,9 +76,32 @@ pub trait Sink: Send + Sync + 'static {
     ///
     /// Must not take longer than the sink's configured publish timeout; a
     /// timeout is an [`Outcome::Retry`]. May be called concurrently for events
-    /// of different keys; the relay never has two events of one key in flight.
+    /// of different keys; the relay never has more events of one key in
+    /// flight than [`Sink::max_in_flight_per_key`].
     fn publish(&self, event: &OutboxEvent, route: &Route) -> impl Future<Output = Outcome> + Send;
+
+    /// How many events of one partition key may be published and not yet
+    /// confirmed at once without the broker reordering them: an upper bound the
+    /// lanes never exceed. 1 (the default, and what every sink returns today): a
+    /// key's next event is published only after its predecessor's confirm. A sink
+    /// that keeps a key's order across several outstanding publishes (Kafka's
+    /// idempotent producer keeps a partition's order) may allow more; today's
+    /// lanes keep one in flight per key, which honours any allowance.
+    fn max_in_flight_per_key(&self) -> usize {
+        1
+    }
 
     /// Flush and close connections; called once on shutdown, after the last publish.
     fn close(&self) -> impl Future<Output = ()> + Send;
+}
+
+/// Close the broker connection within [`CLOSE_TIMEOUT`]: a hung broker must not
+/// hold the shutdown beyond the grace period.
+pub(crate) async fn close_sink<S: Sink>(sink: &S) {
+    if tokio::time::timeout(CLOSE_TIMEOUT, sink.close())
+        .await
+        .is_err()
+    {
+        tracing::warn!("closing the broker connection timed out; exiting without waiting for it");
+    }
 }

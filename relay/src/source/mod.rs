@@ -1,7 +1,6 @@
-//! Where events come from: the polling source reads the outbox table.
+//! Where events come from: the polling source claims rows of the outbox table
+//! (`polling/`), the WAL source tails a logical replication slot (`wal/`).
 
-pub mod leader;
-pub mod lease;
 pub mod polling;
+pub(crate) mod row;
 pub mod wal;
-pub mod wal_rows;

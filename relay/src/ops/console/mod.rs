@@ -32,8 +32,8 @@ use sqlx::PgPool;
 use crate::admin::{self, DeadLetterFilter};
 use crate::config::{ConfigError, ConsoleConfig, ConsoleToken};
 use crate::event::OutboxEvent;
-use crate::pipeline::RelayStats;
 use crate::route::Router;
+use crate::stats::RelayStats;
 
 use auth::{Access, Auth, Denied};
 use pages::Frame;
@@ -318,9 +318,9 @@ async fn overview(
         breaker: stats.breaker(),
         started: stats.started.load(Ordering::Relaxed),
         database_reachable: stats.database_reachable.load(Ordering::Relaxed),
-        wal: stats.wal_mode.load(Ordering::Relaxed),
-        wal_leader: stats.wal_leader.load(Ordering::Relaxed),
-        wal_lag_bytes: stats.wal_lag_bytes.load(Ordering::Relaxed),
+        wal: stats.wal.active.load(Ordering::Relaxed),
+        wal_leader: stats.wal.leader.load(Ordering::Relaxed),
+        wal_lag_bytes: stats.wal.lag_bytes.load(Ordering::Relaxed),
         published,
         dead_lettered_since_start: stats.dead_lettered.load(Ordering::Relaxed),
         rate: console.rate.observe(published),

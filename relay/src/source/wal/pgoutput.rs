@@ -246,7 +246,7 @@ impl OutboxColumns {
             Ok(created_at) => (created_at, None),
             Err(_) => (
                 DateTime::<Utc>::UNIX_EPOCH,
-                Some(crate::source::polling::unpublishable_created_at(
+                Some(crate::source::row::unpublishable_created_at(
                     created_at_text,
                 )),
             ),
@@ -293,16 +293,7 @@ impl OutboxColumns {
 fn parse_headers(json: &str) -> Result<Headers, String> {
     let value: serde_json::Value =
         serde_json::from_str(json).map_err(|e| format!("headers are not JSON: {e}"))?;
-    Ok(match value {
-        serde_json::Value::Object(map) => map
-            .into_iter()
-            .map(|(k, v)| match v {
-                serde_json::Value::String(s) => (k, s),
-                other => (k, other.to_string()),
-            })
-            .collect(),
-        _ => Headers::new(),
-    })
+    Ok(crate::source::row::headers_from_json(value))
 }
 
 /// Parse a `timestamptz` in the text form of a session with `DateStyle = ISO`:

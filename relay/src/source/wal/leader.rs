@@ -15,8 +15,8 @@ use tokio::sync::watch;
 
 use crate::config::DatabaseConfig;
 use crate::error::{Result, db_call};
-use crate::pipeline::RelayStats;
 use crate::resilience::Backoff;
+use crate::stats::RelayStats;
 
 /// The held leader lock; dropping it (or losing its connection) gives it up.
 #[derive(Debug)]

@@ -3,49 +3,24 @@
 //!
 //! No transaction or row lock is held while events are at the broker: claiming
 //! is one read, settling one write. Exclusivity comes from the partition leases
-//! (see [`super::lease`]), and every write is fenced by the lease tokens the
+//! (see [`lease`]), and every write is fenced by the lease tokens the
 //! batch was claimed under.
+
+pub mod lease;
+mod wakeup;
 
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
-use outbox_core::{EventId, Headers};
 use sqlx::postgres::PgListener;
 use sqlx::{AssertSqlSafe, PgPool};
 
 use crate::config::{PoisonPolicy, RelayConfig, SettleMode};
 use crate::error::{Result, db_call};
 use crate::event::OutboxEvent;
-use crate::source::lease::Owned;
-
-/// An event with the partition it was claimed from.
-#[derive(Clone, Debug)]
-pub struct ClaimedEvent {
-    /// The event.
-    pub event: OutboxEvent,
-    /// Its work partition.
-    pub partition: u32,
-    /// Why the row cannot become an event (e.g. `created_at` is `infinity`), if it
-    /// cannot: such a row is dead-lettered as it is, without a publish attempt.
-    pub undecodable: Option<String>,
-}
-
-/// The `created_at` columns of a claim: the value where the relay can represent
-/// it (finite, before year 262143), else null, plus the raw text for the error.
-/// Decoding `infinity` as a timestamp would panic the driver.
-pub(crate) const CREATED_AT_COLUMNS: &str = "case when isfinite(o.created_at) \
-       and o.created_at < '262143-01-01 00:00:00+00'::timestamptz then o.created_at end as created_at, \
-     o.created_at::text as created_at_text";
-
-/// The dead-letter reason of a row whose `created_at` (its text `raw`) no event can carry.
-pub(crate) fn unpublishable_created_at(raw: &str) -> String {
-    format!(
-        "created_at is '{raw}', which is not a time the relay can publish (infinite, or \
-         beyond year 262142), so the row can never be sent as it is; set a real \
-         created_at on it (outbox_core's writer always does), then \
-         `outbox-relay dead-letters retry`"
-    )
-}
+use crate::source::polling::lease::Owned;
+pub use crate::source::row::ClaimedEvent;
+use crate::source::row::{CREATED_AT_COLUMNS, ClaimRow};
+pub use wakeup::Wakeup;
 
 /// Events claimed together, with the lease tokens they were claimed under.
 #[derive(Debug, Default)]
@@ -71,95 +46,6 @@ pub enum RejectionVerdict {
     Blocked,
     /// This instance no longer holds the partition; the new owner decides.
     NotOwned,
-}
-
-/// Shortest wait between two claims that found nothing, while events flow.
-const FIRST_IDLE_POLL: Duration = Duration::from_millis(2);
-
-/// Wakes the claim loop when rows may be there: polling that tightens while events
-/// flow and backs off when idle, and a NOTIFY where the opt-in insert trigger sends one.
-///
-/// Inserts do not notify by default (NOTIFY serialises the writers' commits, see
-/// migrations/0004): after a claim that found events the next wait is
-/// [`FIRST_IDLE_POLL`], and each empty wait doubles it up to `poll_interval`. So a
-/// steady flow is claimed within milliseconds, and an idle relay sends one cheap claim
-/// query per `poll_interval`.
-#[derive(Debug)]
-pub struct Wakeup {
-    listener: Option<PgListener>,
-    channel: String,
-    poll_interval: Duration,
-    /// Waits since a claim last found events.
-    idle_waits: u32,
-}
-
-impl Wakeup {
-    /// A claim found events: poll again soon after the next empty one.
-    pub fn found_work(&mut self) {
-        self.idle_waits = 0;
-    }
-
-    /// How long the next wait lasts unless a notification comes first.
-    fn next_interval(&self) -> Duration {
-        let doublings = self.idle_waits.min(16);
-        FIRST_IDLE_POLL
-            .saturating_mul(1_u32 << doublings)
-            .min(self.poll_interval)
-    }
-
-    /// Wait until new rows may be there: the adaptive poll interval, or a NOTIFY.
-    pub async fn wait_for_work(&mut self) {
-        let interval = self.next_interval();
-        self.idle_waits = self.idle_waits.saturating_add(1);
-        let Some(listener) = self.listener.as_mut() else {
-            tokio::time::sleep(interval).await;
-            return;
-        };
-        match tokio::time::timeout(interval, listener.try_recv()).await {
-            Ok(Ok(Some(_))) => {
-                // Notifications that piled up while we worked all mean the same: there is work.
-                while let Ok(Ok(Some(_))) =
-                    tokio::time::timeout(Duration::ZERO, listener.try_recv()).await
-                {
-                }
-                self.idle_waits = 0;
-            }
-            Ok(Ok(None)) => {
-                tracing::warn!(channel = %self.channel, "LISTEN connection lost; it reconnects on the next wait");
-                tokio::time::sleep(interval).await;
-            }
-            Ok(Err(error)) => {
-                tracing::warn!(%error, "LISTEN failed; polling on the interval until it recovers");
-                tokio::time::sleep(interval).await;
-            }
-            Err(_elapsed) => {}
-        }
-    }
-}
-
-#[cfg(test)]
-mod wakeup_tests {
-    use super::*;
-
-    #[test]
-    fn polling_tightens_after_work_and_backs_off_to_the_poll_interval_when_idle() {
-        let mut wakeup = Wakeup {
-            listener: None,
-            channel: "outbox.outbox".into(),
-            poll_interval: Duration::from_millis(250),
-            idle_waits: 0,
-        };
-        let mut waits = Vec::new();
-        for _ in 0..10 {
-            waits.push(wakeup.next_interval().as_millis());
-            wakeup.idle_waits += 1;
-        }
-        assert_eq!(waits, [2, 4, 8, 16, 32, 64, 128, 250, 250, 250]);
-        wakeup.idle_waits = u32::MAX;
-        assert_eq!(wakeup.next_interval(), Duration::from_millis(250));
-        wakeup.found_work();
-        assert_eq!(wakeup.next_interval(), FIRST_IDLE_POLL);
-    }
 }
 
 /// Reads and settles outbox rows.
@@ -449,68 +335,5 @@ impl PollingSource {
         )
         .await?
         .rows_affected())
-    }
-}
-
-/// An outbox row as the claim query (and the WAL source's table drain) selects it.
-#[derive(sqlx::FromRow)]
-pub(crate) struct ClaimRow {
-    sequence: i64,
-    event_id: uuid::Uuid,
-    aggregate_type: String,
-    aggregate_id: String,
-    event_type: String,
-    partition_key: String,
-    destination: Option<String>,
-    payload: String,
-    headers: serde_json::Value,
-    /// Null where the row's value cannot be represented (see [`CREATED_AT_COLUMNS`]).
-    created_at: Option<DateTime<Utc>>,
-    created_at_text: String,
-    attempts: i32,
-    partition: i64,
-}
-
-impl ClaimRow {
-    /// The row's outbox sequence.
-    pub(crate) fn sequence(&self) -> i64 {
-        self.sequence
-    }
-
-    pub(crate) fn into_claimed(self) -> Result<ClaimedEvent> {
-        // Rows written by other writers (SQL, other languages) may carry non-string header
-        // values; carry them as their JSON text rather than dropping or failing the event.
-        let headers: Headers = match self.headers {
-            serde_json::Value::Object(map) => map
-                .into_iter()
-                .map(|(k, v)| match v {
-                    serde_json::Value::String(s) => (k, s),
-                    other => (k, other.to_string()),
-                })
-                .collect(),
-            _ => Headers::new(),
-        };
-        let undecodable = match self.created_at {
-            Some(_) => None,
-            None => Some(unpublishable_created_at(&self.created_at_text)),
-        };
-        Ok(ClaimedEvent {
-            partition: u32::try_from(self.partition).unwrap_or_default(),
-            undecodable,
-            event: OutboxEvent {
-                sequence: self.sequence,
-                event_id: EventId::from_uuid(self.event_id),
-                aggregate_type: self.aggregate_type,
-                aggregate_id: self.aggregate_id,
-                event_type: self.event_type,
-                partition_key: self.partition_key,
-                destination: self.destination,
-                payload: self.payload.into_bytes(),
-                headers,
-                // Never published when undecodable; any value will do.
-                created_at: self.created_at.unwrap_or(DateTime::<Utc>::UNIX_EPOCH),
-                attempts: self.attempts,
-            },
-        })
     }
 }

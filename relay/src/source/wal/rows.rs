@@ -14,7 +14,7 @@ use sqlx::{AssertSqlSafe, PgPool};
 use crate::config::DatabaseConfig;
 use crate::error::{Result, db_call};
 use crate::event::OutboxEvent;
-use crate::source::polling::{CREATED_AT_COLUMNS, ClaimRow};
+use crate::source::row::{CREATED_AT_COLUMNS, ClaimRow};
 use crate::source::wal::MalformedMessage;
 
 /// Most bytes of a malformed WAL message's content kept in its dead letter
