@@ -224,12 +224,14 @@ impl<S: Sink> Pipeline<S> {
                 break;
             }
 
-            // Claim more work when there is room and the breaker allows it.
+            // Claim more work when there is room, the breaker allows it and no
+            // operator paused this instance group (in-flight events still finish).
             let mut claimed_any = false;
             let mut claim_wait = Duration::ZERO;
             let batch_size = context.source.batch_size();
+            let paused = self.stats.paused.load(Ordering::Relaxed);
             // Refill when half the window is free, so claims stay large.
-            if !stopping && ledger.in_flight() <= batch_size / 2 {
+            if !stopping && !paused && ledger.in_flight() <= batch_size / 2 {
                 self.stats.set_breaker(breaker.state());
                 claim_wait = breaker.wait();
                 if claim_wait.is_zero() {

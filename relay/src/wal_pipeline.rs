@@ -644,7 +644,11 @@ impl<S: Sink> WalRelay<S> {
                     return end;
                 }
             }
-            let room = ending.is_none() && tracker.in_flight() < self.wal.max_in_flight_events;
+            // A pause by an operator stops reading like a full window does: status
+            // updates keep the stream alive, in-flight events finish.
+            let room = ending.is_none()
+                && !self.stats.paused.load(Ordering::Relaxed)
+                && tracker.in_flight() < self.wal.max_in_flight_events;
 
             // The table drain goes first, page by page, before any streamed transaction.
             if room && let Some(current) = drain {
