@@ -322,7 +322,7 @@ async fn apply_to_matching(
 /// `outbox-relay status --json` prints it as JSON with these field names (stable;
 /// new fields may be added): `pending`, `oldest_pending_secs` (null when nothing is
 /// pending), `retrying`, `blocked`, `dead_lettered`, `instances` (`[{"id",
-/// "partitions"}]`), `slots` (`[{"name", "active", "lag_bytes", "retained_bytes",
+/// "partitions", "source", "role"}]`), `slots` (`[{"name", "active", "lag_bytes", "retained_bytes",
 /// "wal_status", "lifecycle", "drain": {"after", "upto"} | null}]`), `stalls`
 /// (`{"long_transactions": [{"pid", "age_secs", "application_name", "state",
 /// "wrote"}], "held_keys": [{"partition_key", "event_id", "reason", "attempts",
@@ -356,8 +356,12 @@ pub struct Status {
 pub struct RelayInstance {
     /// The instance id (`[instance] id`, default host-pid-random).
     pub id: String,
-    /// Work partitions it holds now.
+    /// Work partitions it holds now (polling source).
     pub partitions: i64,
+    /// `polling` or `wal`.
+    pub source: String,
+    /// `polling`; with the WAL source `leader` (streams the slot) or `standby`.
+    pub role: String,
 }
 
 /// Progress of a WAL table drain: rows up to sequence `after` of `upto` are settled.
@@ -401,7 +405,10 @@ impl std::fmt::Display for Status {
         writeln!(f, "dead-lettered:       {}", self.dead_lettered)?;
         writeln!(f, "live relays:         {}", self.instances.len())?;
         for instance in &self.instances {
-            writeln!(f, "  {}: {} partitions", instance.id, instance.partitions)?;
+            match instance.source.as_str() {
+                "wal" => writeln!(f, "  {}: WAL {}", instance.id, instance.role)?,
+                _ => writeln!(f, "  {}: {} partitions", instance.id, instance.partitions)?,
+            }
         }
         if !self.slots.is_empty() {
             writeln!(f, "replication slots:   {}", self.slots.len())?;
@@ -478,10 +485,14 @@ pub async fn status_with(
             .fetch_one(pool)
             .await
             .map_err(RelayError::database("counting dead letters"))?;
-    let instances: Vec<(String, i64)> = sqlx::query_as(AssertSqlSafe(format!(
-        "select i.owner, count(p.name) from {leases} i \
+    let instances: Vec<(String, i64, String, String)> = sqlx::query_as(AssertSqlSafe(format!(
+        "select i.owner, count(p.name), 'polling', 'polling' from {leases} i \
          left join {leases} p on p.owner = i.owner and p.name like 'partition:%' and p.expires_at > now() \
-         where i.name like 'instance:%' and i.expires_at > now() group by i.owner order by i.owner"
+         where i.name like 'instance:%' and i.expires_at > now() group by i.owner \
+         union all \
+         select owner, 0, 'wal', case when fencing_token = 1 then 'leader' else 'standby' end \
+         from {leases} where name like 'wal-instance:%' and expires_at > now() \
+         order by 1"
     )))
     .fetch_all(pool)
     .await
@@ -537,7 +548,12 @@ pub async fn status_with(
         dead_lettered,
         instances: instances
             .into_iter()
-            .map(|(id, partitions)| RelayInstance { id, partitions })
+            .map(|(id, partitions, source, role)| RelayInstance {
+                id,
+                partitions,
+                source,
+                role,
+            })
             .collect(),
         slots,
         stalls: crate::stalls::stall_report(pool, schema, long_transaction).await?,

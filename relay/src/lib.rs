@@ -58,6 +58,7 @@ pub mod logging;
 pub mod ops;
 pub mod pause;
 mod pipeline;
+mod presence;
 pub mod replay;
 pub mod resilience;
 pub mod retention;
@@ -552,6 +553,13 @@ async fn relay_with_sink<S: sink::Sink>(
     match config.wal.clone() {
         None => run_polling(&config, sink, settle_pool, stats, shutdown).await,
         Some(wal) => {
+            let presence = tokio::spawn(presence::announce_wal_relay(
+                settle_pool.clone(),
+                config.database.schema.clone(),
+                config.instance_id.clone(),
+                stats.clone(),
+                shutdown.clone(),
+            ));
             let rows = source::wal::rows::WalRows::new(settle_pool.clone(), &config.database);
             let end = wal_pipeline::WalRelay {
                 config: config.clone(),
@@ -561,7 +569,9 @@ async fn relay_with_sink<S: sink::Sink>(
                 stats: stats.clone(),
             }
             .run(shutdown.clone(), settle_pool.clone())
-            .await?;
+            .await;
+            presence.abort();
+            let end = end?;
             match end {
                 wal_pipeline::WalRunEnd::Stopped(summary) => Ok(summary),
                 // The one place that chooses the fallback source.

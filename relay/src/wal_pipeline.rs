@@ -1115,11 +1115,38 @@ impl<S: Sink> LaneContext<S> {
                         self.dead_letter(item, &error.message).await;
                         return false;
                     }
-                    let delay = Backoff::delay_for(
+                    let mut delay = Backoff::delay_for(
                         self.config.retry_backoff_initial,
                         self.config.retry_backoff_max,
                         item.attempts - 1,
                     );
+                    // Table-mode events count their attempts on the row: durable across
+                    // restarts (a restarted relay continues the count) and seen by status.
+                    if item.has_row {
+                        match self
+                            .rows
+                            .record_rejection(item.event.sequence, &error.message, delay)
+                            .await
+                        {
+                            Ok(Some(on_row)) if on_row > item.attempts => {
+                                item.attempts = on_row;
+                                if item.attempts >= self.config.max_attempts {
+                                    self.dead_letter(item, &error.message).await;
+                                    return false;
+                                }
+                                delay = Backoff::delay_for(
+                                    self.config.retry_backoff_initial,
+                                    self.config.retry_backoff_max,
+                                    item.attempts - 1,
+                                );
+                            }
+                            Ok(_) => {}
+                            Err(db_error) => tracing::debug!(
+                                %db_error,
+                                "could not count the attempt on the row; counting it in memory"
+                            ),
+                        }
+                    }
                     tracing::warn!(
                         sequence = item.event.sequence,
                         event_id = %item.event.event_id,

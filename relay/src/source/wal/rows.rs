@@ -37,6 +37,7 @@ pub struct WalRows {
     dead_letter_row: String,
     dead_letter_streamed_row: String,
     dead_letter_message: String,
+    record_rejection: String,
 }
 
 impl WalRows {
@@ -61,6 +62,14 @@ impl WalRows {
                         dead_lettered_at = now()"
             ),
             high_water: format!("select coalesce(max(sequence), 0) from {outbox}"),
+            // The attempt is counted on the row, so it survives a restart and shows in
+            // `status`; `available_at` tells when the retry is due.
+            record_rejection: format!(
+                "update {outbox} set attempts = least(greatest(attempts, 0), 2147483646) + 1, \
+                        last_error = $2, first_failed_at = coalesce(first_failed_at, now()), \
+                        last_failed_at = now(), available_at = now() + make_interval(secs => $3) \
+                 where sequence = $1 and published_at is null returning attempts"
+            ),
             page: format!(
                 "select o.sequence, o.event_id, o.aggregate_type, o.aggregate_id, o.event_type, o.partition_key, \
                         o.destination, o.payload::text as payload, o.headers, {CREATED_AT_COLUMNS}, o.attempts, \
@@ -115,6 +124,28 @@ impl WalRows {
                  on conflict do nothing"
             ),
         }
+    }
+
+    /// Count a broker rejection of row `sequence` on the row (attempts, last error,
+    /// when the retry is due); returns the row's attempts now, or `None` when the
+    /// row is gone (a wal-message event has none).
+    pub async fn record_rejection(
+        &self,
+        sequence: i64,
+        error: &str,
+        retry_in: Duration,
+    ) -> Result<Option<u32>> {
+        let attempts: Option<i32> = db_call(
+            "recording a rejected attempt",
+            self.timeout,
+            sqlx::query_scalar(AssertSqlSafe(self.record_rejection.as_str()))
+                .bind(sequence)
+                .bind(error)
+                .bind(retry_in.as_secs_f64())
+                .fetch_optional(&self.pool),
+        )
+        .await?;
+        Ok(attempts.map(|a| u32::try_from(a).unwrap_or(u32::MAX)))
     }
 
     /// Move the streamed outbox row `sequence` that cannot become an event to the
