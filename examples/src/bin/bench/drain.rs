@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use crate::daemon::Daemon;
-use crate::fixture::World;
+use crate::fixture::{BrokerCount, World};
 use crate::limits::{self, Limits};
 use crate::stats::Summary;
 use crate::table::{Report, Section, fixed, rate, thousands, verdict};
@@ -131,40 +131,52 @@ async fn drain_world(
         ctx.backlog_hot
     };
     world.load_backlog(ctx, 0, backlog, keys).await?;
+    let counter = BrokerCount::open(ctx, world).await?;
+    let result = drain_counted(ctx, world, source, backlog, &counter).await;
+    counter.close().await;
+    result
+}
+
+async fn drain_counted(
+    ctx: &Ctx,
+    world: &World,
+    source: Source,
+    backlog: usize,
+    counter: &BrokerCount,
+) -> anyhow::Result<Drained> {
     let mut daemon = Daemon::start(&ctx.relay_bin, &world.relay_env(ctx, source))?;
     let started = Instant::now();
     let bound = Duration::from_secs(ctx.drain_secs);
-    let mut first: Option<(Instant, i64)> = None;
-    let (end, left) = loop {
-        let left = world.outbox_rows(ctx).await?;
+    let mut first: Option<(Instant, u64)> = None;
+    let (end, arrived) = loop {
+        let arrived = counter.count().await?;
         let now = Instant::now();
-        if left == 0 {
-            break (now, left);
+        if arrived >= backlog as u64 {
+            break (now, arrived);
         }
         match first {
-            None if left < backlog as i64 => first = Some((now, left)),
+            None if arrived > 0 => first = Some((now, arrived)),
             None => anyhow::ensure!(
                 started.elapsed() < START_TIMEOUT,
-                "the relay settled nothing within {START_TIMEOUT:?}"
+                "nothing reached the broker within {START_TIMEOUT:?}"
             ),
-            Some((t0, _)) if now - t0 >= bound => break (now, left),
+            Some((t0, _)) if now - t0 >= bound => break (now, arrived),
             Some(_) => {}
         }
         if !daemon.running() {
-            return Err(daemon.ended_early(&format!("{left} rows left")));
+            return Err(daemon.ended_early(&format!("{arrived} of {backlog} published")));
         }
         tokio::time::sleep(SAMPLE_INTERVAL).await;
     };
     let usage = daemon.stop().await?;
-    // A backlog drained before the second sample: time it from the daemon's start.
-    let (t0, n0) = first.unwrap_or((started, backlog as i64));
+    // A backlog published before the second sample: time it from the daemon's start.
+    let (t0, n0) = first.unwrap_or((started, 0));
     let secs = (end - t0).as_secs_f64().max(1e-3);
-    let settled = backlog as f64 - left as f64;
     Ok(Drained {
-        rate: (n0 - left) as f64 / secs,
-        bounded: left > 0,
+        rate: arrived.saturating_sub(n0) as f64 / secs,
+        bounded: arrived < backlog as u64,
         backlog,
-        cpu_per_100k: (settled > 0.0).then(|| usage.cpu_secs / settled * 100_000.0),
+        cpu_per_100k: (arrived > 0).then(|| usage.cpu_secs / arrived as f64 * 100_000.0),
         peak_rss_mib: usage.peak_rss_kib as f64 / 1024.0,
     })
 }
@@ -327,8 +339,9 @@ fn drain_section(
         }
     }
     section.note(
-        "Rows settled (deleted after the broker's confirm) per second, counted from the first \
-         settled row, so the daemon's start and a new slot's creation are left out. The WAL rows \
+        "Messages that reached the broker per second (queue depth, or the sum of the topic's \
+         high watermarks, sampled every 50 ms), from the first arrival, so the daemon's start \
+         and a new slot's creation are left out. The WAL rows \
          are the table drain of a new slot (rows written before the slot existed), not its stream. \
          Relay defaults: batch 1,000, in-flight 256, 64 partitions. Ratios are taken within each run.",
     );

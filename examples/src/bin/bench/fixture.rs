@@ -289,3 +289,93 @@ pub(crate) async fn delete_topics(brokers: &str, topics: &[&str]) {
         Err(error) => eprintln!("bench: could not delete topics {topics:?}: {error}"),
     }
 }
+
+/// Counts the messages that reached a world's queue or topic (broker-side), so a drain
+/// is timed by what the broker took, at the granularity of one message rather than of
+/// one settled batch.
+pub(crate) enum BrokerCount {
+    Rabbitmq {
+        connection: lapin::Connection,
+        channel: lapin::Channel,
+        queue: String,
+    },
+    Kafka {
+        consumer: std::sync::Arc<rdkafka::consumer::BaseConsumer>,
+        topic: String,
+    },
+}
+
+impl BrokerCount {
+    pub(crate) async fn open(ctx: &Ctx, world: &World) -> anyhow::Result<BrokerCount> {
+        match world.sink {
+            Some(Sink::Kafka) => {
+                let consumer: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+                    .set("bootstrap.servers", ctx.kafka_brokers.as_str())
+                    .set("group.id", format!("{}-count", world.destination))
+                    .create()
+                    .context("creating the Kafka watermark reader")?;
+                Ok(BrokerCount::Kafka {
+                    consumer: std::sync::Arc::new(consumer),
+                    topic: world.destination.clone(),
+                })
+            }
+            Some(Sink::Rabbitmq) | None => {
+                let connection = lapin::Connection::connect(
+                    &ctx.amqp_url,
+                    lapin::ConnectionProperties::default(),
+                )
+                .await
+                .context("connecting to RabbitMQ (set AMQP_URL)")?;
+                let channel = connection.create_channel().await?;
+                Ok(BrokerCount::Rabbitmq {
+                    connection,
+                    channel,
+                    queue: world.destination.clone(),
+                })
+            }
+        }
+    }
+
+    /// Messages in the queue (nobody consumes it), or the sum of the topic's high watermarks.
+    pub(crate) async fn count(&self) -> anyhow::Result<u64> {
+        match self {
+            BrokerCount::Rabbitmq { channel, queue, .. } => {
+                let queue = channel
+                    .queue_declare(
+                        queue.as_str().into(),
+                        QueueDeclareOptions {
+                            passive: true,
+                            durable: true,
+                            ..Default::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await
+                    .context("counting the queue")?;
+                Ok(u64::from(queue.message_count()))
+            }
+            BrokerCount::Kafka { consumer, topic } => {
+                let (consumer, topic) = (consumer.clone(), topic.clone());
+                tokio::task::spawn_blocking(move || {
+                    use rdkafka::consumer::Consumer as _;
+                    let mut total = 0_u64;
+                    for partition in 0..KAFKA_PARTITIONS {
+                        let (_, high) = consumer
+                            .fetch_watermarks(&topic, partition, Duration::from_secs(5))
+                            .context("reading the topic's watermarks")?;
+                        total += u64::try_from(high).unwrap_or(0);
+                    }
+                    anyhow::Ok(total)
+                })
+                .await
+                .context("the watermark reader panicked")?
+            }
+        }
+    }
+
+    pub(crate) async fn close(self) {
+        if let BrokerCount::Rabbitmq { connection, .. } = self {
+            let _ = connection.close(200, "counted".into()).await;
+        }
+    }
+}
