@@ -99,11 +99,13 @@ pub(crate) async fn run(ctx: &Ctx, report: &mut Report, parts: Parts) -> anyhow:
         }
     }
     report.add(limits_section(ctx, &limits))?;
+    if parts.drains {
+        report.add(drain_section(ctx, &limits, &drains))?;
+    }
     if parts.poller && !pollers.is_empty() {
         report.add(poller_section(ctx, &limits, &pollers))?;
     }
     if parts.drains {
-        report.add(drain_section(ctx, &limits, &drains))?;
         report.add(cost_section(&drains))?;
     }
     Ok(())
@@ -222,7 +224,7 @@ fn limits_section(ctx: &Ctx, limits: &[Limits]) -> Section {
         ),
     ]);
     section.note(format!(
-        "Each limit: {} runs, at most {} s each; a run is the limits, then the poller and the drains.",
+        "Runs: {}; each limit at most {} s. A run is the limits, then the poller and the drains.",
         limits.len(),
         limits::LIMIT_SECS
     ));
@@ -377,7 +379,7 @@ fn cost_section(drains: &BTreeMap<Shape, Vec<Option<Drained>>>) -> Section {
     }
     section.note(
         "The daemon's own user + system CPU from /proc/<pid>/stat over its whole run (start \
-         included) divided by the events it settled; VmHWM from /proc/<pid>/status. The \
+         included) divided by the events it published; VmHWM from /proc/<pid>/status. The \
          1,000,000-event figure is `bench rss`.",
     );
     section

@@ -27,7 +27,7 @@ const KEYS: u64 = 100;
 /// Pause between the relay being ready and the first write.
 const WARMUP: Duration = Duration::from_secs(1);
 /// Longest wait for the last deliveries of a phase.
-const STRAGGLER_WAIT: Duration = Duration::from_secs(15);
+const STRAGGLER_WAIT: Duration = Duration::from_secs(10);
 
 /// One phase of one run.
 #[derive(Clone, Copy, Debug)]

@@ -26,7 +26,7 @@ const KAFKA_MESSAGES: usize = 40_000;
 /// Rows the raw claim-and-delete loop works through (or fewer, at [`LIMIT_SECS`]).
 const POSTGRES_ROWS: usize = 50_000;
 /// Longest a limit is measured.
-pub(crate) const LIMIT_SECS: u64 = 8;
+pub(crate) const LIMIT_SECS: u64 = 5;
 /// Channels the raw publisher spreads its window over.
 const RABBITMQ_CHANNELS: usize = 8;
 /// Keys of the limit measurements.

@@ -32,8 +32,12 @@ pub(crate) async fn facts(ctx: &Ctx) -> Section {
     section.row(vec![
         "relay".into(),
         format!(
-            "{} (the daemon, a child process of the bench)",
-            ctx.relay_bin.display()
+            "{} (the release daemon, a child process of the bench)",
+            std::env::current_dir()
+                .ok()
+                .and_then(|dir| ctx.relay_bin.strip_prefix(dir).ok())
+                .unwrap_or(&ctx.relay_bin)
+                .display()
         ),
     ]);
     section
