@@ -295,8 +295,8 @@ pub(crate) async fn delete_topics(brokers: &str, topics: &[&str]) {
 /// one settled batch.
 pub(crate) enum BrokerCount {
     Rabbitmq {
-        connection: lapin::Connection,
-        channel: lapin::Channel,
+        connection: Box<lapin::Connection>,
+        channel: Box<lapin::Channel>,
         queue: String,
     },
     Kafka {
@@ -328,8 +328,8 @@ impl BrokerCount {
                 .context("connecting to RabbitMQ (set AMQP_URL)")?;
                 let channel = connection.create_channel().await?;
                 Ok(BrokerCount::Rabbitmq {
-                    connection,
-                    channel,
+                    connection: Box::new(connection),
+                    channel: Box::new(channel),
                     queue: world.destination.clone(),
                 })
             }

@@ -213,7 +213,7 @@ pub(crate) async fn publish_confirmed(
 
 /// An idempotent `acks=all` producer with the relay's settings.
 pub(crate) fn producer(brokers: &str) -> anyhow::Result<FutureProducer> {
-    Ok(rdkafka::ClientConfig::new()
+    rdkafka::ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("enable.idempotence", "true")
         .set("acks", "all")
@@ -222,7 +222,7 @@ pub(crate) fn producer(brokers: &str) -> anyhow::Result<FutureProducer> {
         .set("message.timeout.ms", "10000")
         .set("compression.type", "none")
         .create()
-        .context("creating the Kafka producer")?)
+        .context("creating the Kafka producer")
 }
 
 /// Produce `count` events (keys `bench:<i % 1000>`) to `topic` with the relay's window of

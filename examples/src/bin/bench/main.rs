@@ -329,10 +329,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let mut done = table::Section::new("Run", &[]);
     done.note(format!(
-        "`bench {}` took {:.1} min ({} runs per figure).",
+        "`bench {}` took {:.1} min ({}).",
         part_name(args.part),
         started.elapsed().as_secs_f64() / 60.0,
-        ctx.runs
+        match args.part {
+            Part::Rss { .. } => "one run".to_owned(),
+            _ => format!("{} runs per figure", ctx.runs),
+        }
     ));
     report.add(done)?;
     ctx.pool.close().await;

@@ -116,7 +116,7 @@ async fn once(ctx: &Ctx, world: &World, run: usize) -> anyhow::Result<([(f64, f6
     let mut single = [(0.0, 0.0); 3];
     for (n, &clients) in CLIENTS.iter().enumerate() {
         // Alternate which mode goes first, so neither always meets the warmer cache.
-        let order = if run % 2 == 0 {
+        let order = if run.is_multiple_of(2) {
             [Mode::HandWritten, Mode::Enqueue]
         } else {
             [Mode::Enqueue, Mode::HandWritten]
