@@ -41,6 +41,7 @@ async fn migrations_are_idempotent_and_honour_the_schema_name() {
         "outbox",
         "outbox_dead_letter",
         "relay_lease",
+        "relay_pause",
         "relay_wal_slot",
     ];
     assert_eq!(tables_in(&test.pool, test.schema.as_str()).await, expected);
@@ -74,5 +75,5 @@ async fn concurrent_migrations_of_one_schema_both_succeed() {
     );
     a.unwrap();
     b.unwrap();
-    assert_eq!(tables_in(&test.pool, test.schema.as_str()).await.len(), 6);
+    assert_eq!(tables_in(&test.pool, test.schema.as_str()).await.len(), 7);
 }

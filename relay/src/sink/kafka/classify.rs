@@ -189,15 +189,28 @@ pub(super) fn retry_message(error: &KafkaError, topic: &str, brokers: &str) -> S
 
 /// The reason of a failed broker check, with what to check.
 pub(super) fn connect_hint(error: &KafkaError, last_client_error: Option<&str>) -> String {
-    let what = match error.rdkafka_error_code() {
-        Some(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SaslAuthenticationFailed) => {
-            "check the sasl.* credentials in extra"
-        }
-        Some(RDKafkaErrorCode::SSL) => "check security.protocol and the ssl.* settings in extra",
-        _ => {
-            "is Kafka running, are the hosts and ports in brokers right and reachable (firewall, \
+    // The metadata request may fail with a transport error before librdkafka reports
+    // the TLS or SASL failure itself: the broker's last error text says which.
+    let last = last_client_error.unwrap_or_default();
+    let what = if last.contains("certificate verify failed") {
+        "the broker's certificate is not signed by the CA in ssl.ca.location (or the system \
+         trust store when unset), or its name does not match the host in brokers: check \
+         ssl.ca.location in extra"
+    } else if last.contains("SASL authentication") || last.contains("Authentication failed") {
+        "check the sasl.* credentials in extra"
+    } else {
+        match error.rdkafka_error_code() {
+            Some(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SaslAuthenticationFailed) => {
+                "check the sasl.* credentials in extra"
+            }
+            Some(RDKafkaErrorCode::SSL) => {
+                "check security.protocol and the ssl.* settings in extra"
+            }
+            _ => {
+                "is Kafka running, are the hosts and ports in brokers right and reachable (firewall, \
              DNS, advertised listeners), and do security.protocol / sasl.* / ssl.* in extra match \
              the listener?"
+            }
         }
     };
     match last_client_error {

@@ -128,8 +128,22 @@ pub(super) fn client_config(config: &KafkaConfig) -> Result<ClientConfig, SinkEr
     if !config.extra.keys().any(|key| is_compression_key(key)) {
         client.set("compression.type", "none");
     }
+    // librdkafka waits 5 ms for a batch to fill by default. The relay publishes one
+    // event per key at a time, so a busy key paid that wait for every event (one key
+    // moved about 160 events/s); 1 ms keeps batching for many keys.
+    if !config
+        .extra
+        .keys()
+        .any(|key| matches!(key.trim(), "linger.ms" | "queue.buffering.max.ms"))
+    {
+        client.set("linger.ms", DEFAULT_LINGER_MS);
+    }
     Ok(client)
 }
+
+/// librdkafka's `linger.ms` unless `extra` sets it: how long a partition's batch
+/// may wait for more events before it is sent.
+pub(super) const DEFAULT_LINGER_MS: &str = "1";
 
 /// Refuse `extra` settings that would break a guarantee or that a field owns.
 pub(super) fn check_extra(extra: &BTreeMap<String, String>) -> Result<(), String> {

@@ -201,3 +201,16 @@ fn topic_names_follow_kafkas_rules() {
     assert!(check_topic_name("a/b").is_err());
     assert!(check_topic_name(&"t".repeat(250)).is_err());
 }
+
+#[test]
+fn a_certificate_failure_behind_a_transport_error_names_ssl_ca_location() {
+    use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+    let error = KafkaError::MetadataFetch(RDKafkaErrorCode::BrokerTransportFailure);
+    let hint = super::classify::connect_hint(
+        &error,
+        Some("sasl_ssl://localhost:9094/bootstrap: error:0A000086:SSL routines::certificate verify failed"),
+    );
+    assert!(hint.contains("ssl.ca.location"), "{hint}");
+    let hint = super::classify::connect_hint(&error, None);
+    assert!(hint.contains("is Kafka running"), "{hint}");
+}
