@@ -614,7 +614,6 @@ async fn run_polling<S: sink::Sink>(
         sink,
         router: config.router.clone(),
         config: config.pipeline.clone(),
-        settle: config.polling.settle,
         leases,
         lease_pool: settle_pool,
         stats,

@@ -32,7 +32,7 @@ use std::time::Duration;
 use sqlx::PgPool;
 use tokio::sync::{Mutex, Notify, watch};
 
-use crate::config::{PipelineConfig, SettleMode};
+use crate::config::PipelineConfig;
 use crate::error::Result;
 use crate::failpoint::failpoint;
 use crate::resilience::{Backoff, BreakerState, CircuitBreaker};
@@ -43,6 +43,7 @@ use crate::source::polling::{ClaimedEvent, PollingSource, RejectionVerdict, Wake
 use crate::stats::{RelayStats, RunSummary};
 use lanes::{Keyed, Lanes};
 use ledger::{AnyOrder, Finished, Ledger, UnitId};
+use tracing::Instrument as _;
 
 #[derive(Debug, Default)]
 struct LeaseState {
@@ -98,7 +99,6 @@ pub(crate) struct Pipeline<S: Sink> {
     pub(crate) sink: Arc<S>,
     pub(crate) router: Router,
     pub(crate) config: PipelineConfig,
-    pub(crate) settle: SettleMode,
     pub(crate) leases: Arc<PartitionLeases>,
     pub(crate) lease_pool: PgPool,
     pub(crate) stats: Arc<RelayStats>,
@@ -181,7 +181,6 @@ impl<S: Sink> Pipeline<S> {
             self.config.retry_backoff_initial,
             self.config.retry_backoff_max,
         );
-        let mut last_purge = tokio::time::Instant::now();
         let mut draining_since: Option<tokio::time::Instant> = None;
         let mut last_settle = tokio::time::Instant::now();
         let mut settle_tick = tokio::time::interval(SETTLE_INTERVAL);
@@ -253,7 +252,11 @@ impl<S: Sink> Pipeline<S> {
                             .polling
                             .claim_queries
                             .fetch_add(1, Ordering::Relaxed);
-                        match context.source.claim(&owned, Some(limit), &busy_keys).await {
+                        let claim = context
+                            .source
+                            .claim(&owned, Some(limit), &busy_keys)
+                            .instrument(tracing::info_span!("claim", limit));
+                        match claim.await {
                             Ok(batch) => {
                                 db_backoff.reset();
                                 self.stats.database_reachable.store(true, Ordering::Relaxed);
@@ -348,14 +351,6 @@ impl<S: Sink> Pipeline<S> {
                 if !claim_wait.is_zero() {
                     sleep_or_shutdown(claim_wait, &mut shutdown).await;
                     continue;
-                }
-                if let SettleMode::Mark { retention } = self.settle
-                    && last_purge.elapsed() > Duration::from_secs(60)
-                {
-                    last_purge = tokio::time::Instant::now();
-                    if let Err(error) = context.source.purge_published(retention).await {
-                        tracing::warn!(%error, "purging published rows failed");
-                    }
                 }
                 tokio::select! {
                     _ = wakeup.wait_for_work() => {}

@@ -59,6 +59,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use tokio::sync::watch;
 use tokio::time::Instant;
+use tracing::Instrument as _;
 
 use crate::config::{OverBudget, PipelineConfig, RelayConfig, WalConfig};
 use crate::error::Result;
@@ -656,7 +657,15 @@ impl<S: Sink> WalRelay<S> {
                 // re-sends after a crash as it bounds the stream's.
                 let limit =
                     (self.wal.max_in_flight_events - tracker.in_flight()).clamp(1, DRAIN_PAGE);
-                match self.rows.page(current.after, current.upto, limit).await {
+                let page = self
+                    .rows
+                    .page(current.after, current.upto, limit)
+                    .instrument(tracing::info_span!(
+                        "drain_page",
+                        after = current.after,
+                        limit
+                    ));
+                match page.await {
                     Ok(page) if page.is_empty() => {
                         tracing::info!(slot = %self.wal.slot, "table drain dispatched; streaming");
                         // Settled after every page before it: then the drain is recorded as finished.
@@ -766,6 +775,13 @@ impl<S: Sink> WalRelay<S> {
                     }
                 }
                 Step::Transaction(Ok(Some(transaction))) => {
+                    let _span = tracing::info_span!(
+                        "transaction",
+                        xid = transaction.xid,
+                        commit_lsn = %transaction.commit_lsn,
+                        events = transaction.events.len(),
+                    )
+                    .entered();
                     self.dispatch(transaction, &mut tracker, &mut lanes);
                     spawn_lanes(&mut lanes, &context, &done_tx);
                 }

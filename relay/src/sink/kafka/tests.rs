@@ -208,7 +208,9 @@ fn a_certificate_failure_behind_a_transport_error_names_ssl_ca_location() {
     let error = KafkaError::MetadataFetch(RDKafkaErrorCode::BrokerTransportFailure);
     let hint = super::classify::connect_hint(
         &error,
-        Some("sasl_ssl://localhost:9094/bootstrap: error:0A000086:SSL routines::certificate verify failed"),
+        Some(
+            "sasl_ssl://localhost:9094/bootstrap: error:0A000086:SSL routines::certificate verify failed",
+        ),
     );
     assert!(hint.contains("ssl.ca.location"), "{hint}");
     let hint = super::classify::connect_hint(&error, None);

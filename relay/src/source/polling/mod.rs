@@ -71,7 +71,6 @@ struct SourceSql {
     reject: String,
     park: String,
     dead_letter: String,
-    purge_published: Option<String>,
 }
 
 /// Partition of a row, as SQL over `o.key_hash` with `$n` the partition count.
@@ -103,13 +102,6 @@ impl PollingSource {
                 "with {fence} update {outbox} o set published_at = now() \
                  where o.sequence = any($1::int8[]) and {part} in (select p from fence) returning o.sequence"
             ),
-        };
-        let purge_published = match settle {
-            SettleMode::Delete => None,
-            SettleMode::Mark { .. } => Some(format!(
-                "delete from {outbox} where sequence in (select sequence from {outbox} \
-                 where published_at < now() - make_interval(secs => $1) limit 10000)"
-            )),
         };
         let claim_part = partition_expr("$1");
         let sql = SourceSql {
@@ -150,7 +142,6 @@ impl PollingSource {
                         last_error = excluded.last_error, last_failed_at = excluded.last_failed_at, dead_lettered_at = now() \
                  returning sequence"
             ),
-            purge_published,
         };
         let channel = schema.notify_channel();
         let listener = match PgListener::connect_with(&claim_pool).await {
@@ -319,21 +310,5 @@ impl PollingSource {
             Some(_) if final_attempt => RejectionVerdict::Blocked,
             Some(attempts) => RejectionVerdict::WillRetry { attempts },
         })
-    }
-
-    /// With `settle = "mark"`: delete published rows older than `retention` (bounded per call).
-    pub async fn purge_published(&self, retention: Duration) -> Result<u64> {
-        let Some(sql) = &self.sql.purge_published else {
-            return Ok(0);
-        };
-        Ok(db_call(
-            "purging published rows",
-            self.db_timeout,
-            sqlx::query(AssertSqlSafe(sql.as_str()))
-                .bind(retention.as_secs_f64())
-                .execute(&self.settle_pool),
-        )
-        .await?
-        .rows_affected())
     }
 }
