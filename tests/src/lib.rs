@@ -6,6 +6,11 @@
 
 use std::time::Duration;
 
+/// The README's Rust examples (writer, inbox, consumer helpers), compiled as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeExamples;
+
 pub mod amqp;
 pub mod browser;
 pub mod console;
