@@ -84,6 +84,22 @@ async fn send(
     method: &str,
     params: Value,
 ) -> Value {
+    match try_send(writer, pending, next_id, session, method, params).await {
+        Ok(result) => result,
+        Err(error) => panic!("Chromium refused {method}: {error}"),
+    }
+}
+
+/// [`send`], returning the protocol error (e.g. the page navigated meanwhile)
+/// instead of panicking on it.
+async fn try_send(
+    writer: &Mutex<Writer>,
+    pending: &Pending,
+    next_id: &AtomicU64,
+    session: Option<&str>,
+    method: &str,
+    params: Value,
+) -> Result<Value, Value> {
     let id = next_id.fetch_add(1, Ordering::Relaxed);
     let (tx, rx) = oneshot::channel();
     pending.lock().expect("pending lock").insert(id, tx);
@@ -102,9 +118,9 @@ async fn send(
         .unwrap_or_else(|_| panic!("Chromium did not answer {method} within 30 s"))
         .unwrap_or_else(|_| panic!("Chromium closed the connection during {method}"));
     if let Some(error) = response.get("error") {
-        panic!("Chromium refused {method}: {error}");
+        return Err(error.clone());
     }
-    response["result"].clone()
+    Ok(response["result"].clone())
 }
 
 impl Browser {
@@ -278,12 +294,18 @@ impl Page {
              catch (e) {{ return false; }} }})()"
         );
         loop {
-            let result = self
-                .command(
-                    "Runtime.evaluate",
-                    json!({ "expression": expression, "returnByValue": true }),
-                )
-                .await;
+            // While a form post navigates, the old document's context is gone and
+            // Chromium refuses the evaluation: that only means "not yet".
+            let result = try_send(
+                &self.writer,
+                &self.pending,
+                &self.next_id,
+                Some(&self.session),
+                "Runtime.evaluate",
+                json!({ "expression": expression, "returnByValue": true }),
+            )
+            .await
+            .unwrap_or(Value::Null);
             if result["result"]["value"] == json!(true) {
                 return;
             }
