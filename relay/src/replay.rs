@@ -254,38 +254,52 @@ pub async fn run(
         &config.router,
         config.pipeline.max_in_flight,
     );
+    let run = Run {
+        pool: &pool,
+        schema,
+        selection,
+        router,
+        destination,
+        concurrency,
+    };
     match &config.sink {
         #[cfg(feature = "rabbitmq")]
         crate::config::SinkConfig::RabbitMq(sink_config) => {
-            let sink = crate::sink::rabbitmq::RabbitMqSink::connect(sink_config.clone()).await?;
-            let report = replay(
-                &pool,
-                schema,
-                selection,
-                &sink,
-                router,
-                destination,
-                concurrency,
-            )
-            .await;
-            sink.close().await;
-            report
+            run.with(crate::sink::rabbitmq::RabbitMqSink::connect(sink_config.clone()).await?)
+                .await
         }
         #[cfg(feature = "kafka")]
         crate::config::SinkConfig::Kafka(sink_config) => {
-            let sink = crate::sink::kafka::KafkaSink::connect(sink_config.clone()).await?;
-            let report = replay(
-                &pool,
-                schema,
-                selection,
-                &sink,
-                router,
-                destination,
-                concurrency,
-            )
-            .await;
-            sink.close().await;
-            report
+            run.with(crate::sink::kafka::KafkaSink::connect(sink_config.clone()).await?)
+                .await
         }
+    }
+}
+
+/// One replay's inputs, run with whichever sink the configuration names.
+struct Run<'a> {
+    pool: &'a PgPool,
+    schema: &'a SchemaName,
+    selection: &'a ReplaySelection,
+    router: &'a Router,
+    destination: Option<&'a str>,
+    concurrency: usize,
+}
+
+impl Run<'_> {
+    /// Replay through `sink`, then close it.
+    async fn with<S: Sink>(self, sink: S) -> Result<ReplayReport> {
+        let report = replay(
+            self.pool,
+            self.schema,
+            self.selection,
+            &sink,
+            self.router,
+            self.destination,
+            self.concurrency,
+        )
+        .await;
+        sink.close().await;
+        report
     }
 }
