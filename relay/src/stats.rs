@@ -89,6 +89,9 @@ pub struct RunSummary {
     pub blocked: u64,
     /// Publishes that failed for broker or network reasons.
     pub transient_failures: u64,
+    /// Events confirmed but not settled because their lease moved (polling): the
+    /// new owner publishes them again.
+    pub unsettled: u64,
 }
 
 fn unix_millis() -> u64 {
@@ -132,6 +135,7 @@ impl RelayStats {
             dead_lettered: self.dead_lettered.load(Ordering::Relaxed),
             blocked: self.blocked.load(Ordering::Relaxed),
             transient_failures: self.transient_failures.load(Ordering::Relaxed),
+            unsettled: self.polling.unsettled.load(Ordering::Relaxed),
         }
     }
 }

@@ -101,7 +101,18 @@ async fn concurrent_writers_events_arrive_complete_and_in_commit_order_per_key()
         assert_eq!(ns.len() as i64, max, "key {key} is missing counter values");
     }
     assert_eq!(summary.published as usize, EVENTS);
-    assert_eq!(received.len(), EVENTS, "no duplicates without failures");
+    // At-least-once: a publish that timed out after reaching the broker, or a lease
+    // that lapsed (a starved machine), publishes again. Without either, no duplicate.
+    if summary.transient_failures == 0 && summary.unsettled == 0 {
+        assert_eq!(received.len(), EVENTS, "no duplicates without failures");
+    } else {
+        println!(
+            "duplicates {} after {} transient failures and {} unsettled events",
+            received.len() - EVENTS,
+            summary.transient_failures,
+            summary.unsettled
+        );
+    }
 }
 
 #[tokio::test]
