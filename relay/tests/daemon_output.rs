@@ -7,7 +7,6 @@
 
 use std::time::Duration;
 
-use outbox_core::{Event, Outbox, OutboxConfig};
 use outbox_tests::TestSchema;
 use outbox_tests::amqp::RabbitFixture;
 use outbox_tests::daemon::{Daemon, polling_env, set};
@@ -15,24 +14,6 @@ use sqlx::AssertSqlSafe;
 
 fn binary() -> std::path::PathBuf {
     std::path::PathBuf::from(env!("CARGO_BIN_EXE_outbox-relay"))
-}
-
-async fn enqueue(test: &TestSchema, count: usize) {
-    let events: Vec<Event> = (0..count)
-        .map(|i| {
-            Event::builder("doc", (i % 10).to_string(), "doc.saved")
-                .payload(&serde_json::json!({ "n": i }))
-                .build()
-                .unwrap()
-        })
-        .collect();
-    Outbox::new(OutboxConfig {
-        schema: test.schema.clone(),
-        ..OutboxConfig::default()
-    })
-    .enqueue_all(&mut test.pool.acquire().await.unwrap(), &events)
-    .await
-    .unwrap();
 }
 
 async fn pending(test: &TestSchema) -> i64 {
@@ -43,18 +24,6 @@ async fn pending(test: &TestSchema) -> i64 {
     .fetch_one(&test.pool)
     .await
     .unwrap()
-}
-
-/// Poll `condition` every 100 ms until it holds or `deadline` passes.
-async fn eventually(deadline: Duration, mut condition: impl AsyncFnMut() -> bool) -> bool {
-    let until = tokio::time::Instant::now() + deadline;
-    while tokio::time::Instant::now() < until {
-        if condition().await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    false
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -75,23 +44,20 @@ async fn json_logs_parse_line_by_line_and_report_progress_with_a_url_from_a_secr
 
     // Events arrive over a few seconds, so at least one progress interval sees them flow.
     for _ in 0..4 {
-        enqueue(&test, 100).await;
+        outbox_tests::enqueue_docs(&test, 100, 10).await;
         tokio::time::sleep(Duration::from_millis(700)).await;
     }
-    let done = eventually(Duration::from_secs(60), async || {
-        pending(&test).await == 0 && daemon.log().contains("\"progress\"")
-    })
+    outbox_tests::wait_until(
+        "all events published and a progress line logged",
+        Duration::from_secs(60),
+        async || pending(&test).await == 0 && daemon.log().contains("\"progress\""),
+    )
     .await;
     rabbit.wait_for_distinct(400, Duration::from_secs(30)).await;
     daemon.signal("TERM");
     let status = daemon.wait(Duration::from_secs(30)).await;
     let log = daemon.log();
     let _ = std::fs::remove_file(&secret);
-    assert!(
-        done,
-        "all events published and a progress line logged:\n{}",
-        daemon.log_tail()
-    );
     assert!(
         status.success(),
         "clean exit: {status:?}\n{}",
@@ -126,7 +92,7 @@ async fn json_logs_parse_line_by_line_and_report_progress_with_a_url_from_a_secr
 async fn text_logs_into_a_file_carry_no_colour_codes() {
     let test = TestSchema::new().await;
     let rabbit = RabbitFixture::with_binding("doc.saved").await;
-    enqueue(&test, 20).await;
+    outbox_tests::enqueue_docs(&test, 20, 10).await;
     let mut daemon = Daemon::start(&binary(), &polling_env(&test, &rabbit.exchange), None);
     rabbit.wait_for_distinct(20, Duration::from_secs(60)).await;
     daemon.signal("TERM");

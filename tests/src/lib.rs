@@ -178,3 +178,24 @@ pub async fn wait_until(what: &str, deadline: Duration, mut check: impl AsyncFnM
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Enqueue `count` `doc.saved` events over `keys` keys (`doc:0` … ) in one transaction
+/// of `test`'s outbox; payload `{"n": i}`.
+pub async fn enqueue_docs(test: &TestSchema, count: usize, keys: usize) {
+    let events: Vec<outbox_core::Event> = (0..count)
+        .map(|i| {
+            outbox_core::Event::builder("doc", (i % keys.max(1)).to_string(), "doc.saved")
+                .payload(&serde_json::json!({ "n": i }))
+                .build()
+                .expect("a valid event")
+        })
+        .collect();
+    let mut connection = test.pool.acquire().await.expect("a connection");
+    outbox_core::Outbox::new(outbox_core::OutboxConfig {
+        schema: test.schema.clone(),
+        ..outbox_core::OutboxConfig::default()
+    })
+    .enqueue_all(&mut connection, &events)
+    .await
+    .expect("enqueue the events");
+}

@@ -8,7 +8,6 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use outbox_core::{Event, Outbox, OutboxConfig};
 use outbox_tests::TestSchema;
 use outbox_tests::amqp::RabbitFixture;
 use outbox_tests::daemon::{Daemon, polling_env, relay_binary, set, wal_env};
@@ -58,24 +57,6 @@ fn typed(body: &str) -> Vec<String> {
         .collect()
 }
 
-async fn enqueue(test: &TestSchema, count: usize) {
-    let events: Vec<Event> = (0..count)
-        .map(|i| {
-            Event::builder("doc", (i % 7).to_string(), "doc.saved")
-                .payload(&serde_json::json!({ "n": i }))
-                .build()
-                .unwrap()
-        })
-        .collect();
-    Outbox::new(OutboxConfig {
-        schema: test.schema.clone(),
-        ..OutboxConfig::default()
-    })
-    .enqueue_all(&mut test.pool.acquire().await.unwrap(), &events)
-    .await
-    .unwrap();
-}
-
 /// Start a daemon with `env` serving ops on a free port; publish 2 × 30 events and
 /// check the documented metrics of `source` (`polling` or `wal`).
 async fn check_metrics(
@@ -90,7 +71,7 @@ async fn check_metrics(
     let binary = relay_binary(env!("CARGO_BIN_EXE_outbox-relay-failpoints"));
     let mut daemon = Daemon::start(&binary, &env, None);
 
-    enqueue(test, 30).await;
+    outbox_tests::enqueue_docs(test, 30, 7).await;
     rabbit.wait_for_distinct(30, Duration::from_secs(60)).await;
     let until = tokio::time::Instant::now() + Duration::from_secs(30);
     let mut first = scrape(addr).await;
@@ -100,7 +81,7 @@ async fn check_metrics(
         tokio::time::sleep(Duration::from_millis(100)).await;
         first = scrape(addr).await;
     }
-    enqueue(test, 30).await;
+    outbox_tests::enqueue_docs(test, 30, 7).await;
     rabbit.wait_for_distinct(60, Duration::from_secs(60)).await;
     let mut second = scrape(addr).await;
     while (value(&second, "outbox_relay_events_published_total") != Some(60.0)
