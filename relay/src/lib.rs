@@ -57,6 +57,7 @@ pub mod failpoint;
 pub mod logging;
 pub mod ops;
 pub mod pause;
+mod percent;
 mod pipeline;
 mod presence;
 pub mod replay;

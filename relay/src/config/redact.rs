@@ -1,5 +1,7 @@
 //! Masking passwords in URLs and in text that may quote them.
 
+use crate::percent::percent_decode;
+
 /// `url` with the password of its userinfo and any `password=` parameter replaced
 /// by `***`, for logs, `Debug` and summaries. Masks too much rather than too
 /// little: everything between the first `:` of the userinfo and its last `@`.
@@ -57,23 +59,4 @@ pub fn scrub_password(text: &str, url: &str) -> String {
         }
     }
     text
-}
-
-fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%'
-            && let Some(hex) = text.get(i + 1..i + 3)
-            && let Ok(byte) = u8::from_str_radix(hex, 16)
-        {
-            out.push(byte);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }

@@ -151,25 +151,6 @@ pub(super) fn check_identifier(field: &'static str, name: &str) -> Result<()> {
     }
 }
 
-pub(super) fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%'
-            && let Some(hex) = text.get(i + 1..i + 3)
-            && let Ok(byte) = u8::from_str_radix(hex, 16)
-        {
-            out.push(byte);
-            i += 3;
-            continue;
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 /// The URL with its password replaced, for logs and `Debug`.
 pub(super) fn redact_url(url: &str) -> String {
     let mut redacted = url.to_owned();

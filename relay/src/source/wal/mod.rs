@@ -148,7 +148,8 @@ use crate::resilience::DbCallFailure;
 use pgoutput::{OutboxColumns, Relation};
 
 // Shared by the submodules (`use super::*`); the public API is re-exported below.
-use self::{config::*, error::*, server::*, session::*, slot::*};
+use self::{error::*, server::*, session::*, slot::*};
+use crate::percent::percent_decode;
 
 pub use self::config::WalSourceConfig;
 pub use self::error::WalError;
