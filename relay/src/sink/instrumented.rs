@@ -35,8 +35,9 @@ impl<S: Sink> InstrumentedSink<S> {
     }
 }
 
-impl<S: Sink> Sink for InstrumentedSink<S> {
-    fn publish(&self, event: &OutboxEvent, route: &Route) -> impl Future<Output = Outcome> + Send {
+impl<S: Sink> InstrumentedSink<S> {
+    /// The `publish` span of one event, a child of the writer's span.
+    fn span(&self, event: &OutboxEvent, route: &Route) -> tracing::Span {
         let span = tracing::info_span!(
             "publish",
             otel.kind = "producer",
@@ -46,6 +47,13 @@ impl<S: Sink> Sink for InstrumentedSink<S> {
             outbox.sequence = event.sequence,
         );
         follow_writer(&span, event);
+        span
+    }
+}
+
+impl<S: Sink> Sink for InstrumentedSink<S> {
+    fn publish(&self, event: &OutboxEvent, route: &Route) -> impl Future<Output = Outcome> + Send {
+        let span = self.span(event, route);
         let started = std::time::Instant::now();
         async move {
             let outcome = self.inner.publish(event, route).await;
@@ -63,6 +71,48 @@ impl<S: Sink> Sink for InstrumentedSink<S> {
 
     fn max_in_flight_per_key(&self) -> usize {
         self.inner.max_in_flight_per_key()
+    }
+
+    /// One event at a time through [`InstrumentedSink::publish`] when the inner sink
+    /// allows one per key; otherwise the inner sink's overlapped run, each event
+    /// with its own span and the run's duration as its publish duration.
+    fn publish_run<'a>(
+        &'a self,
+        run: &'a [(&'a OutboxEvent, Route)],
+    ) -> impl Future<Output = Vec<Outcome>> + Send + 'a {
+        async move {
+            if self.inner.max_in_flight_per_key() <= 1 {
+                let mut outcomes = Vec::with_capacity(run.len());
+                for (event, route) in run {
+                    let outcome = self.publish(event, route).await;
+                    let delivered = matches!(outcome, Outcome::Delivered);
+                    outcomes.push(outcome);
+                    if !delivered {
+                        break;
+                    }
+                }
+                return outcomes;
+            }
+            let spans: Vec<tracing::Span> = run
+                .iter()
+                .map(|(event, route)| self.span(event, route))
+                .collect();
+            let started = std::time::Instant::now();
+            let outcomes = self.inner.publish_run(run).await;
+            let took = started.elapsed();
+            let now = chrono::Utc::now();
+            for (outcome, (event, _route)) in outcomes.iter().zip(run) {
+                self.stats.publish_duration.observe(took);
+                if let Outcome::Delivered = outcome {
+                    let age = now - event.created_at;
+                    self.stats
+                        .commit_to_confirm
+                        .observe(age.to_std().unwrap_or_default());
+                }
+            }
+            drop(spans);
+            outcomes
+        }
     }
 
     fn close(&self) -> impl Future<Output = ()> + Send {

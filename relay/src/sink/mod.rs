@@ -91,6 +91,33 @@ pub trait Sink: Send + Sync + 'static {
         1
     }
 
+    /// Publish a run of one key's events, in order, and wait for their verdicts.
+    ///
+    /// Returns one outcome per event for a **prefix** of `run`: every outcome is
+    /// [`Outcome::Delivered`] except possibly the last. The events after that prefix
+    /// were not delivered (never sent, or failed as well) and the caller hands them
+    /// over again later, in order, so no event of the key is first-delivered before
+    /// an earlier one. A sink that keeps a key's order with several publishes
+    /// outstanding (see [`Sink::max_in_flight_per_key`]) overlaps them here; the
+    /// default publishes one event at a time, each after its predecessor's confirm.
+    fn publish_run<'a>(
+        &'a self,
+        run: &'a [(&'a OutboxEvent, Route)],
+    ) -> impl Future<Output = Vec<Outcome>> + Send + 'a {
+        async move {
+            let mut outcomes = Vec::with_capacity(run.len());
+            for (event, route) in run {
+                let outcome = self.publish(event, route).await;
+                let delivered = matches!(outcome, Outcome::Delivered);
+                outcomes.push(outcome);
+                if !delivered {
+                    break;
+                }
+            }
+            outcomes
+        }
+    }
+
     /// Flush and close connections; called once on shutdown, after the last publish.
     fn close(&self) -> impl Future<Output = ()> + Send;
 }
