@@ -25,6 +25,7 @@
 pub(crate) mod lanes;
 pub(crate) mod ledger;
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -34,9 +35,10 @@ use tokio::sync::{Mutex, Notify, watch};
 
 use crate::config::PipelineConfig;
 use crate::error::Result;
+use crate::event::OutboxEvent;
 use crate::failpoint::failpoint;
 use crate::resilience::{Backoff, BreakerState, CircuitBreaker};
-use crate::route::Router;
+use crate::route::{Route, Router};
 use crate::sink::{Outcome, Sink};
 use crate::source::polling::lease::{Owned, PartitionLeases};
 use crate::source::polling::{ClaimedEvent, PollingSource, RejectionVerdict, Wakeup};
@@ -462,6 +464,29 @@ impl<S: Sink> Pipeline<S> {
 }
 
 impl<S: Sink> LaneContext<S> {
+    /// Publish the decodable events at the start of `items` as one run (as many as
+    /// the sink overlaps; one when it allows one per key): the verdicts of a
+    /// delivered prefix and of the first event that was not delivered.
+    async fn publish_run(&self, items: &[LaneItem]) -> Vec<Outcome> {
+        let limit = if self.sink.max_in_flight_per_key() > 1 {
+            items.len()
+        } else {
+            1
+        };
+        let run: Vec<(&OutboxEvent, Route)> = items
+            .iter()
+            .take(limit)
+            .map_while(|item| {
+                let event = &item.claimed.event;
+                item.claimed
+                    .undecodable
+                    .is_none()
+                    .then(|| (event, self.router.route(event)))
+            })
+            .collect();
+        self.sink.publish_run(&run).await
+    }
+
     /// Publish one key's events in order, each after its predecessor's confirm;
     /// stop at the first one that is not delivered.
     async fn publish_lane(&self, key: String, lane: Vec<LaneItem>) -> LaneDone {
@@ -472,7 +497,9 @@ impl<S: Sink> LaneContext<S> {
         };
         // The semaphore is never closed; if it were, publishing without a permit is still correct.
         let _permit = self.publishing.acquire().await.ok();
-        for item in &lane {
+        // Verdicts of events published as one run, for the events in order.
+        let mut verdicts: VecDeque<Outcome> = VecDeque::new();
+        for (index, item) in lane.iter().enumerate() {
             let (claimed, unit) = (&item.claimed, item.unit);
             let event = &claimed.event;
             let outcome = match &claimed.undecodable {
@@ -480,10 +507,17 @@ impl<S: Sink> LaneContext<S> {
                 Some(reason) => {
                     Outcome::Rejected(crate::sink::SinkError::permanent(reason.clone()))
                 }
-                None => {
-                    let route = self.router.route(event);
-                    self.sink.publish(event, &route).await
-                }
+                None => match verdicts.pop_front() {
+                    Some(outcome) => outcome,
+                    None => {
+                        verdicts = self.publish_run(&lane[index..]).await.into();
+                        verdicts.pop_front().unwrap_or_else(|| {
+                            Outcome::Retry(crate::sink::SinkError::new(
+                                "the sink gave no verdict for the event; it will be published again",
+                            ))
+                        })
+                    }
+                },
             };
             match outcome {
                 Outcome::Delivered => {

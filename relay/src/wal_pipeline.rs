@@ -51,7 +51,7 @@
 //! the lanes are `pipeline/lanes.rs`, the settle rule the done-prefix view of
 //! `pipeline/ledger.rs`.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -68,7 +68,7 @@ use crate::failpoint::failpoint;
 use crate::pipeline::lanes::{Keyed, Lanes};
 use crate::pipeline::ledger::{DonePrefix, Finished, Ledger, UnitId};
 use crate::resilience::{Backoff, CLOSE_TIMEOUT, CircuitBreaker};
-use crate::route::Router;
+use crate::route::{Route, Router};
 use crate::sink::{Outcome, Sink};
 use crate::source::wal::leader::Leadership;
 use crate::source::wal::rows::WalRows;
@@ -981,14 +981,24 @@ impl<S: Sink> LaneContext<S> {
             key,
             finished: Vec::with_capacity(items.len()),
         };
-        for item in items {
-            let delivered = match item.work {
-                Work::Publish(mut publish) => self.publish_until_done(&mut publish).await,
+        let mut items = items;
+        // First verdicts of events published as one run, for the events in order.
+        let mut first_verdicts: VecDeque<Outcome> = VecDeque::new();
+        for index in 0..items.len() {
+            if first_verdicts.is_empty() && matches!(items[index].work, Work::Publish(_)) {
+                first_verdicts = self.publish_run(&items[index..]).await.into();
+            }
+            let item = &mut items[index];
+            let delivered = match &mut item.work {
+                Work::Publish(publish) => {
+                    self.publish_until_done(publish, first_verdicts.pop_front())
+                        .await
+                }
                 Work::DeadLetter {
                     undecodable,
                     committed_at,
                 } => {
-                    self.dead_letter_undecodable(&undecodable, committed_at)
+                    self.dead_letter_undecodable(undecodable, *committed_at)
                         .await;
                     false
                 }
@@ -996,6 +1006,38 @@ impl<S: Sink> LaneContext<S> {
             done.finished.push((item.unit, delivered));
         }
         done
+    }
+
+    /// Publish the events at the start of `items` as one run (as many as the
+    /// sink overlaps; one when it allows one per key), after the breaker allows:
+    /// the first verdict of each, for a prefix of them.
+    async fn publish_run(&self, items: &[Item]) -> Vec<Outcome> {
+        loop {
+            let wait = self
+                .breaker
+                .lock()
+                .map(|mut breaker| breaker.wait())
+                .unwrap_or_default();
+            if wait.is_zero() {
+                break;
+            }
+            self.stats.breaker_state.store(1, Ordering::Relaxed);
+            tokio::time::sleep(wait).await;
+        }
+        let limit = if self.sink.max_in_flight_per_key() > 1 {
+            items.len()
+        } else {
+            1
+        };
+        let run: Vec<(&OutboxEvent, Route)> = items
+            .iter()
+            .take(limit)
+            .map_while(|item| match &item.work {
+                Work::Publish(publish) => Some((&publish.event, self.router.route(&publish.event))),
+                Work::DeadLetter { .. } => None,
+            })
+            .collect();
+        self.sink.publish_run(&run).await
     }
 
     /// Move a change that is no event to the dead-letter table (raw values kept),
@@ -1079,25 +1121,33 @@ impl<S: Sink> LaneContext<S> {
         }
     }
 
-    /// True when delivered, false when dead-lettered.
-    async fn publish_until_done(&self, item: &mut Publish) -> bool {
+    /// True when delivered, false when dead-lettered. `first_verdict`: the outcome
+    /// of the first attempt, when the event was already published in a run.
+    async fn publish_until_done(&self, item: &mut Publish, first_verdict: Option<Outcome>) -> bool {
         let mut backoff = Backoff::new(
             self.config.retry_backoff_initial,
             self.config.retry_backoff_max,
         );
+        let mut first_verdict = first_verdict;
         loop {
-            let wait = self
-                .breaker
-                .lock()
-                .map(|mut breaker| breaker.wait())
-                .unwrap_or_default();
-            if !wait.is_zero() {
-                self.stats.breaker_state.store(1, Ordering::Relaxed);
-                tokio::time::sleep(wait).await;
-                continue;
-            }
-            let route = self.router.route(&item.event);
-            match self.sink.publish(&item.event, &route).await {
+            let outcome = match first_verdict.take() {
+                Some(outcome) => outcome,
+                None => {
+                    let wait = self
+                        .breaker
+                        .lock()
+                        .map(|mut breaker| breaker.wait())
+                        .unwrap_or_default();
+                    if !wait.is_zero() {
+                        self.stats.breaker_state.store(1, Ordering::Relaxed);
+                        tokio::time::sleep(wait).await;
+                        continue;
+                    }
+                    let route = self.router.route(&item.event);
+                    self.sink.publish(&item.event, &route).await
+                }
+            };
+            match outcome {
                 Outcome::Delivered => {
                     failpoint!("wal.publish.confirmed");
                     if let Ok(mut breaker) = self.breaker.lock() {

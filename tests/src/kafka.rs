@@ -494,6 +494,66 @@ pub async fn wait_distinct(
     }
 }
 
+/// `count` events of one key (`account:hot`), in commit order, the one at `big_at`
+/// with a 2 MiB payload (over Kafka's default limit); and that one's id.
+pub fn hot_key_events(
+    count: usize,
+    big_at: usize,
+) -> (Vec<outbox_core::Event>, outbox_core::EventId) {
+    let events: Vec<outbox_core::Event> = (0..count)
+        .map(|n| {
+            let blob = if n == big_at {
+                "x".repeat(2 * 1024 * 1024)
+            } else {
+                String::new()
+            };
+            outbox_core::Event::builder("account", "hot", "account.changed")
+                .payload(&serde_json::json!({ "n": n, "blob": blob }))
+                .build()
+                .expect("a valid event")
+        })
+        .collect();
+    let big = events[big_at.min(count - 1)].id();
+    (events, big)
+}
+
+/// The first deliveries in `received` are exactly `events` without `skipped`, in
+/// their order (duplicates may repeat an earlier event; none may go ahead).
+pub fn assert_first_deliveries_are(
+    received: &[Received],
+    events: &[outbox_core::Event],
+    skipped: outbox_core::EventId,
+) {
+    let mut seen = HashSet::new();
+    let first_deliveries: Vec<String> = received
+        .iter()
+        .filter_map(|m| m.header("outbox-event-id"))
+        .filter(|id| seen.insert(id.clone()))
+        .collect();
+    let expected: Vec<String> = events
+        .iter()
+        .filter(|e| e.id() != skipped)
+        .map(|e| e.id().to_string())
+        .collect();
+    assert!(
+        !first_deliveries.contains(&skipped.to_string()),
+        "the skipped event reached the topic"
+    );
+    assert_eq!(
+        first_deliveries.len(),
+        expected.len(),
+        "every event once (first deliveries)"
+    );
+    assert!(
+        first_deliveries == expected,
+        "first deliveries out of commit order (first difference at {:?})",
+        first_deliveries
+            .iter()
+            .zip(&expected)
+            .position(|(a, b)| a != b)
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

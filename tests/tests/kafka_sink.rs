@@ -457,3 +457,53 @@ async fn extra_settings_that_would_break_guarantees_are_refused() {
     config.extra.insert("linger.ms".into(), "1".into());
     KafkaSink::connect(config).await.unwrap().close().await;
 }
+
+/// A run of one key has many events in flight and reports a delivered prefix and
+/// the first failure; the events behind an oversized one are never sent, so
+/// nothing of the key goes ahead of it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_stops_at_an_oversized_event_and_nothing_behind_it_is_delivered() {
+    let topic = create_topic(3).await;
+    let consumer = TopicConsumer::start(&topic, 3);
+    let sink = sink().await;
+    assert!(
+        sink.max_in_flight_per_key() > 1,
+        "the default overlaps a key's events"
+    );
+    let mut events: Vec<OutboxEvent> = (1..=300).map(|n| event(n, "hot")).collect();
+    events[200].payload = vec![b'x'; 2 * 1024 * 1024];
+    let run: Vec<(&OutboxEvent, Route)> = events.iter().map(|e| (e, route(&topic, e))).collect();
+
+    let outcomes = sink.publish_run(&run).await;
+    assert_eq!(
+        outcomes.len(),
+        201,
+        "a delivered prefix and the first failure"
+    );
+    assert!(
+        outcomes[..200]
+            .iter()
+            .all(|o| matches!(o, Outcome::Delivered)),
+        "{:?}",
+        outcomes
+            .iter()
+            .position(|o| !matches!(o, Outcome::Delivered))
+    );
+    let message = expect_rejected(outcomes.into_iter().nth(200).unwrap());
+    assert!(message.contains("max_message_bytes"), "{message}");
+
+    // A later event of the key: once it has arrived, anything sent before it has too.
+    let sentinel = event(301, "hot");
+    publish_until_settled(&sink, &sentinel, &route(&topic, &sentinel)).await;
+    let received = consumer.wait_for(201, DEADLINE).await;
+    let sequences: Vec<i64> = received
+        .iter()
+        .map(|m| m.header(wire::SEQUENCE).unwrap().parse().unwrap())
+        .collect();
+    let expected: Vec<i64> = (1..=200).chain([301]).collect();
+    assert_eq!(
+        sequences, expected,
+        "the prefix in order, then the sentinel; nothing after the oversized event"
+    );
+    sink.close().await;
+}

@@ -11,8 +11,8 @@ use outbox_core::{Event, Outbox, OutboxConfig};
 use outbox_relay::config::{RawConfig, RawKafka};
 use outbox_tests::TestSchema;
 use outbox_tests::kafka::{
-    PrivateBroker, Received, TopicConsumer, brokers as kafka_brokers, create_topic_on, distinct,
-    java_partition, order_violations, wait_distinct,
+    PrivateBroker, Received, TopicConsumer, assert_first_deliveries_are, brokers as kafka_brokers,
+    create_topic_on, distinct, hot_key_events, java_partition, order_violations, wait_distinct,
 };
 use outbox_tests::relay::{RunningRelay, raw_config, wait_for_empty_outbox};
 
@@ -213,4 +213,38 @@ async fn relay_killed_mid_stream_and_restarted_loses_nothing() {
         received.len() - distinct(&received) <= 200,
         "duplicates within the in-flight window"
     );
+}
+
+/// One key's backlog: its events are published with many in flight at once
+/// (`kafka.max_in_flight_per_key`, default 64), and still arrive complete, each
+/// first delivery in commit order; an oversized event in the middle of the key is
+/// dead-lettered and nothing behind it is lost or goes ahead of what came before.
+#[tokio::test]
+async fn a_hot_keys_backlog_arrives_complete_and_in_order_with_many_events_in_flight() {
+    let brokers = kafka_brokers();
+    let test = TestSchema::new().await;
+    let topic = create_topic_on(&brokers, 3).await;
+    let consumer = TopicConsumer::start_on(&brokers, &topic, 3);
+    let (events, big) = hot_key_events(3_000, 1_500);
+    large_payload_outbox(&test)
+        .enqueue_all(&mut test.pool.acquire().await.unwrap(), &events)
+        .await
+        .unwrap();
+
+    let relay = RunningRelay::start(kafka_config(&test, &brokers, &topic).validate().unwrap());
+    let received = wait_distinct(&consumer, events.len() - 1, Duration::from_secs(120)).await;
+    wait_for_empty_outbox(&test, Duration::from_secs(30)).await;
+    let summary = relay.stop().await;
+
+    assert_eq!(summary.dead_lettered, 1, "the oversized event, once");
+    assert_first_deliveries_are(&received, &events, big);
+}
+
+/// An outbox whose writer takes payloads up to 4 MiB (the broker's limit is the relay's to enforce).
+fn large_payload_outbox(test: &TestSchema) -> Outbox {
+    Outbox::new(OutboxConfig {
+        schema: test.schema.clone(),
+        max_payload_bytes: 4 * 1024 * 1024,
+        ..OutboxConfig::default()
+    })
 }

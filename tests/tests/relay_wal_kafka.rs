@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 use outbox_core::{Event, Outbox, OutboxConfig};
 use outbox_relay::config::{RawConfig, RawKafka};
 use outbox_tests::kafka::{
-    Received, TopicConsumer, brokers as kafka_brokers, create_topic_on, distinct, java_partition,
-    order_violations, wait_distinct,
+    Received, TopicConsumer, assert_first_deliveries_are, brokers as kafka_brokers,
+    create_topic_on, distinct, hot_key_events, java_partition, order_violations, wait_distinct,
 };
 use outbox_tests::relay::{RunningRelay, wait_for_empty_outbox};
 use outbox_tests::wal::WalDatabase;
@@ -304,4 +304,35 @@ async fn relay_killed_mid_stream_and_restarted_loses_nothing_and_keeps_order() {
         "the restarted relay confirmed its progress ({confirmed_before_kill} -> {confirmed_after})"
     );
     db.cleanup().await;
+}
+
+/// One key's events, streamed from the WAL in 30 transactions of 100, are published
+/// with many in flight at once and arrive complete, each first delivery in commit
+/// order; an oversized event in the middle of the key is dead-lettered, and nothing
+/// behind it is lost or goes ahead of what came before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hot_keys_stream_arrives_complete_and_in_order_with_many_events_in_flight() {
+    let brokers = kafka_brokers();
+    let db = WalDatabase::new().await;
+    let topic = create_topic_on(&brokers, 3).await;
+    let consumer = TopicConsumer::start_on(&brokers, &topic, 3);
+    let relay = start_streaming(&db, kafka_config(&db, &brokers, &topic)).await;
+    let outbox = Outbox::new(OutboxConfig {
+        schema: db.test.schema.clone(),
+        max_payload_bytes: 4 * 1024 * 1024,
+        ..OutboxConfig::default()
+    });
+    let (events, big) = hot_key_events(3_000, 1_550);
+    for transaction in events.chunks(100) {
+        let mut tx = db.test.pool.begin().await.unwrap();
+        outbox.enqueue_all(&mut tx, transaction).await.unwrap();
+        tx.commit().await.unwrap();
+    }
+
+    let received = wait_distinct(&consumer, events.len() - 1, Duration::from_secs(120)).await;
+    wait_for_empty_outbox(&db.test, Duration::from_secs(30)).await;
+    relay.stop().await;
+
+    assert_eq!(dead_letters(&db).await, 1, "the oversized event, once");
+    assert_first_deliveries_are(&received, &events, big);
 }

@@ -209,6 +209,8 @@ pub struct RawKafka {
     pub max_message_bytes: Option<usize>,
     /// Send every event to this partition.
     pub partition: Option<i32>,
+    /// Events of one key in flight at once (default 64; 1 waits for each report).
+    pub max_in_flight_per_key: Option<usize>,
     /// Further librdkafka settings (security.protocol, sasl.*, ssl.*), passed through.
     #[serde(default)]
     pub extra: std::collections::BTreeMap<String, String>,
@@ -295,6 +297,7 @@ impl std::fmt::Debug for RawKafka {
             .field("message_timeout_ms", &self.message_timeout_ms)
             .field("max_message_bytes", &self.max_message_bytes)
             .field("partition", &self.partition)
+            .field("max_in_flight_per_key", &self.max_in_flight_per_key)
             .field("extra (values hidden)", &extra)
             .field("extra_files", &self.extra_files)
             .finish()

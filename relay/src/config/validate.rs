@@ -556,6 +556,16 @@ pub(super) fn validate_kafka(
         }
         config.explicit_partition = Some(partition);
     }
+    if let Some(per_key) = raw.max_in_flight_per_key {
+        if !(1..=crate::sink::kafka::MAX_IN_FLIGHT_PER_KEY_CEILING).contains(&per_key) {
+            return Err(invalid(
+                "kafka.max_in_flight_per_key",
+                format!("{per_key} is out of range"),
+                "use 1 to 10000 (default 64; 1 publishes a key's next event only after its predecessor's delivery report)",
+            ));
+        }
+        config.max_in_flight_per_key = per_key;
+    }
     config.extra = raw.extra;
     Ok((
         SinkConfig::Kafka(config),

@@ -1,7 +1,8 @@
 //! Per-key lanes: one FIFO queue per partition key across units, and at most
-//! one task per key publishing from it, so a key's events never overtake each
-//! other and never have more than one publish outstanding (which honours any
-//! [`crate::sink::Sink::max_in_flight_per_key`]). Different keys run side by
+//! one task per key publishing from it, in order, through
+//! [`crate::sink::Sink::publish_run`], so a key's events never overtake each
+//! other and never have more in flight than the sink's
+//! [`crate::sink::Sink::max_in_flight_per_key`]. Different keys run side by
 //! side; the tasks themselves take the `max_in_flight` permit.
 //!
 //! A task gets up to `chunk` of its key's queued items at a time and reports

@@ -80,13 +80,13 @@ pub trait Sink: Send + Sync + 'static {
     /// flight than [`Sink::max_in_flight_per_key`].
     fn publish(&self, event: &OutboxEvent, route: &Route) -> impl Future<Output = Outcome> + Send;
 
-    /// How many events of one partition key may be published and not yet
-    /// confirmed at once without the broker reordering them: an upper bound the
-    /// lanes never exceed. 1 (the default, and what every sink returns today): a
-    /// key's next event is published only after its predecessor's confirm. A sink
-    /// that keeps a key's order across several outstanding publishes (Kafka's
-    /// idempotent producer keeps a partition's order) may allow more; today's
-    /// lanes keep one in flight per key, which honours any allowance.
+    /// How many events of one partition key the sink has published and not yet
+    /// confirmed at once within a [`Sink::publish_run`]. 1 (the default, and
+    /// RabbitMQ's): a key's next event is published only after its predecessor's
+    /// confirm, and the relay hands such a sink runs of one event. A sink that
+    /// keeps a key's order across several outstanding publishes (Kafka's
+    /// idempotent producer keeps a partition's order) allows more and gets a
+    /// lane's whole chunk as one run.
     fn max_in_flight_per_key(&self) -> usize {
         1
     }
@@ -104,22 +104,29 @@ pub trait Sink: Send + Sync + 'static {
         &'a self,
         run: &'a [(&'a OutboxEvent, Route)],
     ) -> impl Future<Output = Vec<Outcome>> + Send + 'a {
-        async move {
-            let mut outcomes = Vec::with_capacity(run.len());
-            for (event, route) in run {
-                let outcome = self.publish(event, route).await;
-                let delivered = matches!(outcome, Outcome::Delivered);
-                outcomes.push(outcome);
-                if !delivered {
-                    break;
-                }
-            }
-            outcomes
-        }
+        one_at_a_time(self, run)
     }
 
     /// Flush and close connections; called once on shutdown, after the last publish.
     fn close(&self) -> impl Future<Output = ()> + Send;
+}
+
+/// A run published one event at a time, each after its predecessor's confirm,
+/// stopping at the first event that is not delivered.
+pub(crate) async fn one_at_a_time<S: Sink + ?Sized>(
+    sink: &S,
+    run: &[(&OutboxEvent, Route)],
+) -> Vec<Outcome> {
+    let mut outcomes = Vec::with_capacity(run.len());
+    for (event, route) in run {
+        let outcome = sink.publish(event, route).await;
+        let delivered = matches!(outcome, Outcome::Delivered);
+        outcomes.push(outcome);
+        if !delivered {
+            break;
+        }
+    }
+    outcomes
 }
 
 /// Close the broker connection within [`CLOSE_TIMEOUT`]: a hung broker must not

@@ -23,6 +23,10 @@ pub struct KafkaConfig {
     pub max_message_bytes: usize,
     /// Send every event to this partition instead of partitioning by key.
     pub explicit_partition: Option<i32>,
+    /// Events of one key in flight at once (enqueued, delivery report not yet read),
+    /// 1 to [`MAX_IN_FLIGHT_PER_KEY_CEILING`], default [`DEFAULT_MAX_IN_FLIGHT_PER_KEY`].
+    /// 1 publishes a key's next event only after its predecessor's report.
+    pub max_in_flight_per_key: usize,
     /// Further librdkafka producer settings passed through as they are, e.g.
     /// `security.protocol`, `sasl.mechanism`, `sasl.username`, `sasl.password`,
     /// `ssl.ca.location`, `compression.type`. Settings that would break the sink's
@@ -42,6 +46,7 @@ impl KafkaConfig {
             message_timeout: DEFAULT_MESSAGE_TIMEOUT,
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             explicit_partition: None,
+            max_in_flight_per_key: DEFAULT_MAX_IN_FLIGHT_PER_KEY,
             extra: BTreeMap::new(),
         }
     }
@@ -61,6 +66,7 @@ impl fmt::Debug for KafkaConfig {
             .field("message_timeout", &self.message_timeout)
             .field("max_message_bytes", &self.max_message_bytes)
             .field("explicit_partition", &self.explicit_partition)
+            .field("max_in_flight_per_key", &self.max_in_flight_per_key)
             .field("extra", &extra)
             .finish()
     }
@@ -101,6 +107,13 @@ pub(super) fn client_config(config: &KafkaConfig) -> Result<ClientConfig, SinkEr
     {
         return invalid(format!(
             "explicit_partition {partition} is negative; partitions are numbered from 0"
+        ));
+    }
+    if !(1..=MAX_IN_FLIGHT_PER_KEY_CEILING).contains(&config.max_in_flight_per_key) {
+        return invalid(format!(
+            "max_in_flight_per_key {} is out of range; use 1 to {MAX_IN_FLIGHT_PER_KEY_CEILING} \
+             (default {DEFAULT_MAX_IN_FLIGHT_PER_KEY}; 1 waits for each event's report)",
+            config.max_in_flight_per_key
         ));
     }
     check_extra(&config.extra).map_err(error)?;

@@ -9,10 +9,12 @@
 //!   returns within `message_timeout` + 10 s at worst.
 //! - **Per-key order.** Key = the route's key (the partition key for Kafka routes),
 //!   so a key always lands on one partition; with the default `murmur2_random`
-//!   partitioner it is the partition a Java client picks for the same key. The
-//!   relay never has two events of one key in flight, and librdkafka's internal
-//!   retries cannot reorder or duplicate within a partition because the producer
-//!   is idempotent (at most 5 requests in flight per connection).
+//!   partitioner it is the partition a Java client picks for the same key.
+//!   librdkafka's internal retries cannot reorder or duplicate within a partition
+//!   because the producer is idempotent (at most 5 requests in flight per
+//!   connection), so a key's run has up to `max_in_flight_per_key` events in
+//!   flight at once and reads their reports in order; when an event could fail
+//!   alone the run waits for it first (see `run.rs`).
 //! - **Poison isolation.** An event larger than `max_message_bytes` (key, payload,
 //!   header names and values) is [`Outcome::Rejected`] before it is sent; errors that
 //!   are the event's own (too large, no such topic, not authorized, invalid record)
@@ -57,6 +59,7 @@ mod classify;
 mod config;
 mod producer;
 mod record;
+mod run;
 #[cfg(test)]
 mod tests;
 mod topic_limits;
@@ -106,6 +109,12 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// allows while still keeping each partition's order.
 pub const MAX_IN_FLIGHT_PER_CONNECTION: u32 = 5;
 
+/// Default events of one key in flight at once ([`KafkaConfig::max_in_flight_per_key`]).
+pub const DEFAULT_MAX_IN_FLIGHT_PER_KEY: usize = 64;
+
+/// Largest `max_in_flight_per_key` accepted.
+pub const MAX_IN_FLIGHT_PER_KEY_CEILING: usize = 10_000;
+
 /// Waiting for a delivery report gives up this long after `message_timeout`
 /// (librdkafka reports by then; this only guards against a lost report).
 const REPORT_MARGIN: Duration = Duration::from_secs(5);
@@ -143,62 +152,19 @@ impl fmt::Debug for KafkaSink {
 
 impl Sink for KafkaSink {
     async fn publish(&self, event: &OutboxEvent, route: &Route) -> Outcome {
-        if self.closed.load(Ordering::Acquire) {
-            return Outcome::Retry(self.closed_error());
-        }
-        if let Err(problem) = check_topic_name(&route.destination) {
-            return Outcome::Rejected(SinkError::permanent(problem));
-        }
-        let record = record_of(event, route);
-        if record.size > self.config.max_message_bytes {
-            return Outcome::Rejected(SinkError::permanent(oversize_message(
-                &record,
-                &route.destination,
-                self.config.max_message_bytes,
-            )));
-        }
-        if let TopicLimit::MaxMessageBytes(topic_max) =
-            self.topic_limits.limit(&route.destination).await
-        {
-            let batch = batch_bytes(record.size, record.headers.len());
-            if batch > topic_max {
-                return Outcome::Rejected(SinkError::new(topic_oversize_message(
-                    &record,
-                    batch,
-                    &route.destination,
-                    topic_max,
-                )));
-            }
-        }
-        let (producer, generation) = self.current();
-        let delivery = match self.enqueue(&producer, event, route, &record) {
-            Ok(delivery) => delivery,
-            Err(error) => {
-                return self
-                    .failed(&error, route, &record, producer, generation)
-                    .await;
-            }
+        let prepared = match self.prepare(event, route).await {
+            Ok(prepared) => prepared,
+            Err(outcome) => return outcome,
         };
-        let bound = self.config.message_timeout + REPORT_MARGIN;
-        match tokio::time::timeout(bound, delivery).await {
-            Ok(Ok(Ok(_delivered))) => Outcome::Delivered,
-            Ok(Ok(Err((error, _message)))) => {
-                self.failed(&error, route, &record, producer, generation)
-                    .await
-            }
-            Ok(Err(_canceled)) => Outcome::Retry(SinkError::new(format!(
-                "the Kafka producer was shut down before it reported the delivery to topic \
-                 '{}'; the event will be published again",
-                route.destination
-            ))),
-            // The record may still be delivered; a second publish is then a duplicate
-            // that follows it in the partition, never an event that overtakes it.
-            Err(_) => Outcome::Retry(SinkError::new(format!(
-                "no delivery report for topic '{}' within {bound:?} (message_timeout plus \
-                 {REPORT_MARGIN:?}); are the brokers {} reachable? The event will be published again",
-                route.destination, self.config.brokers
-            ))),
-        }
+        self.report(prepared).await
+    }
+
+    fn max_in_flight_per_key(&self) -> usize {
+        self.config.max_in_flight_per_key
+    }
+
+    async fn publish_run(&self, run: &[(&OutboxEvent, Route)]) -> Vec<Outcome> {
+        self.publish_overlapped(run).await
     }
 
     async fn close(&self) {
