@@ -420,3 +420,25 @@ fn console_token_is_checked_and_never_shown() {
     .unwrap_err();
     assert_eq!(both.field, "console.token_file");
 }
+
+#[test]
+fn kafka_max_in_flight_per_key_out_of_range_names_the_field_and_the_default() {
+    for bad in [0, 10_001] {
+        let mut c = raw();
+        c.sink = Some("kafka".into());
+        c.kafka = Some(RawKafka {
+            max_in_flight_per_key: Some(bad),
+            ..Default::default()
+        });
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.field, "kafka.max_in_flight_per_key", "{bad}");
+        assert!(e.fix.contains("default 64"), "{e}");
+    }
+    let mut c = raw();
+    c.sink = Some("kafka".into());
+    c.kafka = Some(RawKafka {
+        max_in_flight_per_key: Some(1),
+        ..Default::default()
+    });
+    c.validate().unwrap();
+}
