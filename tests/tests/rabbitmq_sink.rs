@@ -54,6 +54,7 @@ fn config(app_id: &str, exchanges: &[&str]) -> RabbitMqConfig {
             .collect(),
         tls_ca_file: None,
         max_message_bytes: outbox_relay::sink::rabbitmq::DEFAULT_MAX_MESSAGE_BYTES,
+        max_in_flight_per_key: 1,
     }
 }
 
@@ -733,5 +734,133 @@ async fn headers_just_over_the_frame_size_are_a_permanent_rejection_and_just_und
     ));
     broker.wait_for_count(&queue, delivered + 1).await;
     sink.close().await;
+    broker.clean_up(&[&exchange]).await;
+}
+
+/// The sink with `max_in_flight_per_key` events of a key outstanding on one channel.
+async fn overlapping_sink(app_id: &str, exchange: &str) -> RabbitMqSink {
+    RabbitMqSink::connect(RabbitMqConfig {
+        max_in_flight_per_key: 64,
+        ..config(app_id, &[exchange])
+    })
+    .await
+    .unwrap()
+}
+
+/// With many of a key's events outstanding on one channel, each event still gets
+/// its own verdict: a routed run arrives complete and in order, and a run stops at
+/// the first unroutable event, with nothing behind it delivered.
+#[tokio::test]
+async fn a_run_with_many_in_flight_arrives_in_order_and_stops_at_an_unroutable_event() {
+    let exchange = unique("x");
+    let mut broker = Broker::new().await;
+    let sink = overlapping_sink("relay-run", &exchange).await;
+    assert_eq!(sink.max_in_flight_per_key(), 64);
+    let queue = broker.bound_queue(&exchange, "order.placed").await;
+
+    let events: Vec<OutboxEvent> = (1..=300).map(event).collect();
+    let mut run: Vec<(&OutboxEvent, Route)> =
+        events.iter().map(|e| (e, route(&exchange))).collect();
+    // Event 201 goes where no queue is bound; the rest of the key follows it.
+    run[200].1.key = "nobody.listens".to_owned();
+    let outcomes = sink.publish_run(&run).await;
+    assert_eq!(
+        outcomes.len(),
+        201,
+        "a delivered prefix and the first failure"
+    );
+    for outcome in &outcomes[..200] {
+        assert_delivered(outcome);
+    }
+    match &outcomes[200] {
+        Outcome::Rejected(error) => assert!(error.message.contains("unroutable"), "{error}"),
+        other => panic!("expected the unroutable event rejected, got {other:?}"),
+    }
+    let deliveries = broker.take(&queue, 200).await;
+    let ids: Vec<String> = deliveries
+        .iter()
+        .map(|d| d.properties.message_id().as_ref().unwrap().to_string())
+        .collect();
+    let expected: Vec<String> = events[..200]
+        .iter()
+        .map(|e| e.event_id.to_string())
+        .collect();
+    assert_eq!(ids, expected, "the prefix, in order");
+    broker.wait_for_count(&queue, 0).await;
+
+    // A whole window that routes nowhere fails at its first event.
+    let lost: Vec<(&OutboxEvent, Route)> = events[200..]
+        .iter()
+        .map(|e| {
+            (
+                e,
+                Route {
+                    destination: exchange.clone(),
+                    key: "nobody.listens".to_owned(),
+                },
+            )
+        })
+        .collect();
+    let outcomes = sink.publish_run(&lost).await;
+    assert_eq!(outcomes.len(), 1, "{outcomes:?}");
+    assert!(matches!(&outcomes[0], Outcome::Rejected(_)), "{outcomes:?}");
+    sink.close().await;
+    broker.clean_up(&[&exchange]).await;
+}
+
+/// A queue that is full and rejects publishes nacks a window's events: the run
+/// reports the ones it took and the first nack, and nothing after it as delivered.
+#[tokio::test]
+async fn a_run_stops_at_the_first_nacked_event() {
+    let exchange = unique("x");
+    let queue = unique("q-full");
+    let broker = Broker::new().await;
+    let sink = overlapping_sink("relay-run-nack", &exchange).await;
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-max-length".into(), AMQPValue::LongInt(5));
+    arguments.insert("x-overflow".into(), long_string("reject-publish"));
+    arguments.insert("x-expires".into(), AMQPValue::LongInt(600_000));
+    broker
+        .channel
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions::default(),
+            arguments,
+        )
+        .await
+        .unwrap();
+    broker
+        .channel
+        .queue_bind(
+            queue.as_str().into(),
+            exchange.as_str().into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+
+    let events: Vec<OutboxEvent> = (1..=20).map(event).collect();
+    let run: Vec<(&OutboxEvent, Route)> = events.iter().map(|e| (e, route(&exchange))).collect();
+    let outcomes = sink.publish_run(&run).await;
+    assert_eq!(
+        outcomes.len(),
+        6,
+        "five taken, then the first nack: {outcomes:?}"
+    );
+    for outcome in &outcomes[..5] {
+        assert_delivered(outcome);
+    }
+    match &outcomes[5] {
+        Outcome::Retry(error) => assert!(error.message.contains("nacked"), "{error}"),
+        other => panic!("expected Retry after a nack, got {other:?}"),
+    }
+    broker.wait_for_count(&queue, 5).await;
+    sink.close().await;
+    let _ = broker
+        .channel
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await;
     broker.clean_up(&[&exchange]).await;
 }

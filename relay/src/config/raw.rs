@@ -187,6 +187,8 @@ pub struct RawRabbitMq {
     pub declare_exchanges: Vec<RawExchange>,
     /// PEM file of the CA that signed the broker's certificate (amqps).
     pub tls_ca_file: Option<String>,
+    /// Events of one key published before their confirms (default 1).
+    pub max_in_flight_per_key: Option<usize>,
 }
 
 /// `[kafka]`; its `Debug` shows the names of the `extra` settings, not their values.
@@ -280,6 +282,7 @@ impl std::fmt::Debug for RawRabbitMq {
             .field("connect_timeout_ms", &self.connect_timeout_ms)
             .field("publish_timeout_ms", &self.publish_timeout_ms)
             .field("max_message_bytes", &self.max_message_bytes)
+            .field("max_in_flight_per_key", &self.max_in_flight_per_key)
             .field("declare_exchanges", &self.declare_exchanges)
             .finish()
     }

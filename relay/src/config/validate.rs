@@ -458,6 +458,18 @@ pub(super) fn validate_rabbitmq(raw: RawRabbitMq) -> Result<(SinkConfig, Router)
                 ));
             }
         },
+        max_in_flight_per_key: match raw.max_in_flight_per_key {
+            None => 1,
+            Some(n @ 1..=crate::sink::rabbitmq::MAX_IN_FLIGHT_PER_KEY_CEILING) => n,
+            Some(other) => {
+                return Err(invalid(
+                    "rabbitmq.max_in_flight_per_key",
+                    format!("{other} is out of range"),
+                    "use 1 to 10000 (default 1: each event after its predecessor's confirm; more \
+                     only where no queue rejects publishes, e.g. x-overflow = reject-publish)",
+                ));
+            }
+        },
     };
     Ok((
         SinkConfig::RabbitMq(config),

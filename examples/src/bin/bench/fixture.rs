@@ -123,6 +123,17 @@ impl World {
                 env.push(("KAFKA__TOPIC".into(), self.destination.clone()));
             }
         }
+        // A setting of the other sink's section would make the daemon refuse its config.
+        let other_sink = match self.sink {
+            Some(Sink::Rabbitmq) | None => "KAFKA__",
+            Some(Sink::Kafka) => "RABBITMQ__",
+        };
+        env.extend(
+            ctx.relay_settings
+                .iter()
+                .filter(|(key, _)| !key.starts_with(other_sink))
+                .cloned(),
+        );
         env
     }
 

@@ -142,6 +142,17 @@ struct Args {
     /// Longest the consumer is measured, in seconds.
     #[arg(long, default_value_t = 6, global = true)]
     consumer_secs: u64,
+    /// A relay setting for every daemon the bench starts, `SECTION__KEY=VALUE` (as
+    /// `OUTBOX_RELAY__SECTION__KEY`), e.g. `RABBITMQ__MAX_IN_FLIGHT_PER_KEY=64`; repeatable.
+    #[arg(long = "relay-setting", value_parser = parse_setting, global = true)]
+    relay_settings: Vec<(String, String)>,
+}
+
+fn parse_setting(text: &str) -> Result<(String, String), String> {
+    let (key, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("'{text}' is not SECTION__KEY=VALUE"))?;
+    Ok((key.trim().to_ascii_uppercase(), value.to_owned()))
 }
 
 #[derive(Subcommand, Debug, Clone, Copy, PartialEq, Eq)]
@@ -198,6 +209,8 @@ pub(crate) struct Ctx {
     pub(crate) consumer_messages: usize,
     pub(crate) consumer_secs: u64,
     pub(crate) rss_events: usize,
+    /// Settings for every daemon, beyond the bench's own (`--relay-setting`).
+    pub(crate) relay_settings: Vec<(String, String)>,
 }
 
 #[tokio::main]
@@ -270,6 +283,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         consumer_messages: args.consumer_messages.max(1),
         consumer_secs: args.consumer_secs.max(1),
         rss_events: rss_events.max(1),
+        relay_settings: args.relay_settings,
     };
     let started = Instant::now();
     let mut report = Report::new(args.out);

@@ -152,11 +152,7 @@ impl RabbitMqSink {
                     .map(ShortString::as_str);
                 if returned_id == Some(publication.message_id.as_str()) {
                     self.put_back(pooled);
-                    Outcome::Rejected(SinkError::new(format!(
-                        "unroutable: exchange '{}' has no queue bound for routing key '{}' \
-                         (RabbitMQ returned it: {} {}); bind a queue or fix the route",
-                        route.destination, route.key, returned.reply_code, returned.reply_text
-                    )))
+                    unroutable(route, returned.reply_code, returned.reply_text.as_str())
                 } else {
                     // Cannot happen with one publish per channel; if it does, this ack proves nothing.
                     tracing::warn!(
@@ -173,17 +169,9 @@ impl RabbitMqSink {
             }
             Ok(Confirmation::Nack(_)) => {
                 self.put_back(pooled);
-                Outcome::Retry(SinkError::new(format!(
-                    "RabbitMQ nacked the message for exchange '{}' (it could not take it now, e.g. \
-                     a queue at its length limit with overflow=reject-publish or an internal error); \
-                     it will be published again",
-                    route.destination
-                )))
+                nacked(route)
             }
-            Ok(Confirmation::NotRequested) => Outcome::Retry(SinkError::new(
-                "the channel was not in publisher-confirm mode, so RabbitMQ did not confirm the \
-                 message; the channel was discarded and the event will be published again",
-            )),
+            Ok(Confirmation::NotRequested) => not_confirmed(),
             Err(error) => {
                 *client_fault = closed_for_what_the_client_sent(&error);
                 self.failed(&error, route)
@@ -366,6 +354,33 @@ impl RabbitMqSink {
             self.shown_url
         ))
     }
+}
+
+/// The outcome of an event RabbitMQ returned as unroutable (`mandatory`).
+pub(super) fn unroutable(route: &Route, reply_code: u16, reply_text: &str) -> Outcome {
+    Outcome::Rejected(SinkError::new(format!(
+        "unroutable: exchange '{}' has no queue bound for routing key '{}' \
+         (RabbitMQ returned it: {reply_code} {reply_text}); bind a queue or fix the route",
+        route.destination, route.key
+    )))
+}
+
+/// The outcome of an event RabbitMQ nacked.
+pub(super) fn nacked(route: &Route) -> Outcome {
+    Outcome::Retry(SinkError::new(format!(
+        "RabbitMQ nacked the message for exchange '{}' (it could not take it now, e.g. \
+         a queue at its length limit with overflow=reject-publish or an internal error); \
+         it will be published again",
+        route.destination
+    )))
+}
+
+/// The outcome of a publish on a channel that was not in confirm mode.
+pub(super) fn not_confirmed() -> Outcome {
+    Outcome::Retry(SinkError::new(
+        "the channel was not in publisher-confirm mode, so RabbitMQ did not confirm the \
+         message; the channel was discarded and the event will be published again",
+    ))
 }
 
 pub(super) async fn confirm_channel(connection: &Connection) -> Result<Channel, lapin::Error> {

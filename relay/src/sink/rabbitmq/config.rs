@@ -23,6 +23,12 @@ pub struct RabbitMqConfig {
     /// permanently before the publish. Set it to the broker's `max_message_size`
     /// (default [`DEFAULT_MAX_MESSAGE_BYTES`]).
     pub max_message_bytes: usize,
+    /// Events of one key published on one channel before their confirms, 1 to
+    /// [`MAX_IN_FLIGHT_PER_KEY_CEILING`]; default 1 (each after its predecessor's
+    /// confirm). More is safe only where no queue the key's events route to can
+    /// refuse one message and take the next (`x-overflow = reject-publish` at a
+    /// length limit would let a later event overtake a nacked one); see `run.rs`.
+    pub max_in_flight_per_key: usize,
 }
 
 impl fmt::Debug for RabbitMqConfig {
@@ -35,6 +41,7 @@ impl fmt::Debug for RabbitMqConfig {
             .field("declare_exchanges", &self.declare_exchanges)
             .field("tls_ca_file", &self.tls_ca_file)
             .field("max_message_bytes", &self.max_message_bytes)
+            .field("max_in_flight_per_key", &self.max_in_flight_per_key)
             .finish()
     }
 }

@@ -28,7 +28,7 @@
 //! is rejected permanently, so neither the breaker's probe nor the retries
 //! repeat it forever.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -51,6 +51,7 @@ use crate::sink::{Outcome, Sink, SinkError};
 mod channels;
 mod config;
 mod publish;
+mod run;
 #[cfg(test)]
 mod tests;
 
@@ -63,6 +64,9 @@ pub use self::config::{ExchangeDeclaration, ExchangeKind, RabbitMqConfig, mask_u
 /// Most channels the sink opens on its connection; each carries one publish at a time,
 /// so this bounds the publishes in flight to RabbitMQ (further callers wait for a channel).
 pub const MAX_CHANNELS: usize = 256;
+
+/// Largest `max_in_flight_per_key` accepted.
+pub const MAX_IN_FLIGHT_PER_KEY_CEILING: usize = 10_000;
 
 /// Writer header whose value becomes the message's `correlation_id`.
 pub const CORRELATION_ID_HEADER: &str = "correlation-id";
@@ -166,6 +170,17 @@ impl Sink for RabbitMqSink {
                 route.destination, self.shown_url
             ))),
         }
+    }
+
+    fn max_in_flight_per_key(&self) -> usize {
+        self.config.max_in_flight_per_key
+    }
+
+    async fn publish_run(&self, run: &[(&OutboxEvent, Route)]) -> Vec<Outcome> {
+        if self.config.max_in_flight_per_key <= 1 {
+            return crate::sink::one_at_a_time(self, run).await;
+        }
+        self.publish_overlapped(run).await
     }
 
     async fn close(&self) {

@@ -20,6 +20,7 @@ fn urls_are_shown_without_the_password() {
         declare_exchanges: vec![],
         tls_ca_file: None,
         max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+        max_in_flight_per_key: 1,
     };
     let shown = format!("{config:?}");
     assert!(
