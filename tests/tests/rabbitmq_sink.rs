@@ -140,6 +140,29 @@ impl Broker {
         queue
     }
 
+    /// A queue `queue` bound to `exchange` (every key) that holds at most `max_length`
+    /// messages and nacks further publishes (`x-overflow = reject-publish`).
+    async fn full_queue(&self, queue: &str, exchange: &str, max_length: i32) {
+        let mut arguments = FieldTable::default();
+        arguments.insert("x-max-length".into(), AMQPValue::LongInt(max_length));
+        arguments.insert("x-overflow".into(), long_string("reject-publish"));
+        arguments.insert("x-expires".into(), AMQPValue::LongInt(600_000));
+        self.channel
+            .queue_declare(queue.into(), QueueDeclareOptions::default(), arguments)
+            .await
+            .unwrap();
+        self.channel
+            .queue_bind(
+                queue.into(),
+                exchange.into(),
+                "#".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+    }
+
     /// The next `n` messages of `queue`, or a panic at the deadline.
     async fn take(&self, queue: &str, n: usize) -> Vec<Delivery> {
         let mut consumer = self
@@ -483,30 +506,7 @@ async fn nacked_event_is_retried_not_delivered() {
     let sink = RabbitMqSink::connect(config("relay-nack", &[&exchange]))
         .await
         .unwrap();
-    let mut arguments = FieldTable::default();
-    arguments.insert("x-max-length".into(), AMQPValue::LongInt(1));
-    arguments.insert("x-overflow".into(), long_string("reject-publish"));
-    arguments.insert("x-expires".into(), AMQPValue::LongInt(600_000));
-    broker
-        .channel
-        .queue_declare(
-            queue.as_str().into(),
-            QueueDeclareOptions::default(),
-            arguments,
-        )
-        .await
-        .unwrap();
-    broker
-        .channel
-        .queue_bind(
-            queue.as_str().into(),
-            exchange.as_str().into(),
-            "#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    broker.full_queue(&queue, &exchange, 1).await;
 
     assert_delivered(&sink.publish(&event(1), &route(&exchange)).await);
     match sink.publish(&event(2), &route(&exchange)).await {
@@ -816,30 +816,7 @@ async fn a_run_stops_at_the_first_nacked_event() {
     let queue = unique("q-full");
     let broker = Broker::new().await;
     let sink = overlapping_sink("relay-run-nack", &exchange).await;
-    let mut arguments = FieldTable::default();
-    arguments.insert("x-max-length".into(), AMQPValue::LongInt(5));
-    arguments.insert("x-overflow".into(), long_string("reject-publish"));
-    arguments.insert("x-expires".into(), AMQPValue::LongInt(600_000));
-    broker
-        .channel
-        .queue_declare(
-            queue.as_str().into(),
-            QueueDeclareOptions::default(),
-            arguments,
-        )
-        .await
-        .unwrap();
-    broker
-        .channel
-        .queue_bind(
-            queue.as_str().into(),
-            exchange.as_str().into(),
-            "#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    broker.full_queue(&queue, &exchange, 5).await;
 
     let events: Vec<OutboxEvent> = (1..=20).map(event).collect();
     let run: Vec<(&OutboxEvent, Route)> = events.iter().map(|e| (e, route(&exchange))).collect();
