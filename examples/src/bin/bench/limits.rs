@@ -27,8 +27,8 @@ const KAFKA_MESSAGES: usize = 40_000;
 const POSTGRES_ROWS: usize = 50_000;
 /// Longest a limit is measured.
 pub(crate) const LIMIT_SECS: u64 = 5;
-/// Channels the raw publisher spreads its window over.
-const RABBITMQ_CHANNELS: usize = 8;
+/// Channels the raw publisher spreads its window over, unless `--limit-channels` says.
+pub(crate) const RABBITMQ_CHANNELS: usize = 8;
 /// Keys of the limit measurements.
 const KEYS: usize = 1_000;
 
@@ -133,8 +133,8 @@ pub(crate) fn amqp_message(i: usize, pad: &str) -> (Vec<u8>, BasicProperties) {
     (body, properties)
 }
 
-/// Publish events `first..first + count` to `exchange` with confirms, [`RABBITMQ_CHANNELS`]
-/// channels sharing the relay's in-flight window; stop early at `deadline`. Returns the
+/// Publish events `first..first + count` to `exchange` with confirms, `--limit-channels`
+/// (default [`RABBITMQ_CHANNELS`]) channels sharing the relay's in-flight window; stop early at `deadline`. Returns the
 /// confirmed count and the time from the first publish to the last confirm.
 pub(crate) async fn publish_confirmed(
     ctx: &Ctx,
@@ -147,13 +147,14 @@ pub(crate) async fn publish_confirmed(
         lapin::Connection::connect(&ctx.amqp_url, lapin::ConnectionProperties::default())
             .await
             .context("connecting to RabbitMQ (set AMQP_URL)")?;
-    let per_channel = (ctx.window / RABBITMQ_CHANNELS).max(1);
+    let channels = ctx.limit_channels.max(1);
+    let per_channel = (ctx.window / channels).max(1);
     let next = Arc::new(AtomicUsize::new(first));
     let end = first + count;
     let pad: Arc<str> = "x".repeat(ctx.payload_bytes).into();
     let mut tasks = tokio::task::JoinSet::new();
     let started = Instant::now();
-    for _ in 0..RABBITMQ_CHANNELS {
+    for _ in 0..channels {
         let channel = connection.create_channel().await?;
         channel
             .confirm_select(ConfirmSelectOptions::default())

@@ -146,6 +146,10 @@ struct Args {
     /// `OUTBOX_RELAY__SECTION__KEY`), e.g. `RABBITMQ__MAX_IN_FLIGHT_PER_KEY=64`; repeatable.
     #[arg(long = "relay-setting", value_parser = parse_setting, global = true)]
     relay_settings: Vec<(String, String)>,
+    /// Channels the raw RabbitMQ publisher of the limits spreads the window over
+    /// (256 publishes one message per channel at a time, as the relay's pool does).
+    #[arg(long, default_value_t = limits::RABBITMQ_CHANNELS, global = true)]
+    limit_channels: usize,
 }
 
 fn parse_setting(text: &str) -> Result<(String, String), String> {
@@ -211,6 +215,8 @@ pub(crate) struct Ctx {
     pub(crate) rss_events: usize,
     /// Settings for every daemon, beyond the bench's own (`--relay-setting`).
     pub(crate) relay_settings: Vec<(String, String)>,
+    /// Channels of the raw RabbitMQ publisher (`--limit-channels`).
+    pub(crate) limit_channels: usize,
 }
 
 #[tokio::main]
@@ -284,6 +290,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         consumer_secs: args.consumer_secs.max(1),
         rss_events: rss_events.max(1),
         relay_settings: args.relay_settings,
+        limit_channels: args.limit_channels,
     };
     let started = Instant::now();
     let mut report = Report::new(args.out);
