@@ -76,43 +76,38 @@ impl<S: Sink> Sink for InstrumentedSink<S> {
     /// One event at a time through [`InstrumentedSink::publish`] when the inner sink
     /// allows one per key; otherwise the inner sink's overlapped run, each event
     /// with its own span and the run's duration as its publish duration.
-    fn publish_run<'a>(
-        &'a self,
-        run: &'a [(&'a OutboxEvent, Route)],
-    ) -> impl Future<Output = Vec<Outcome>> + Send + 'a {
-        async move {
-            if self.inner.max_in_flight_per_key() <= 1 {
-                let mut outcomes = Vec::with_capacity(run.len());
-                for (event, route) in run {
-                    let outcome = self.publish(event, route).await;
-                    let delivered = matches!(outcome, Outcome::Delivered);
-                    outcomes.push(outcome);
-                    if !delivered {
-                        break;
-                    }
-                }
-                return outcomes;
-            }
-            let spans: Vec<tracing::Span> = run
-                .iter()
-                .map(|(event, route)| self.span(event, route))
-                .collect();
-            let started = std::time::Instant::now();
-            let outcomes = self.inner.publish_run(run).await;
-            let took = started.elapsed();
-            let now = chrono::Utc::now();
-            for (outcome, (event, _route)) in outcomes.iter().zip(run) {
-                self.stats.publish_duration.observe(took);
-                if let Outcome::Delivered = outcome {
-                    let age = now - event.created_at;
-                    self.stats
-                        .commit_to_confirm
-                        .observe(age.to_std().unwrap_or_default());
+    async fn publish_run<'a>(&'a self, run: &'a [(&'a OutboxEvent, Route)]) -> Vec<Outcome> {
+        if self.inner.max_in_flight_per_key() <= 1 {
+            let mut outcomes = Vec::with_capacity(run.len());
+            for (event, route) in run {
+                let outcome = self.publish(event, route).await;
+                let delivered = matches!(outcome, Outcome::Delivered);
+                outcomes.push(outcome);
+                if !delivered {
+                    break;
                 }
             }
-            drop(spans);
-            outcomes
+            return outcomes;
         }
+        let spans: Vec<tracing::Span> = run
+            .iter()
+            .map(|(event, route)| self.span(event, route))
+            .collect();
+        let started = std::time::Instant::now();
+        let outcomes = self.inner.publish_run(run).await;
+        let took = started.elapsed();
+        let now = chrono::Utc::now();
+        for (outcome, (event, _route)) in outcomes.iter().zip(run) {
+            self.stats.publish_duration.observe(took);
+            if let Outcome::Delivered = outcome {
+                let age = now - event.created_at;
+                self.stats
+                    .commit_to_confirm
+                    .observe(age.to_std().unwrap_or_default());
+            }
+        }
+        drop(spans);
+        outcomes
     }
 
     fn close(&self) -> impl Future<Output = ()> + Send {
