@@ -86,8 +86,9 @@ pub(crate) struct PollingClaims {
     busy: HashSet<String>,
     db_backoff: Backoff,
     hold: Option<Hold>,
-    /// A claim under way, resumed when the loop's select cancelled it.
-    claim: Option<Claim>,
+    /// A claim under way (and whether it is a probe), resumed when the loop's
+    /// select cancelled it.
+    claim: Option<(Claim, bool)>,
     last_settle: Instant,
 }
 
@@ -216,11 +217,20 @@ impl Source for PollingClaims {
 
     async fn next(&mut self, admission: Admission) -> Next<Owned, ClaimedEvent> {
         loop {
+            // A claim started for another kind of admission (a probe, or not) is
+            // not resumed: a probe claims one event alone.
+            if self
+                .claim
+                .as_ref()
+                .is_some_and(|(_, probe)| *probe != admission.probe)
+            {
+                self.claim = None;
+            }
             if self.claim.is_none() {
                 self.wait_for_claim(&admission).await;
-                self.claim = Some(self.claim(&admission));
+                self.claim = Some((self.claim(&admission), admission.probe));
             }
-            let Some(claim) = self.claim.as_mut() else {
+            let Some((claim, _)) = self.claim.as_mut() else {
                 continue;
             };
             let claimed = claim.await;
