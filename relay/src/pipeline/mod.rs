@@ -75,6 +75,9 @@ pub(crate) struct Parts<K: Sink> {
 
 type Item<S> = Queued<<S as Source>::Token, <S as Source>::Item>;
 
+/// Set when the loop is ending: why, since when, and the grace.
+type Draining = Option<(Result<SessionEnd>, Instant, Duration)>;
+
 /// What woke the loop.
 enum Step<S: Source> {
     Nothing,
@@ -131,8 +134,7 @@ pub(crate) async fn run<S: Source, K: Sink>(
     };
     let mut settle_tick = tokio::time::interval(SETTLE_INTERVAL);
     settle_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // Set when the loop is ending: why, since when, and the grace.
-    let mut ending: Option<(Result<SessionEnd>, Instant, Duration)> = None;
+    let mut ending: Draining = None;
 
     let end = loop {
         stats.beat();
@@ -214,16 +216,10 @@ pub(crate) async fn run<S: Source, K: Sink>(
         match step {
             Step::Nothing | Step::Lane(None) => {}
             Step::Alarm => {
-                if let Some(stop) = source.check(ending.is_some()).await {
-                    match stop.ending {
-                        Ending::Abort => {
-                            flow.lanes.abort_all();
-                            break stop.end;
-                        }
-                        Ending::Drain(grace) => {
-                            ending.get_or_insert((stop.end, Instant::now(), grace));
-                        }
-                    }
+                if let Some(stop) = source.check(ending.is_some()).await
+                    && let Some(end) = flow.stop(stop, &mut ending)
+                {
+                    break end;
                 }
             }
             Step::Lane(Some(done)) => {
@@ -248,15 +244,11 @@ pub(crate) async fn run<S: Source, K: Sink>(
                         flow.admit(unit);
                     }
                     Next::Idle => flow.gate.found_nothing(&admission),
-                    Next::End(stop) => match stop.ending {
-                        Ending::Abort => {
-                            flow.lanes.abort_all();
-                            break stop.end;
+                    Next::End(stop) => {
+                        if let Some(end) = flow.stop(stop, &mut ending) {
+                            break end;
                         }
-                        Ending::Drain(grace) => {
-                            ending = Some((stop.end, Instant::now(), grace));
-                        }
-                    },
+                    }
                 }
             }
         }
@@ -350,6 +342,21 @@ impl<S: Source, K: Sink> Flow<S, K> {
             }
         }
         None
+    }
+
+    /// The source stops: abort at once (returns the end), or start draining
+    /// (a drain already under way keeps its reason and grace).
+    fn stop(&mut self, stop: Stop, ending: &mut Draining) -> Option<Result<SessionEnd>> {
+        match stop.ending {
+            Ending::Abort => {
+                self.lanes.abort_all();
+                Some(stop.end)
+            }
+            Ending::Drain(grace) => {
+                ending.get_or_insert((stop.end, Instant::now(), grace));
+                None
+            }
+        }
     }
 
     /// After a settle: feed the gate's round, or stop.
