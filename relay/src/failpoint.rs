@@ -14,7 +14,7 @@
 //!
 //! Every point marks a step of a recovery protocol: the state machine in
 //! [`crate::source::wal`] says what a crash at a `wal.*` point does; the
-//! polling points are described in the relay loop's docs (`pipeline.rs`).
+//! polling points are described in `source/polling/claims.rs`.
 
 /// The environment variable naming the failpoint to crash at: `name` or `name:N`.
 pub const FAILPOINT_ENV: &str = "OUTBOX_RELAY_FAILPOINT";

@@ -18,15 +18,19 @@
 //! # Layout
 //!
 //! `relay/ARCHITECTURE.md` walks one event through the code. In short: a source
-//! (`source/polling/`, `source/wal/`) yields units of keyed events in source
-//! order; the relay loop (`pipeline.rs` for polling, `wal_pipeline.rs` for WAL)
-//! admits each unit in the ledger (`pipeline/ledger.rs`) and publishes its events
-//! in per-key lanes to a sink (`sink/rabbitmq/`, `sink/kafka/`); the ledger says
-//! what may be settled back to the source: anything finished for polling, only the
-//! contiguous done prefix for WAL. `run` chooses the sink and the source, and is
-//! the one place that falls back from WAL to polling. `stats.rs`, `error.rs`,
-//! `resilience.rs` and `ops/` serve both loops; `config/` turns the file, the
-//! environment and flags into a [`RelayConfig`].
+//! (`source/polling/`, `source/wal/`, behind the `Source` trait of `source/mod.rs`)
+//! yields units of keyed events in source order; the one relay loop
+//! (`pipeline/mod.rs`) admits each unit in the ledger (`pipeline/ledger.rs`) and
+//! publishes its events in per-key lanes (`pipeline/lanes.rs`, `pipeline/lane.rs`)
+//! to a sink (`sink/rabbitmq/`, `sink/kafka/`); the ledger says what may be
+//! settled back to the source: anything finished for polling, only the contiguous
+//! done prefix for WAL. What a lane does on broker trouble is the source's named
+//! retry mode (polling releases the lane, WAL retries in place). The WAL
+//! supervisor (`source/wal/supervisor.rs`: leader, session restarts) returns a
+//! fallback instead of starting polling itself: `run` chooses the sink and the
+//! source, and is the one place that falls back from WAL to polling. `stats.rs`,
+//! `error.rs`, `resilience.rs` and `ops/` serve both sources; `config/` turns the
+//! file, the environment and flags into a [`RelayConfig`].
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
@@ -68,7 +72,6 @@ pub mod sink;
 pub mod source;
 pub mod stalls;
 pub mod stats;
-mod wal_pipeline;
 
 pub use check::check_connections;
 pub use config::{RawConfig, RelayConfig};
@@ -562,7 +565,7 @@ async fn relay_with_sink<S: sink::Sink>(
                 shutdown.clone(),
             ));
             let rows = source::wal::rows::WalRows::new(settle_pool.clone(), &config.database);
-            let end = wal_pipeline::WalRelay {
+            let end = source::wal::supervisor::WalRelay {
                 config: config.clone(),
                 wal,
                 sink: sink.clone(),
@@ -574,9 +577,9 @@ async fn relay_with_sink<S: sink::Sink>(
             presence.abort();
             let end = end?;
             match end {
-                wal_pipeline::WalRunEnd::Stopped(summary) => Ok(summary),
+                source::wal::supervisor::WalRunEnd::Stopped(summary) => Ok(summary),
                 // The one place that chooses the fallback source.
-                wal_pipeline::WalRunEnd::FallBackToPolling => {
+                source::wal::supervisor::WalRunEnd::FallBackToPolling => {
                     run_polling(&config, sink, settle_pool, stats, shutdown).await
                 }
             }
@@ -593,10 +596,9 @@ async fn run_polling<S: sink::Sink>(
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> Result<RunSummary> {
     let claim_pool = connect_pool(&config.database, 3).await?;
-    let mut source =
+    let source =
         source::polling::PollingSource::new(claim_pool, settle_pool.clone(), config.clone())
             .await?;
-    let wakeup = source.take_wakeup();
     let leases = Arc::new(source::polling::lease::PartitionLeases::new(
         &config.database.schema,
         config.instance_id.clone(),
@@ -609,18 +611,28 @@ async fn run_polling<S: sink::Sink>(
         partitions = config.polling.partitions,
         "relay starting with the polling source"
     );
-    pipeline::Pipeline {
-        source: Arc::new(source),
-        wakeup: Some(wakeup),
-        sink,
+    let claims = source::polling::PollingClaims::start(
+        source,
+        leases,
+        settle_pool,
+        &config.pipeline,
+        stats.clone(),
+        shutdown.clone(),
+    )
+    .await?;
+    let parts = pipeline::Parts {
+        sink: sink.clone(),
         router: config.router.clone(),
         config: config.pipeline.clone(),
-        leases,
-        lease_pool: settle_pool,
-        stats,
-    }
-    .run(shutdown)
-    .await
+        stats: stats.clone(),
+    };
+    let mut shutdown = shutdown;
+    let end = pipeline::run(claims, &parts, &mut shutdown).await;
+    sink::close_sink(&*sink).await;
+    end?;
+    let summary = stats.summary();
+    tracing::info!(?summary, "relay stopped");
+    Ok(summary)
 }
 
 #[cfg(test)]

@@ -132,6 +132,21 @@ impl<T, V> Ledger<T, V> {
         self.units.is_empty()
     }
 
+    /// `events` events of `unit` will never finish (their lane task died): they
+    /// leave the window now; their source sends them again.
+    pub(crate) fn abandon(&mut self, unit: UnitId, events: usize) {
+        let Some(entry) = self.units.get_mut(&unit) else {
+            return;
+        };
+        let events = events.min(entry.events - entry.finished());
+        entry.released += events;
+        entry.settled += events;
+        self.in_flight -= events;
+        if entry.settled >= entry.events {
+            self.units.remove(&unit);
+        }
+    }
+
     /// Record how the event `sequence` of `unit` left its lane.
     pub(crate) fn finish(&mut self, unit: UnitId, sequence: i64, finished: Finished)
     where
@@ -157,6 +172,22 @@ impl<T, V> Ledger<T, V> {
         }
         self.view.finished(finished);
     }
+
+    /// The lane of `key` finished (nothing of it is queued or running).
+    pub(crate) fn lane_finished(&mut self, key: String)
+    where
+        V: View,
+    {
+        self.view.lane_finished(key);
+    }
+
+    /// Keys whose lanes finished and wait for a settle before they are free.
+    pub(crate) fn finished_lanes(&self) -> usize
+    where
+        V: View,
+    {
+        self.view.finished_lanes()
+    }
 }
 
 /// What a view counts as events finish.
@@ -165,6 +196,10 @@ pub(crate) trait View {
     const KEEPS_SEQUENCES: bool;
     /// An event of some unit finished.
     fn finished(&mut self, finished: Finished);
+    /// A key's lane finished: the any-order view keeps it out of claims until the next settle.
+    fn lane_finished(&mut self, key: String);
+    /// Keys whose lanes finished since the last settle.
+    fn finished_lanes(&self) -> usize;
 }
 
 impl View for AnyOrder {
@@ -175,11 +210,21 @@ impl View for AnyOrder {
             self.delivered += 1;
         }
     }
+    fn lane_finished(&mut self, key: String) {
+        self.keys.push(key);
+    }
+    fn finished_lanes(&self) -> usize {
+        self.keys.len()
+    }
 }
 
 impl View for DonePrefix {
     const KEEPS_SEQUENCES: bool = false;
     fn finished(&mut self, _: Finished) {}
+    fn lane_finished(&mut self, _: String) {}
+    fn finished_lanes(&self) -> usize {
+        0
+    }
 }
 
 /// What an any-order settle takes: per unit, the sequences delivered since the
@@ -193,16 +238,6 @@ pub(crate) struct Settlement<T> {
 }
 
 impl<T: Clone> Ledger<T, AnyOrder> {
-    /// A key's lane finished: keep the key out of claims until the next settle.
-    pub(crate) fn lane_finished(&mut self, key: String) {
-        self.view.keys.push(key);
-    }
-
-    /// Keys whose lanes finished since the last settle.
-    pub(crate) fn finished_lanes(&self) -> usize {
-        self.view.keys.len()
-    }
-
     /// Events finished (delivered, dead-lettered or released) since the last settle.
     pub(crate) fn finished_unsettled(&self) -> usize {
         self.view.finished
@@ -211,21 +246,6 @@ impl<T: Clone> Ledger<T, AnyOrder> {
     /// Events delivered since the last settle.
     pub(crate) fn delivered_unsettled(&self) -> usize {
         self.view.delivered
-    }
-
-    /// `events` events of `unit` will never finish (their lane task died): they
-    /// leave the window now; their source sends them again.
-    pub(crate) fn abandon(&mut self, unit: UnitId, events: usize) {
-        let Some(entry) = self.units.get_mut(&unit) else {
-            return;
-        };
-        let events = events.min(entry.events - entry.finished());
-        entry.released += events;
-        entry.settled += events;
-        self.in_flight -= events;
-        if entry.settled >= entry.events {
-            self.units.remove(&unit);
-        }
     }
 
     /// Take everything finished for the settle: the delivered sequences per unit

@@ -6,6 +6,7 @@
 //! (see [`lease`]), and every write is fenced by the lease tokens the
 //! batch was claimed under.
 
+mod claims;
 pub mod lease;
 mod wakeup;
 
@@ -20,6 +21,7 @@ use crate::event::OutboxEvent;
 use crate::source::polling::lease::Owned;
 pub use crate::source::row::ClaimedEvent;
 use crate::source::row::{CREATED_AT_COLUMNS, ClaimRow};
+pub(crate) use claims::PollingClaims;
 pub use wakeup::Wakeup;
 
 /// Events claimed together, with the lease tokens they were claimed under.
@@ -181,6 +183,7 @@ impl PollingSource {
     pub fn take_wakeup(&mut self) -> Wakeup {
         Wakeup {
             idle_waits: 0,
+            deadline: None,
             listener: self.listener.take(),
             channel: self.channel.clone(),
             poll_interval: self.poll_interval,

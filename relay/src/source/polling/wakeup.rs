@@ -22,6 +22,9 @@ pub struct Wakeup {
     pub(super) poll_interval: Duration,
     /// Waits since a claim last found events.
     pub(super) idle_waits: u32,
+    /// When the wait under way ends: kept when the wait is cancelled, so the
+    /// relay loop can race it against lane results and resume it.
+    pub(super) deadline: Option<tokio::time::Instant>,
 }
 
 impl Wakeup {
@@ -39,14 +42,26 @@ impl Wakeup {
     }
 
     /// Wait until new rows may be there: the adaptive poll interval, or a NOTIFY.
+    /// Cancel-safe: a cancelled wait resumes with the same deadline.
     pub async fn wait_for_work(&mut self) {
-        let interval = self.next_interval();
-        self.idle_waits = self.idle_waits.saturating_add(1);
+        let deadline = match self.deadline {
+            Some(deadline) => deadline,
+            None => {
+                let interval = self.next_interval();
+                self.idle_waits = self.idle_waits.saturating_add(1);
+                *self.deadline.insert(tokio::time::Instant::now() + interval)
+            }
+        };
+        self.wait_until(deadline).await;
+        self.deadline = None;
+    }
+
+    async fn wait_until(&mut self, deadline: tokio::time::Instant) {
         let Some(listener) = self.listener.as_mut() else {
-            tokio::time::sleep(interval).await;
+            tokio::time::sleep_until(deadline).await;
             return;
         };
-        match tokio::time::timeout(interval, listener.try_recv()).await {
+        match tokio::time::timeout_at(deadline, listener.try_recv()).await {
             Ok(Ok(Some(_))) => {
                 // Notifications that piled up while we worked all mean the same: there is work.
                 while let Ok(Ok(Some(_))) =
@@ -57,11 +72,11 @@ impl Wakeup {
             }
             Ok(Ok(None)) => {
                 tracing::warn!(channel = %self.channel, "LISTEN connection lost; it reconnects on the next wait");
-                tokio::time::sleep(interval).await;
+                tokio::time::sleep_until(deadline).await;
             }
             Ok(Err(error)) => {
                 tracing::warn!(%error, "LISTEN failed; polling on the interval until it recovers");
-                tokio::time::sleep(interval).await;
+                tokio::time::sleep_until(deadline).await;
             }
             Err(_elapsed) => {}
         }
@@ -79,6 +94,7 @@ mod tests {
             channel: "outbox.outbox".into(),
             poll_interval: Duration::from_millis(250),
             idle_waits: 0,
+            deadline: None,
         };
         let mut waits = Vec::new();
         for _ in 0..10 {

@@ -119,13 +119,16 @@ mod error;
 pub mod leader;
 mod lsn;
 mod pgoutput;
+mod poison;
 pub mod rows;
 mod server;
 mod session;
 mod slot;
 mod stream;
+pub(crate) mod supervisor;
 #[cfg(test)]
 mod tests;
+mod units;
 
 use std::collections::HashMap;
 use std::fmt;
