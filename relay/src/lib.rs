@@ -574,6 +574,16 @@ async fn relay_with_sink<S: sink::Sink>(
             }
             .run(shutdown.clone(), settle_pool.clone())
             .await;
+            // On a stop the task deletes this relay's presence row; give it the time
+            // (aborting it left the row for its 15 s expiry: `status` still listed us).
+            let mut presence = presence;
+            if *shutdown.borrow()
+                && tokio::time::timeout(resilience::CLOSE_TIMEOUT, &mut presence)
+                    .await
+                    .is_err()
+            {
+                tracing::debug!("deleting this relay's presence row took too long");
+            }
             presence.abort();
             let end = end?;
             match end {
