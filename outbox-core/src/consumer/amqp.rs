@@ -34,7 +34,7 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt as _, StreamExt};
 use lapin::Channel;
 use lapin::message::Delivery;
 use lapin::options::{
@@ -44,11 +44,24 @@ use lapin::types::{AMQPValue, FieldTable};
 use sqlx::PgPool;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 
 use super::lanes::KeyLanes;
-use super::{ConsumerConfig, ConsumerStats, Handler, MessageMeta, Processor, Verdict, wire};
+use super::{
+    ConsumerConfig, ConsumerStats, Handler, Message, MessageMeta, Pending, Processor, Returned,
+    Settle, wire,
+};
 use crate::error::Error;
 use crate::inbox::Inbox;
+
+/// Deliveries taken from the stream at once when several are ready, before a batch starts.
+const DRAIN_READY_MAX: usize = 1_024;
+
+/// What a finished batch task hands back to the consumer's loop.
+struct BatchDone {
+    returned: Vec<Returned<Delivery>>,
+    stats: ConsumerStats,
+}
 
 /// Consumes a RabbitMQ queue through the inbox; see the [module docs](super).
 pub struct AmqpConsumer<H> {
@@ -70,9 +83,12 @@ impl<H: Handler> AmqpConsumer<H> {
 
     /// Consume `queue` on `channel` until `shutdown` completes or the channel closes.
     ///
-    /// Sets the channel's prefetch to `max_in_flight`. On shutdown it stops taking
-    /// deliveries, lets running handlers finish their current run, and returns; what
-    /// was not acknowledged is redelivered by RabbitMQ (and deduplicated by the inbox).
+    /// Sets the channel's prefetch to `max_in_flight`. Deliveries are handled in
+    /// batches (see [`ConsumerConfig`]) and each is acknowledged only after its
+    /// batch's transaction committed. On shutdown it stops taking deliveries, lets
+    /// running batches finish their current run, rejects what it still holds with
+    /// requeue, and returns; what was not acknowledged is delivered again by RabbitMQ
+    /// (and deduplicated by the inbox).
     pub async fn run(
         &self,
         channel: &Channel,
@@ -95,101 +111,203 @@ impl<H: Handler> AmqpConsumer<H> {
             .await
             .map_err(broker("starting to consume the queue"))?;
         let (stop_tx, stop_rx) = watch::channel(false);
-        let mut lanes: KeyLanes<Delivery> = KeyLanes::new();
-        let mut tasks: JoinSet<(String, ConsumerStats)> = JoinSet::new();
+        let mut lanes: KeyLanes<Pending<Delivery>> = KeyLanes::new();
+        let mut tasks: JoinSet<BatchDone> = JoinSet::new();
         let mut stats = ConsumerStats::default();
         let mut ended = None;
+        let mut filling_since: Option<Instant> = None;
+        let mut wake_at: Option<Instant> = None;
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
                 biased;
                 _ = &mut shutdown => break,
-                Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
-                    if let Ok((key, run)) = joined {
-                        stats.add(&run);
-                        if let Some(next) = lanes.finish(&key) {
-                            self.spawn(&mut tasks, key, next, stop_rx.clone());
+                Some(joined) = tasks.join_next(), if !tasks.is_empty() => match joined {
+                    Ok(done) => {
+                        stats.add(&done.stats);
+                        for back in done.returned {
+                            lanes.finish(&back.key, back.pending, back.not_before, back.settled);
                         }
                     }
-                }
-                next = deliveries.next() => match next {
-                    Some(Ok(delivery)) => {
-                        let key = lane_key(&delivery);
-                        if let Some(start) = lanes.push(&key, delivery) {
-                            self.spawn(&mut tasks, key, start, stop_rx.clone());
-                        }
-                    }
-                    Some(Err(error)) => {
-                        ended = Some(Error::Broker {
-                            operation: "receiving deliveries",
-                            message: error.to_string(),
-                        });
+                    Err(error) => {
+                        tracing::error!(consumer = %config.name, %error, "a batch task failed");
+                        ended = Some(Error::HandlerPanicked { consumer: config.name.clone() });
                         break;
                     }
-                    None => break,
                 },
+                _ = sleep_until(wake_at), if wake_at.is_some() => {}
+                next = deliveries.next() => {
+                    let mut next = next;
+                    let mut taken = 0;
+                    let mut closed = false;
+                    loop {
+                        match next {
+                            Some(Ok(delivery)) => lanes.push_pending(received(delivery)),
+                            Some(Err(error)) => {
+                                ended = Some(Error::Broker {
+                                    operation: "receiving deliveries",
+                                    message: error.to_string(),
+                                });
+                                closed = true;
+                                break;
+                            }
+                            // Cancelled by the broker, or the channel closed.
+                            None => {
+                                closed = true;
+                                break;
+                            }
+                        }
+                        taken += 1;
+                        // Whatever else is ready now goes into the same batches.
+                        match deliveries.next().now_or_never() {
+                            Some(more) if taken < DRAIN_READY_MAX => next = more,
+                            _ => break,
+                        }
+                    }
+                    if closed {
+                        break;
+                    }
+                }
             }
+            let now = Instant::now();
+            let backoff = lanes.wake(now);
+            let fill = self.dispatch(&mut lanes, &mut tasks, &stop_rx, &mut filling_since, now);
+            wake_at = match (backoff, fill) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
         }
         let _ = channel
             .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
             .await;
         let _ = stop_tx.send(true);
+        let mut left: Vec<Pending<Delivery>> = lanes.drain();
         while let Some(joined) = tasks.join_next().await {
-            if let Ok((_, run)) = joined {
-                stats.add(&run);
+            if let Ok(done) = joined {
+                stats.add(&done.stats);
+                left.extend(done.returned.into_iter().flat_map(|back| back.pending));
             }
         }
+        // Not processed: back to the queue for this or another instance.
+        futures_util::future::join_all(left.iter().map(|pending| reject(&pending.item, true)))
+            .await;
         match ended {
             Some(error) => Err(error),
             None => Ok(stats),
         }
     }
 
-    fn spawn(
+    /// Start batches while there is room and something is ready; returns when to look
+    /// again if a batch waits to fill up (`max_batch_wait`).
+    fn dispatch(
         &self,
-        tasks: &mut JoinSet<(String, ConsumerStats)>,
-        key: String,
-        delivery: Delivery,
-        stopping: watch::Receiver<bool>,
-    ) {
-        let processor = self.processor.clone();
-        tasks.spawn(async move {
-            let stats = handle_delivery(&processor, delivery, &stopping).await;
-            (key, stats)
-        });
+        lanes: &mut KeyLanes<Pending<Delivery>>,
+        tasks: &mut JoinSet<BatchDone>,
+        stopping: &watch::Receiver<bool>,
+        filling_since: &mut Option<Instant>,
+        now: Instant,
+    ) -> Option<Instant> {
+        let max_batch = self.processor.max_batch();
+        let wait = self.processor.config.max_batch_wait;
+        while tasks.len() < self.processor.max_batches() && lanes.has_ready() {
+            if !wait.is_zero() && lanes.ready_count(max_batch) < max_batch {
+                let since = *filling_since.get_or_insert(now);
+                if now < since + wait {
+                    return Some(since + wait);
+                }
+            }
+            *filling_since = None;
+            let batch: Vec<Pending<Delivery>> = lanes
+                .take_batch(max_batch)
+                .into_iter()
+                .map(|(_, pending)| pending)
+                .collect();
+            let processor = self.processor.clone();
+            let stopping = stopping.clone();
+            tasks.spawn(async move { run_batch(&processor, batch, &stopping).await });
+        }
+        None
     }
 }
 
-async fn handle_delivery<H: Handler>(
-    processor: &Processor<H>,
-    mut delivery: Delivery,
-    stopping: &watch::Receiver<bool>,
-) -> ConsumerStats {
-    let mut stats = ConsumerStats::default();
-    let Some(meta) = message_meta(&delivery) else {
-        tracing::warn!(
-            consumer = %processor.config.name,
-            routing_key = %delivery.routing_key,
-            "a delivery without an event id (message_id) cannot be deduplicated; dead-lettering it"
-        );
-        stats.dead_lettered += 1;
-        reject(&delivery, false).await;
-        return stats;
+impl KeyLanes<Pending<Delivery>> {
+    fn push_pending(&mut self, pending: Pending<Delivery>) {
+        let key = pending.key.clone();
+        self.push(&key, pending);
+    }
+}
+
+/// A delivery as the batches hold it: its lane, and the message for the handler.
+fn received(mut delivery: Delivery) -> Pending<Delivery> {
+    let key = lane_key(&delivery);
+    let message = match message_meta(&delivery) {
+        Some(meta) => Ok(Message {
+            meta,
+            payload: std::mem::take(&mut delivery.data),
+            attempt: 0,
+        }),
+        None => {
+            tracing::warn!(
+                routing_key = %delivery.routing_key,
+                "a delivery without an event id (message_id) cannot be deduplicated; dead-lettering it"
+            );
+            Err(
+                "the delivery has no message_id (event id), so it cannot be deduplicated"
+                    .to_owned(),
+            )
+        }
     };
-    let payload = std::mem::take(&mut delivery.data);
-    let verdict = processor.process(meta, payload, stopping, &mut stats).await;
-    stats.count(&verdict);
-    match verdict {
-        Verdict::Handled | Verdict::Duplicate => {
-            if let Err(error) = delivery.acker.ack(BasicAckOptions::default()).await {
-                // The effects are committed; the redelivery will be a duplicate.
-                tracing::warn!(%error, "acknowledging a processed delivery failed; it will come again and be skipped");
+    Pending {
+        item: delivery,
+        key,
+        message,
+        failures: 0,
+    }
+}
+
+/// Run one batch, then settle it: ack what committed, reject what is dead-lettered.
+async fn run_batch<H: Handler>(
+    processor: &Processor<H>,
+    mut batch: Vec<Pending<Delivery>>,
+    stopping: &watch::Receiver<bool>,
+) -> BatchDone {
+    let mut stats = ConsumerStats::default();
+    let outcomes = processor.run_batch(&mut batch, stopping).await;
+    let sorted = processor.sort_out(batch, outcomes, &mut stats);
+    // The transaction has committed: only now are the deliveries acknowledged.
+    let settled = sorted.settle.iter().map(|(pending, how)| async move {
+        match how {
+            Settle::Ack => {
+                if let Err(error) = pending.item.acker.ack(BasicAckOptions::default()).await {
+                    // The effects are committed; the redelivery will be a duplicate.
+                    tracing::warn!(%error, "acknowledging a processed delivery failed; it will come again and be skipped");
+                }
+                false
+            }
+            Settle::DeadLetter(_) => {
+                reject(&pending.item, false).await;
+                true
+            }
+            Settle::Abandon => {
+                reject(&pending.item, true).await;
+                false
             }
         }
-        Verdict::DeadLettered(_) => reject(&delivery, false).await,
-        Verdict::Abandoned => reject(&delivery, true).await,
+    });
+    let dead = futures_util::future::join_all(settled).await;
+    stats.dead_lettered += dead.into_iter().filter(|dead| *dead).count() as u64;
+    BatchDone {
+        returned: sorted.returned,
+        stats,
     }
-    stats
+}
+
+/// Sleep until `at` (never, without one).
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn reject(delivery: &Delivery, requeue: bool) {

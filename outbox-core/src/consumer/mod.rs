@@ -27,6 +27,7 @@
 //! Effects outside the handler's connection (HTTP calls, e-mails) are not covered:
 //! they can repeat when a run fails after making them.
 
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::time::Duration;
 
@@ -178,6 +179,14 @@ impl RetryPolicy {
 }
 
 /// Settings shared by the RabbitMQ and Kafka helpers.
+///
+/// Throughput comes from batching: the messages that are ready at once (of several
+/// keys, and consecutive messages of one key in order) are handled in **one**
+/// transaction of at most `max_batch_messages`, each message in a savepoint of its
+/// own, so a failing handler rolls back only its message. One commit covers the
+/// batch, and only after it are the deliveries acknowledged (RabbitMQ) or their
+/// offsets stored (Kafka). Up to `max_concurrent_batches` such transactions run at
+/// once, each on its own connection of the pool, and no key is in two of them.
 #[derive(Clone, Debug)]
 pub struct ConsumerConfig {
     /// The inbox's consumer name: instances of one logical consumer share it, so a
@@ -185,20 +194,43 @@ pub struct ConsumerConfig {
     pub name: String,
     /// Retries of handler failures.
     pub retry: RetryPolicy,
-    /// Messages handled at once (different keys); also the RabbitMQ prefetch.
+    /// Messages held at once: received and not yet settled, in batches or waiting
+    /// behind their key. Also the RabbitMQ prefetch.
     pub max_in_flight: u16,
+    /// Most messages in one transaction. Up to 64 stays within PostgreSQL's
+    /// per-transaction cache of subtransaction ids (one savepoint per message);
+    /// beyond it, other sessions' snapshots get slower while the batch runs.
+    pub max_batch_messages: u16,
+    /// How long a batch may wait to fill up before it starts. Zero (the default)
+    /// starts it with whatever is ready now: no latency is added when the consumer
+    /// is idle, and under load batches fill up while earlier ones run.
+    pub max_batch_wait: Duration,
+    /// Batch transactions at once; each holds a connection of the pool while it runs.
+    pub max_concurrent_batches: u16,
     /// Wait between attempts to reach the inbox's database while it does not answer.
     pub database_retry: Duration,
 }
 
+/// Default [`ConsumerConfig::max_in_flight`].
+pub const DEFAULT_MAX_IN_FLIGHT: u16 = 256;
+/// Default [`ConsumerConfig::max_batch_messages`].
+pub const DEFAULT_MAX_BATCH_MESSAGES: u16 = 64;
+/// Default [`ConsumerConfig::max_concurrent_batches`].
+pub const DEFAULT_MAX_CONCURRENT_BATCHES: u16 = 4;
+
 impl ConsumerConfig {
-    /// Defaults for consumer `name`: [`RetryPolicy::default`], 64 in flight, database
-    /// retried every second.
+    /// Defaults for consumer `name`: [`RetryPolicy::default`], 256 messages in flight,
+    /// batches of at most 64 messages started with whatever is ready (no wait), 4
+    /// batches at once, the database retried every second. Give the pool at least
+    /// `max_concurrent_batches` connections.
     pub fn new(name: impl Into<String>) -> Self {
         ConsumerConfig {
             name: name.into(),
             retry: RetryPolicy::default(),
-            max_in_flight: 64,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            max_batch_messages: DEFAULT_MAX_BATCH_MESSAGES,
+            max_batch_wait: Duration::ZERO,
+            max_concurrent_batches: DEFAULT_MAX_CONCURRENT_BATCHES,
             database_retry: Duration::from_secs(1),
         }
     }
@@ -231,15 +263,6 @@ pub struct ConsumerStats {
 }
 
 impl ConsumerStats {
-    pub(crate) fn count(&mut self, verdict: &Verdict) {
-        match verdict {
-            Verdict::Handled => self.handled += 1,
-            Verdict::Duplicate => self.duplicates += 1,
-            Verdict::DeadLettered(_) => self.dead_lettered += 1,
-            Verdict::Abandoned => {}
-        }
-    }
-
     pub(crate) fn add(&mut self, other: &ConsumerStats) {
         self.handled += other.handled;
         self.duplicates += other.duplicates;
@@ -248,7 +271,69 @@ impl ConsumerStats {
     }
 }
 
-/// Runs a handler through the inbox with the retry policy; shared by both brokers.
+/// A received message on its way through the batches, until it is settled.
+pub(crate) struct Pending<T> {
+    /// The broker's handle (a delivery, a message), settled after the commit.
+    pub(crate) item: T,
+    /// The lane: the partition key, else something unique to the message.
+    pub(crate) key: String,
+    /// The message for the handler, or why it cannot be processed (dead-lettered).
+    pub(crate) message: Result<Message, String>,
+    /// Failed handler runs so far.
+    pub(crate) failures: u32,
+}
+
+/// What one batch transaction did with one of its messages.
+pub(crate) enum Outcome {
+    /// The handler's effects committed with the inbox record.
+    Handled,
+    /// Processed before (by another instance, or an earlier copy in this batch).
+    Duplicate,
+    /// The handler failed (its savepoint was rolled back), or the message cannot be
+    /// processed at all.
+    Failed(HandlerError),
+    /// Not run: an earlier message of its key (or copy of it) failed in this batch.
+    NotRun,
+    /// The consumer stopped while the database did not answer.
+    Abandoned,
+}
+
+/// What becomes of a message after its batch.
+pub(crate) enum Settle {
+    /// Acknowledge (RabbitMQ) or mark done (Kafka): the batch committed.
+    Ack,
+    /// Dead-letter with this reason.
+    #[cfg_attr(not(feature = "rdkafka"), allow(dead_code))]
+    DeadLetter(String),
+    /// Leave it to the broker to deliver again (RabbitMQ: reject with requeue).
+    Abandon,
+}
+
+/// A key's messages that go back to its lane after a batch.
+pub(crate) struct Returned<T> {
+    pub(crate) key: String,
+    /// Not settled, in order: the failed message first, then the rest of its key.
+    pub(crate) pending: Vec<Pending<T>>,
+    /// The key waits out the failed message's backoff until then.
+    pub(crate) not_before: Option<tokio::time::Instant>,
+    /// The key's messages of the batch that were settled.
+    pub(crate) settled: usize,
+}
+
+/// A batch sorted out: what to settle now, and what goes back to the lanes.
+pub(crate) struct Sorted<T> {
+    pub(crate) settle: Vec<(Pending<T>, Settle)>,
+    pub(crate) returned: Vec<Returned<T>>,
+}
+
+/// Savepoint of the message being handled inside a batch transaction.
+const SAVEPOINT: &str = "savepoint outbox_consumer_message";
+/// The handler succeeded: keep its effects. Fails if it left the transaction failed.
+const RELEASE_SAVEPOINT: &str = "release savepoint outbox_consumer_message";
+/// The handler failed: undo only its effects.
+const ROLLBACK_TO_SAVEPOINT: &str = "rollback to savepoint outbox_consumer_message";
+
+/// Runs batches of messages through the inbox with the retry policy; shared by both brokers.
 pub(crate) struct Processor<H> {
     pub(crate) pool: PgPool,
     pub(crate) inbox: Inbox,
@@ -256,23 +341,206 @@ pub(crate) struct Processor<H> {
     pub(crate) handler: H,
 }
 
-/// A failed run: the handler's fault, or the inbox database's.
-enum RunError {
-    Handler(HandlerError),
-    Database(Error),
+/// Where a message id stands within one batch transaction.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum IdState {
+    Done,
+    Failed,
 }
 
 impl<H: Handler> Processor<H> {
-    /// Handle `meta` + `payload` until it is handled, a duplicate, dead-lettered, or
-    /// `stopping` says to give up (then [`Verdict::Abandoned`]).
-    pub(crate) async fn process(
+    /// Most messages per batch.
+    pub(crate) fn max_batch(&self) -> usize {
+        usize::from(self.config.max_batch_messages.max(1))
+    }
+
+    /// Most batches at once.
+    pub(crate) fn max_batches(&self) -> usize {
+        usize::from(self.config.max_concurrent_batches.max(1))
+    }
+
+    /// Run `batch` in one transaction until it commits; a failure of the database
+    /// (not of a handler) reruns the whole batch after `database_retry`, without
+    /// limit and without counting attempts, until `stopping` says to give up.
+    pub(crate) async fn run_batch<T>(
         &self,
-        meta: MessageMeta,
-        payload: Vec<u8>,
+        batch: &mut [Pending<T>],
         stopping: &tokio::sync::watch::Receiver<bool>,
-        stats: &mut ConsumerStats,
-    ) -> Verdict {
-        use tracing::Instrument;
+    ) -> Vec<Outcome> {
+        loop {
+            let error = match self.try_batch(batch).await {
+                Ok(outcomes) => return outcomes,
+                Err(error) => error,
+            };
+            tracing::warn!(
+                consumer = %self.config.name,
+                messages = batch.len(),
+                %error,
+                retry_in_ms = self.config.database_retry.as_millis() as u64,
+                "the inbox database failed; retrying the batch"
+            );
+            let mut stopping = stopping.clone();
+            tokio::select! {
+                _ = tokio::time::sleep(self.config.database_retry) => {}
+                _ = stopping.wait_for(|stop| *stop) => {
+                    return batch.iter().map(|_| Outcome::Abandoned).collect();
+                }
+            }
+        }
+    }
+
+    /// One transaction: record the batch's ids, run each first-time message's handler
+    /// in its own savepoint, forget the ids of messages that did not complete, commit.
+    async fn try_batch<T>(&self, batch: &mut [Pending<T>]) -> Result<Vec<Outcome>, Error> {
+        let mut outcomes: Vec<Option<Outcome>> = batch.iter().map(|_| None).collect();
+        let mut blocked: HashSet<String> = HashSet::new();
+        let mut ids: Vec<&str> = Vec::with_capacity(batch.len());
+        for (pending, outcome) in batch.iter().zip(outcomes.iter_mut()) {
+            let checked = match &pending.message {
+                Ok(message) => crate::inbox::check_message_id(&message.meta.event_id)
+                    .map(|()| message.meta.event_id.as_str())
+                    .map_err(|error| error.to_string()),
+                Err(reason) => Err(reason.clone()),
+            };
+            match checked {
+                Ok(id) => ids.push(id),
+                Err(reason) => {
+                    // Retrying cannot give a message an id: it is dead-lettered, and
+                    // the rest of its key waits for that.
+                    blocked.insert(pending.key.clone());
+                    *outcome = Some(Outcome::Failed(HandlerError::permanent(reason)));
+                }
+            }
+        }
+        if ids.is_empty() {
+            return Ok(outcomes
+                .into_iter()
+                .map(|o| o.unwrap_or(Outcome::NotRun))
+                .collect());
+        }
+        let name = self.config.name.as_str();
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(Error::database("beginning the inbox transaction"))?;
+        let first = self.inbox.record_many(&mut tx, name, &ids).await?;
+        drop(ids);
+        let mut states: HashMap<String, IdState> = HashMap::new();
+        // The message whose handler succeeded last; its savepoint is still open.
+        let mut open: Option<usize> = None;
+        for index in 0..batch.len() {
+            if outcomes[index].is_some() {
+                continue;
+            }
+            if let Some(previous) = open.take() {
+                self.release(&mut tx, &batch[previous], &mut outcomes[previous])
+                    .await?;
+                if let Some(Outcome::Failed(_)) = outcomes[previous] {
+                    blocked.insert(batch[previous].key.clone());
+                    if let Ok(message) = &batch[previous].message {
+                        states.insert(message.meta.event_id.clone(), IdState::Failed);
+                    }
+                }
+            }
+            let pending = &mut batch[index];
+            let Ok(message) = &mut pending.message else {
+                continue;
+            };
+            let id = message.meta.event_id.as_str();
+            let state = states.get(id).copied();
+            let outcome = if blocked.contains(&pending.key) || state == Some(IdState::Failed) {
+                Outcome::NotRun
+            } else if state == Some(IdState::Done) || !first.contains(id) {
+                Outcome::Duplicate
+            } else {
+                message.attempt = pending.failures + 1;
+                sqlx::raw_sql(SAVEPOINT)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(Error::database("starting a message's savepoint"))?;
+                let span = self.span(&message.meta);
+                let result = {
+                    use tracing::Instrument;
+                    self.handler.handle(message, &mut tx).instrument(span).await
+                };
+                match result {
+                    Ok(()) => {
+                        open = Some(index);
+                        states.insert(message.meta.event_id.clone(), IdState::Done);
+                        Outcome::Handled
+                    }
+                    Err(error) => {
+                        sqlx::raw_sql(ROLLBACK_TO_SAVEPOINT)
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(Error::database("rolling back a failed handler"))?;
+                        blocked.insert(pending.key.clone());
+                        states.insert(message.meta.event_id.clone(), IdState::Failed);
+                        Outcome::Failed(error)
+                    }
+                }
+            };
+            outcomes[index] = Some(outcome);
+        }
+        if let Some(previous) = open.take() {
+            self.release(&mut tx, &batch[previous], &mut outcomes[previous])
+                .await?;
+            if let (Some(Outcome::Failed(_)), Ok(message)) =
+                (&outcomes[previous], &batch[previous].message)
+            {
+                states.insert(message.meta.event_id.clone(), IdState::Failed);
+            }
+        }
+        // Ids recorded above whose message did not complete: a later run handles them.
+        let unfinished: Vec<&str> = first
+            .iter()
+            .map(String::as_str)
+            .filter(|id| states.get(*id) != Some(&IdState::Done))
+            .collect();
+        if !unfinished.is_empty() {
+            self.inbox.forget(&mut tx, name, &unfinished).await?;
+        }
+        tx.commit()
+            .await
+            .map_err(Error::database("committing the inbox transaction"))?;
+        Ok(outcomes
+            .into_iter()
+            .map(|o| o.unwrap_or(Outcome::NotRun))
+            .collect())
+    }
+
+    /// Keep the effects of a handler that succeeded. If it left the transaction
+    /// failed (it swallowed an error), its savepoint is rolled back and it counts as
+    /// a failed run: committing a failed transaction would silently roll back all.
+    async fn release<T>(
+        &self,
+        tx: &mut PgConnection,
+        pending: &Pending<T>,
+        outcome: &mut Option<Outcome>,
+    ) -> Result<(), Error> {
+        let error = match sqlx::raw_sql(RELEASE_SAVEPOINT).execute(&mut *tx).await {
+            Ok(_) => return Ok(()),
+            Err(error) if error.as_database_error().is_some() => error,
+            Err(error) => return Err(Error::database("releasing a message's savepoint")(error)),
+        };
+        sqlx::raw_sql(ROLLBACK_TO_SAVEPOINT)
+            .execute(&mut *tx)
+            .await
+            .map_err(Error::database("rolling back a failed handler"))?;
+        let event_id = pending
+            .message
+            .as_ref()
+            .map(|m| m.meta.event_id.as_str())
+            .unwrap_or("");
+        *outcome = Some(Outcome::Failed(HandlerError::transient(format!(
+            "the handler of event {event_id} returned Ok but left its transaction failed: {error}"
+        ))));
+        Ok(())
+    }
+
+    /// The handler's span; it continues the writer's trace.
+    fn span(&self, meta: &MessageMeta) -> tracing::Span {
         let span = tracing::info_span!(
             "outbox.consume",
             consumer = %self.config.name,
@@ -280,94 +548,90 @@ impl<H: Handler> Processor<H> {
             event_type = meta.event_type.as_deref().unwrap_or(""),
             traceparent = meta.traceparent.as_deref().unwrap_or(""),
         );
-        // The handler's span continues the writer's trace.
         crate::trace::follow(&span, meta.traceparent.as_deref());
-        self.process_in_span(meta, payload, stopping, stats)
-            .instrument(span)
-            .await
+        span
     }
 
-    async fn process_in_span(
+    /// Sort out a batch by outcome: settle now (ack, dead-letter, abandon), or back
+    /// to the key's lane (a failed run to retry after its backoff, and what did not
+    /// run). Counts handled, duplicates and retries into `stats`.
+    pub(crate) fn sort_out<T>(
         &self,
-        meta: MessageMeta,
-        payload: Vec<u8>,
-        stopping: &tokio::sync::watch::Receiver<bool>,
+        batch: Vec<Pending<T>>,
+        outcomes: Vec<Outcome>,
         stats: &mut ConsumerStats,
-    ) -> Verdict {
-        let mut message = Message {
-            meta,
-            payload,
-            attempt: 0,
-        };
+    ) -> Sorted<T> {
         let max_attempts = self.config.retry.max_attempts.max(1);
-        loop {
-            if *stopping.borrow() {
-                return Verdict::Abandoned;
+        let mut settle = Vec::new();
+        let mut returned: Vec<Returned<T>> = Vec::new();
+        let lane = |returned: &mut Vec<Returned<T>>, key: &str| -> usize {
+            match returned.iter().position(|r| r.key == key) {
+                Some(at) => at,
+                None => {
+                    returned.push(Returned {
+                        key: key.to_owned(),
+                        pending: Vec::new(),
+                        not_before: None,
+                        settled: 0,
+                    });
+                    returned.len() - 1
+                }
             }
-            message.attempt += 1;
-            let wait = match self.run_once(&message).await {
-                Ok(true) => return Verdict::Handled,
-                Ok(false) => return Verdict::Duplicate,
-                Err(RunError::Handler(error)) => {
-                    if error.permanent || message.attempt >= max_attempts {
+        };
+        for (mut pending, outcome) in batch.into_iter().zip(outcomes) {
+            let at = lane(&mut returned, &pending.key);
+            let decision = match outcome {
+                Outcome::Handled => {
+                    stats.handled += 1;
+                    Some(Settle::Ack)
+                }
+                Outcome::Duplicate => {
+                    stats.duplicates += 1;
+                    Some(Settle::Ack)
+                }
+                Outcome::Abandoned => Some(Settle::Abandon),
+                Outcome::NotRun => None,
+                Outcome::Failed(error) => {
+                    pending.failures += 1;
+                    let event_id = match &pending.message {
+                        Ok(message) => message.meta.event_id.as_str(),
+                        Err(_) => "",
+                    };
+                    if error.permanent || pending.failures >= max_attempts {
                         tracing::warn!(
-                            attempt = message.attempt,
+                            consumer = %self.config.name,
+                            event_id,
+                            attempt = pending.failures,
                             permanent = error.permanent,
                             %error,
                             "handler failed for good; dead-lettering the message"
                         );
-                        return Verdict::DeadLettered(error.message);
+                        Some(Settle::DeadLetter(error.message))
+                    } else {
+                        stats.retries += 1;
+                        let wait = self.config.retry.backoff(pending.failures);
+                        tracing::info!(
+                            consumer = %self.config.name,
+                            event_id,
+                            attempt = pending.failures,
+                            retry_in_ms = wait.as_millis() as u64,
+                            %error,
+                            "handler failed; retrying after the backoff, its key waits"
+                        );
+                        returned[at].not_before = Some(tokio::time::Instant::now() + wait);
+                        None
                     }
-                    stats.retries += 1;
-                    let wait = self.config.retry.backoff(message.attempt);
-                    tracing::info!(
-                        attempt = message.attempt,
-                        retry_in_ms = wait.as_millis() as u64,
-                        %error,
-                        "handler failed; retrying"
-                    );
-                    wait
-                }
-                Err(RunError::Database(error)) => {
-                    // Not the message's fault: the attempt does not count.
-                    message.attempt -= 1;
-                    tracing::warn!(
-                        %error,
-                        retry_in_ms = self.config.database_retry.as_millis() as u64,
-                        "the inbox database failed; retrying the message"
-                    );
-                    self.config.database_retry
                 }
             };
-            let mut stopping = stopping.clone();
-            tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
-                _ = stopping.wait_for(|stop| *stop) => return Verdict::Abandoned,
+            match decision {
+                Some(how) => {
+                    returned[at].settled += 1;
+                    settle.push((pending, how));
+                }
+                None => returned[at].pending.push(pending),
             }
         }
-    }
-
-    /// One transaction: record the id, run the handler, commit. True on the first time.
-    async fn run_once(&self, message: &Message) -> Result<bool, RunError> {
-        let mut tx = self.pool.begin().await.map_err(|source| {
-            RunError::Database(Error::database("beginning the inbox transaction")(source))
-        })?;
-        let first = self
-            .inbox
-            .record(&mut tx, &self.config.name, Some(&message.meta.event_id))
-            .await
-            .map_err(RunError::Database)?;
-        if !first {
-            return Ok(false);
-        }
-        self.handler
-            .handle(message, &mut tx)
-            .await
-            .map_err(RunError::Handler)?;
-        tx.commit().await.map_err(|source| {
-            RunError::Database(Error::database("committing the inbox transaction")(source))
-        })?;
-        Ok(true)
+        Sorted { settle, returned }
     }
 }
 
