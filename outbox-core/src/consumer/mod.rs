@@ -3,29 +3,50 @@
 //!
 //! A consumer implements [`Handler`]; the helper reads the event's metadata from the
 //! broker message ([`MessageMeta`]: event id, type, partition key, sequence, trace
-//! context), runs the handler through the [`Inbox`](crate::Inbox) in one transaction,
-//! and acknowledges the message (RabbitMQ ack, Kafka offset) **only after** that
-//! transaction committed. So:
+//! context), runs the handler through the [`Inbox`](crate::Inbox) in a database
+//! transaction, and acknowledges the message (RabbitMQ ack, Kafka offset) **only
+//! after** that transaction committed.
 //!
-//! * a crash before the commit redelivers the message and the handler runs again
-//!   (nothing of the failed run was committed);
-//! * a crash after the commit but before the ack redelivers it, and the inbox skips it
-//!   ([`Verdict::Duplicate`]): the effects happen once;
-//! * the same message delivered to several consumer instances at once is handled by
-//!   one of them; the others see a duplicate.
+//! # What is guaranteed
 //!
-//! Messages of one partition key are handled one after another, in delivery order;
-//! different keys are handled concurrently, up to the configured in-flight limit.
+//! * **Delivery is at-least-once**, never exactly-once: brokers redeliver after
+//!   crashes, lost connections and rebalances, and the relay may publish an event
+//!   twice. The helpers do not hide this; the inbox absorbs it.
+//! * **Effects are exactly-once** for what the handler writes through its
+//!   connection: the inbox row `(consumer, event id)` and the effects commit
+//!   together, so
+//!   * a crash before the commit redelivers the message and the handler runs again
+//!     (nothing of the failed run was committed);
+//!   * a crash after the commit but before the ack redelivers it, and the inbox skips
+//!     it ([`Verdict::Duplicate`]);
+//!   * copies of a message delivered to several consumer instances at once, or
+//!     inside one batch, are handled once; the others are duplicates.
+//! * **Per-key order**: messages of one partition key are handled one after another,
+//!   in delivery order, and a failing message holds the rest of its key until it is
+//!   handled or dead-lettered. Different keys are handled concurrently.
+//! * Not covered: effects outside the handler's connection (HTTP calls, e-mails) can
+//!   repeat when a run fails after making them; order across keys; order between
+//!   two instances that share a RabbitMQ queue (each takes whatever the queue gives).
 //!
-//! A handler error is retried in place with exponential backoff ([`RetryPolicy`]);
-//! after `max_attempts`, or at once for a [`HandlerError::permanent`] error, the
-//! message is dead-lettered (RabbitMQ: rejected without requeue, so the queue's
-//! dead-letter exchange receives it; Kafka: produced to a dead-letter topic with the
-//! error in headers) and its key moves on. A failure of the inbox's own database is
-//! not the message's fault: it is retried without limit and never dead-letters.
+//! # Batches
 //!
-//! Effects outside the handler's connection (HTTP calls, e-mails) are not covered:
-//! they can repeat when a run fails after making them.
+//! Messages that are ready at once (several keys, and consecutive messages of one
+//! key in order) are handled in **one** transaction: their ids are recorded with one
+//! statement, each first-time message's handler runs in a savepoint of its own, and
+//! one commit covers them all ([`ConsumerConfig::max_batch_messages`],
+//! [`ConsumerConfig::max_batch_wait`], [`ConsumerConfig::max_concurrent_batches`]).
+//! A failing handler rolls back only its savepoint: the others commit and are
+//! acknowledged once; the failed message's id is not recorded, and the message and
+//! the rest of its key go back to wait. A handler error is retried with exponential
+//! backoff ([`RetryPolicy`]); after `max_attempts`, or at once for a
+//! [`HandlerError::permanent`] error, the message is dead-lettered (RabbitMQ:
+//! rejected without requeue, so the queue's dead-letter exchange receives it; Kafka:
+//! produced to a dead-letter topic with the error in headers) and its key moves on.
+//!
+//! A failure of the inbox's own database (connect, the id insert, the commit) is not
+//! the messages' fault: the whole batch is retried every `database_retry`, without
+//! limit, and never dead-letters. A handler that returns `Ok` but leaves the
+//! transaction failed counts as a failed run of that handler.
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -330,6 +351,9 @@ pub(crate) struct Sorted<T> {
 const SAVEPOINT: &str = "savepoint outbox_consumer_message";
 /// The handler succeeded: keep its effects. Fails if it left the transaction failed.
 const RELEASE_SAVEPOINT: &str = "release savepoint outbox_consumer_message";
+/// The previous handler succeeded and the next one starts, in one round trip.
+const RELEASE_AND_SAVEPOINT: &str =
+    "release savepoint outbox_consumer_message; savepoint outbox_consumer_message";
 /// The handler failed: undo only its effects.
 const ROLLBACK_TO_SAVEPOINT: &str = "rollback to savepoint outbox_consumer_message";
 
@@ -346,6 +370,36 @@ pub(crate) struct Processor<H> {
 enum IdState {
     Done,
     Failed,
+}
+
+/// Whether a message of the batch is not run: `NotRun` behind a failed message of its
+/// key (or a failed copy of itself), `Duplicate` when processed before; `None` to run it.
+fn skip<T>(
+    pending: &Pending<T>,
+    blocked: &HashSet<String>,
+    states: &HashMap<String, IdState>,
+    first: &HashSet<String>,
+) -> Option<Outcome> {
+    let Ok(message) = &pending.message else {
+        return Some(Outcome::NotRun);
+    };
+    let id = message.meta.event_id.as_str();
+    let state = states.get(id).copied();
+    if blocked.contains(&pending.key) || state == Some(IdState::Failed) {
+        Some(Outcome::NotRun)
+    } else if state == Some(IdState::Done) || !first.contains(id) {
+        Some(Outcome::Duplicate)
+    } else {
+        None
+    }
+}
+
+async fn savepoint(tx: &mut PgConnection) -> Result<(), Error> {
+    sqlx::raw_sql(SAVEPOINT)
+        .execute(&mut *tx)
+        .await
+        .map_err(Error::database("starting a message's savepoint"))?;
+    Ok(())
 }
 
 impl<H: Handler> Processor<H> {
@@ -393,7 +447,6 @@ impl<H: Handler> Processor<H> {
     /// in its own savepoint, forget the ids of messages that did not complete, commit.
     async fn try_batch<T>(&self, batch: &mut [Pending<T>]) -> Result<Vec<Outcome>, Error> {
         let mut outcomes: Vec<Option<Outcome>> = batch.iter().map(|_| None).collect();
-        let mut blocked: HashSet<String> = HashSet::new();
         let mut ids: Vec<&str> = Vec::with_capacity(batch.len());
         for (pending, outcome) in batch.iter().zip(outcomes.iter_mut()) {
             let checked = match &pending.message {
@@ -404,12 +457,8 @@ impl<H: Handler> Processor<H> {
             };
             match checked {
                 Ok(id) => ids.push(id),
-                Err(reason) => {
-                    // Retrying cannot give a message an id: it is dead-lettered, and
-                    // the rest of its key waits for that.
-                    blocked.insert(pending.key.clone());
-                    *outcome = Some(Outcome::Failed(HandlerError::permanent(reason)));
-                }
+                // Retrying cannot give a message an id: it is dead-lettered.
+                Err(reason) => *outcome = Some(Outcome::Failed(HandlerError::permanent(reason))),
             }
         }
         if ids.is_empty() {
@@ -426,70 +475,91 @@ impl<H: Handler> Processor<H> {
             .map_err(Error::database("beginning the inbox transaction"))?;
         let first = self.inbox.record_many(&mut tx, name, &ids).await?;
         drop(ids);
+        let mut blocked: HashSet<String> = HashSet::new();
         let mut states: HashMap<String, IdState> = HashMap::new();
         // The message whose handler succeeded last; its savepoint is still open.
         let mut open: Option<usize> = None;
         for index in 0..batch.len() {
             if outcomes[index].is_some() {
+                // Failed before the transaction: the rest of its key waits for it.
+                blocked.insert(batch[index].key.clone());
                 continue;
             }
-            if let Some(previous) = open.take() {
-                self.release(&mut tx, &batch[previous], &mut outcomes[previous])
-                    .await?;
-                if let Some(Outcome::Failed(_)) = outcomes[previous] {
-                    blocked.insert(batch[previous].key.clone());
-                    if let Ok(message) = &batch[previous].message {
-                        states.insert(message.meta.event_id.clone(), IdState::Failed);
+            if let Some(skip) = skip(&batch[index], &blocked, &states, &first) {
+                outcomes[index] = Some(skip);
+                continue;
+            }
+            match open.take() {
+                // One round trip: keep the previous handler's effects, open this one's savepoint.
+                Some(previous) => {
+                    match sqlx::raw_sql(RELEASE_AND_SAVEPOINT).execute(&mut *tx).await {
+                        Ok(_) => {}
+                        Err(error) if error.as_database_error().is_some() => {
+                            self.failed_release(
+                                &mut tx,
+                                &batch[previous],
+                                &mut outcomes[previous],
+                                error,
+                            )
+                            .await?;
+                            blocked.insert(batch[previous].key.clone());
+                            if let Ok(message) = &batch[previous].message {
+                                states.insert(message.meta.event_id.clone(), IdState::Failed);
+                            }
+                            if let Some(skip) = skip(&batch[index], &blocked, &states, &first) {
+                                outcomes[index] = Some(skip);
+                                continue;
+                            }
+                            savepoint(&mut tx).await?;
+                        }
+                        Err(error) => {
+                            return Err(Error::database("releasing a message's savepoint")(error));
+                        }
                     }
                 }
+                None => savepoint(&mut tx).await?,
             }
             let pending = &mut batch[index];
             let Ok(message) = &mut pending.message else {
                 continue;
             };
-            let id = message.meta.event_id.as_str();
-            let state = states.get(id).copied();
-            let outcome = if blocked.contains(&pending.key) || state == Some(IdState::Failed) {
-                Outcome::NotRun
-            } else if state == Some(IdState::Done) || !first.contains(id) {
-                Outcome::Duplicate
-            } else {
-                message.attempt = pending.failures + 1;
-                sqlx::raw_sql(SAVEPOINT)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(Error::database("starting a message's savepoint"))?;
-                let span = self.span(&message.meta);
-                let result = {
-                    use tracing::Instrument;
-                    self.handler.handle(message, &mut tx).instrument(span).await
-                };
-                match result {
-                    Ok(()) => {
-                        open = Some(index);
-                        states.insert(message.meta.event_id.clone(), IdState::Done);
-                        Outcome::Handled
-                    }
-                    Err(error) => {
-                        sqlx::raw_sql(ROLLBACK_TO_SAVEPOINT)
-                            .execute(&mut *tx)
-                            .await
-                            .map_err(Error::database("rolling back a failed handler"))?;
-                        blocked.insert(pending.key.clone());
-                        states.insert(message.meta.event_id.clone(), IdState::Failed);
-                        Outcome::Failed(error)
-                    }
+            message.attempt = pending.failures + 1;
+            let span = self.span(&message.meta);
+            let result = {
+                use tracing::Instrument;
+                self.handler.handle(message, &mut tx).instrument(span).await
+            };
+            let outcome = match result {
+                Ok(()) => {
+                    open = Some(index);
+                    states.insert(message.meta.event_id.clone(), IdState::Done);
+                    Outcome::Handled
+                }
+                Err(error) => {
+                    sqlx::raw_sql(ROLLBACK_TO_SAVEPOINT)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(Error::database("rolling back a failed handler"))?;
+                    blocked.insert(pending.key.clone());
+                    states.insert(message.meta.event_id.clone(), IdState::Failed);
+                    Outcome::Failed(error)
                 }
             };
             outcomes[index] = Some(outcome);
         }
         if let Some(previous) = open.take() {
-            self.release(&mut tx, &batch[previous], &mut outcomes[previous])
-                .await?;
-            if let (Some(Outcome::Failed(_)), Ok(message)) =
-                (&outcomes[previous], &batch[previous].message)
-            {
-                states.insert(message.meta.event_id.clone(), IdState::Failed);
+            match sqlx::raw_sql(RELEASE_SAVEPOINT).execute(&mut *tx).await {
+                Ok(_) => {}
+                Err(error) if error.as_database_error().is_some() => {
+                    self.failed_release(&mut tx, &batch[previous], &mut outcomes[previous], error)
+                        .await?;
+                    if let Ok(message) = &batch[previous].message {
+                        states.insert(message.meta.event_id.clone(), IdState::Failed);
+                    }
+                }
+                Err(error) => {
+                    return Err(Error::database("releasing a message's savepoint")(error));
+                }
             }
         }
         // Ids recorded above whose message did not complete: a later run handles them.
@@ -510,20 +580,17 @@ impl<H: Handler> Processor<H> {
             .collect())
     }
 
-    /// Keep the effects of a handler that succeeded. If it left the transaction
-    /// failed (it swallowed an error), its savepoint is rolled back and it counts as
-    /// a failed run: committing a failed transaction would silently roll back all.
-    async fn release<T>(
+    /// The handler of `pending` returned `Ok` but left the transaction failed (it
+    /// swallowed an error), so releasing its savepoint failed with `error`: roll the
+    /// savepoint back and count a failed run. Committing a failed transaction would
+    /// silently roll back the whole batch.
+    async fn failed_release<T>(
         &self,
         tx: &mut PgConnection,
         pending: &Pending<T>,
         outcome: &mut Option<Outcome>,
+        error: sqlx::Error,
     ) -> Result<(), Error> {
-        let error = match sqlx::raw_sql(RELEASE_SAVEPOINT).execute(&mut *tx).await {
-            Ok(_) => return Ok(()),
-            Err(error) if error.as_database_error().is_some() => error,
-            Err(error) => return Err(Error::database("releasing a message's savepoint")(error)),
-        };
         sqlx::raw_sql(ROLLBACK_TO_SAVEPOINT)
             .execute(&mut *tx)
             .await
