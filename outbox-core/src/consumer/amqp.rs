@@ -60,7 +60,85 @@ const DRAIN_READY_MAX: usize = 1_024;
 /// What a finished batch task hands back to the consumer's loop.
 struct BatchDone {
     returned: Vec<Returned<Delivery>>,
+    /// Delivery tags whose batch committed: to acknowledge.
+    done: Vec<u64>,
+    /// Delivery tags rejected (dead-lettered or requeued): settled.
+    rejected: Vec<u64>,
     stats: ConsumerStats,
+}
+
+/// Where a delivery the channel has not settled yet stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Tag {
+    /// In a batch, or waiting in its key's lane (for a batch, behind its key, or
+    /// a retry backoff).
+    Held,
+    /// Its batch committed; the ack is not sent yet.
+    Done,
+}
+
+/// Unsettled deliveries of the channel by tag, so that one `basic.ack` with
+/// `multiple` can acknowledge a run of committed ones: it covers every unsettled
+/// tag up to it, so it is sent only over a prefix of done ones.
+struct Tags {
+    tags: std::collections::BTreeMap<u64, Tag>,
+    /// Done tags held back behind an older unsettled one.
+    deferred: usize,
+    /// Most done tags held back before they are acknowledged one by one.
+    max_deferred: usize,
+}
+
+impl Tags {
+    fn set(&mut self, tag: u64, state: Tag) {
+        self.tags.insert(tag, state);
+    }
+
+    /// Acknowledge what committed: one multiple ack for the done prefix. Done tags
+    /// behind an older unsettled one are held back for a later multiple ack (the
+    /// older one is in a batch, or waits for one), up to `max_deferred`: beyond that
+    /// (the older one waits out a long backoff) they are acknowledged one by one,
+    /// so held-back acks never take more than that share of the prefetch.
+    async fn flush(&mut self, channel: &Channel) {
+        let mut through = None;
+        while let Some(entry) = self.tags.first_entry() {
+            if *entry.get() != Tag::Done {
+                break;
+            }
+            through = Some(*entry.key());
+            entry.remove();
+        }
+        if let Some(tag) = through {
+            ack(channel, tag, true).await;
+        }
+        let done: Vec<u64> = self
+            .tags
+            .iter()
+            .filter(|(_, state)| **state == Tag::Done)
+            .map(|(tag, _)| *tag)
+            .collect();
+        self.deferred = done.len();
+        if self.deferred <= self.max_deferred {
+            return;
+        }
+        for tag in done {
+            self.tags.remove(&tag);
+            ack(channel, tag, false).await;
+        }
+        self.deferred = 0;
+    }
+
+    /// Acknowledge every done tag (the consumer stops).
+    async fn flush_all(&mut self, channel: &Channel) {
+        self.max_deferred = 0;
+        self.flush(channel).await;
+    }
+}
+
+async fn ack(channel: &Channel, tag: u64, multiple: bool) {
+    if let Err(error) = channel.basic_ack(tag, BasicAckOptions { multiple }).await {
+        // The effects are committed; the redelivery will be a duplicate.
+        tracing::warn!(%error, multiple, "acknowledging processed deliveries failed; they will come again and be skipped");
+    }
 }
 
 /// Consumes a RabbitMQ queue through the inbox; see the [module docs](super).
@@ -112,6 +190,11 @@ impl<H: Handler> AmqpConsumer<H> {
             .map_err(broker("starting to consume the queue"))?;
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut lanes: KeyLanes<Pending<Delivery>> = KeyLanes::new();
+        let mut tags = Tags {
+            tags: std::collections::BTreeMap::new(),
+            deferred: 0,
+            max_deferred: usize::from(config.max_in_flight.max(1)) / 2,
+        };
         let mut tasks: JoinSet<BatchDone> = JoinSet::new();
         let mut stats = ConsumerStats::default();
         let mut ended = None;
@@ -125,9 +208,11 @@ impl<H: Handler> AmqpConsumer<H> {
                 Some(joined) = tasks.join_next(), if !tasks.is_empty() => match joined {
                     Ok(done) => {
                         stats.add(&done.stats);
+                        settle_tags(&mut tags, &done);
                         for back in done.returned {
                             lanes.finish(&back.key, back.pending, back.not_before, back.settled);
                         }
+                        tags.flush(channel).await;
                     }
                     Err(error) => {
                         tracing::error!(consumer = %config.name, %error, "a batch task failed");
@@ -142,7 +227,10 @@ impl<H: Handler> AmqpConsumer<H> {
                     let mut closed = false;
                     loop {
                         match next {
-                            Some(Ok(delivery)) => lanes.push_pending(received(delivery)),
+                            Some(Ok(delivery)) => {
+                                tags.set(delivery.delivery_tag, Tag::Held);
+                                lanes.push_pending(received(delivery));
+                            }
                             Some(Err(error)) => {
                                 ended = Some(Error::Broker {
                                     operation: "receiving deliveries",
@@ -185,9 +273,11 @@ impl<H: Handler> AmqpConsumer<H> {
         while let Some(joined) = tasks.join_next().await {
             if let Ok(done) = joined {
                 stats.add(&done.stats);
+                settle_tags(&mut tags, &done);
                 left.extend(done.returned.into_iter().flat_map(|back| back.pending));
             }
         }
+        tags.flush_all(channel).await;
         // Not processed: back to the queue for this or another instance.
         futures_util::future::join_all(left.iter().map(|pending| reject(&pending.item, true)))
             .await;
@@ -265,7 +355,19 @@ fn received(mut delivery: Delivery) -> Pending<Delivery> {
     }
 }
 
-/// Run one batch, then settle it: ack what committed, reject what is dead-lettered.
+/// A finished batch's tags: committed ones are done, rejected ones settled (the
+/// returned ones stay held).
+fn settle_tags(tags: &mut Tags, done: &BatchDone) {
+    for tag in &done.done {
+        tags.set(*tag, Tag::Done);
+    }
+    for tag in &done.rejected {
+        tags.tags.remove(tag);
+    }
+}
+
+/// Run one batch, then reject what is dead-lettered or abandoned; the consumer's
+/// loop acknowledges what committed.
 async fn run_batch<H: Handler>(
     processor: &Processor<H>,
     mut batch: Vec<Pending<Delivery>>,
@@ -274,30 +376,33 @@ async fn run_batch<H: Handler>(
     let mut stats = ConsumerStats::default();
     let outcomes = processor.run_batch(&mut batch, stopping).await;
     let sorted = processor.sort_out(batch, outcomes, &mut stats);
-    // The transaction has committed: only now are the deliveries acknowledged.
-    let settled = sorted.settle.iter().map(|(pending, how)| async move {
+    let mut done = Vec::new();
+    let mut rejects = Vec::new();
+    for (pending, how) in &sorted.settle {
         match how {
-            Settle::Ack => {
-                if let Err(error) = pending.item.acker.ack(BasicAckOptions::default()).await {
-                    // The effects are committed; the redelivery will be a duplicate.
-                    tracing::warn!(%error, "acknowledging a processed delivery failed; it will come again and be skipped");
-                }
-                false
-            }
+            Settle::Ack => done.push(pending.item.delivery_tag),
             Settle::DeadLetter(_) => {
-                reject(&pending.item, false).await;
-                true
+                stats.dead_lettered += 1;
+                rejects.push((&pending.item, false));
             }
-            Settle::Abandon => {
-                reject(&pending.item, true).await;
-                false
-            }
+            Settle::Abandon => rejects.push((&pending.item, true)),
         }
-    });
-    let dead = futures_util::future::join_all(settled).await;
-    stats.dead_lettered += dead.into_iter().filter(|dead| *dead).count() as u64;
+    }
+    // Awaited before the loop's next multiple ack, which must not cover them.
+    futures_util::future::join_all(
+        rejects
+            .iter()
+            .map(|(delivery, requeue)| reject(delivery, *requeue)),
+    )
+    .await;
+    let rejected = rejects
+        .iter()
+        .map(|(delivery, _)| delivery.delivery_tag)
+        .collect();
     BatchDone {
         returned: sorted.returned,
+        done,
+        rejected,
         stats,
     }
 }
