@@ -24,6 +24,8 @@ pub(crate) struct KeyLanes<T> {
     ready: VecDeque<String>,
     /// Messages held: waiting here or in a running batch.
     held: usize,
+    /// Lanes waiting out a backoff (most of the time none: [`KeyLanes::wake`] is free).
+    backoffs: usize,
 }
 
 impl<T> KeyLanes<T> {
@@ -32,6 +34,7 @@ impl<T> KeyLanes<T> {
             lanes: HashMap::new(),
             ready: VecDeque::new(),
             held: 0,
+            backoffs: 0,
         }
     }
 
@@ -100,6 +103,9 @@ impl<T> KeyLanes<T> {
             self.lanes.remove(key);
             return;
         }
+        if lane.not_before.is_none() && not_before.is_some() {
+            self.backoffs += 1;
+        }
         lane.not_before = not_before;
         if not_before.is_none() && !lane.queued {
             lane.queued = true;
@@ -110,6 +116,9 @@ impl<T> KeyLanes<T> {
     /// Keys whose backoff is over become ready; returns the earliest backoff still
     /// running, for the caller's timer.
     pub(crate) fn wake(&mut self, now: Instant) -> Option<Instant> {
+        if self.backoffs == 0 {
+            return None;
+        }
         let mut earliest: Option<Instant> = None;
         for (key, lane) in &mut self.lanes {
             let Some(at) = lane.not_before else {
@@ -117,6 +126,7 @@ impl<T> KeyLanes<T> {
             };
             if at <= now {
                 lane.not_before = None;
+                self.backoffs = self.backoffs.saturating_sub(1);
                 if !lane.busy && !lane.queued {
                     lane.queued = true;
                     self.ready.push_back(key.clone());
@@ -162,6 +172,7 @@ impl<T> KeyLanes<T> {
             all.extend(lane.waiting.drain(..));
         }
         self.lanes.retain(|_, lane| lane.busy);
+        self.backoffs = 0;
         all
     }
 }

@@ -68,14 +68,15 @@ pub(crate) async fn run(ctx: &Ctx, report: &mut Report) -> anyhow::Result<()> {
     }
     section.note(format!(
         "{} messages preloaded (the relay's properties and headers, 1,000 keys), then \
-         `AmqpConsumer` / `KafkaConsumer` with the helpers' defaults: {} in flight, batches of \
+         `AmqpConsumer` / `KafkaConsumer` with the helpers' settings: {} in flight, batches of \
          at most {} messages (whatever is ready, no wait), {} batch transactions at once; a batch \
          is one transaction with a savepoint, the inbox row and one effect row per message. \
          Counted from the first effect row for at most {} s (the Kafka group join is left out).",
         crate::table::thousands(ctx.consumer_messages as f64),
         outbox_core::consumer::DEFAULT_MAX_IN_FLIGHT,
         outbox_core::consumer::DEFAULT_MAX_BATCH_MESSAGES,
-        outbox_core::consumer::DEFAULT_MAX_CONCURRENT_BATCHES,
+        ctx.consumer_batches
+            .unwrap_or(outbox_core::consumer::DEFAULT_MAX_CONCURRENT_BATCHES),
         ctx.consumer_secs
     ));
     report.add(section)
@@ -112,7 +113,10 @@ async fn measure(ctx: &Ctx, world: &World, sink: Sink, dead_letters: &str) -> an
         Sink::Kafka => limits::produce(ctx, &world.destination, total, far).await?,
     };
     anyhow::ensure!(loaded == total, "preloaded {loaded} of {total} messages");
-    let config = ConsumerConfig::new(format!("{}-consumer", world.destination));
+    let mut config = ConsumerConfig::new(format!("{}-consumer", world.destination));
+    if let Some(batches) = ctx.consumer_batches {
+        config.max_concurrent_batches = batches.max(1);
+    }
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(u32::from(config.max_concurrent_batches) + 1)
         .connect(&ctx.database_url)

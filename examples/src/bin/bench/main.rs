@@ -142,6 +142,9 @@ struct Args {
     /// Longest the consumer is measured, in seconds.
     #[arg(long, default_value_t = 6, global = true)]
     consumer_secs: u64,
+    /// Batch transactions of the consumer at once (default: the helpers' default).
+    #[arg(long, global = true)]
+    consumer_batches: Option<u16>,
 }
 
 #[derive(Subcommand, Debug, Clone, Copy, PartialEq, Eq)]
@@ -197,6 +200,7 @@ pub(crate) struct Ctx {
     pub(crate) writer_secs: u64,
     pub(crate) consumer_messages: usize,
     pub(crate) consumer_secs: u64,
+    pub(crate) consumer_batches: Option<u16>,
     pub(crate) rss_events: usize,
 }
 
@@ -269,6 +273,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         writer_secs: args.writer_secs.max(1),
         consumer_messages: args.consumer_messages.max(1),
         consumer_secs: args.consumer_secs.max(1),
+        consumer_batches: args.consumer_batches,
         rss_events: rss_events.max(1),
     };
     let started = Instant::now();
