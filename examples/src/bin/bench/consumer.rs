@@ -74,7 +74,8 @@ pub(crate) async fn run(ctx: &Ctx, report: &mut Report) -> anyhow::Result<()> {
          Counted from the first effect row for at most {} s (the Kafka group join is left out).",
         crate::table::thousands(ctx.consumer_messages as f64),
         outbox_core::consumer::DEFAULT_MAX_IN_FLIGHT,
-        outbox_core::consumer::DEFAULT_MAX_BATCH_MESSAGES,
+        ctx.consumer_batch_messages
+            .unwrap_or(outbox_core::consumer::DEFAULT_MAX_BATCH_MESSAGES),
         ctx.consumer_batches
             .unwrap_or(outbox_core::consumer::DEFAULT_MAX_CONCURRENT_BATCHES),
         ctx.consumer_secs
@@ -116,6 +117,15 @@ async fn measure(ctx: &Ctx, world: &World, sink: Sink, dead_letters: &str) -> an
     let mut config = ConsumerConfig::new(format!("{}-consumer", world.destination));
     if let Some(batches) = ctx.consumer_batches {
         config.max_concurrent_batches = batches.max(1);
+    }
+    if let Some(messages) = ctx.consumer_batch_messages {
+        config.max_batch_messages = messages.max(1);
+        // Enough in flight for every batch to be full.
+        config.max_in_flight = config.max_in_flight.max(
+            config
+                .max_batch_messages
+                .saturating_mul(config.max_concurrent_batches),
+        );
     }
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(u32::from(config.max_concurrent_batches) + 1)

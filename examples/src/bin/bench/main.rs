@@ -145,6 +145,10 @@ struct Args {
     /// Batch transactions of the consumer at once (default: the helpers' default).
     #[arg(long, global = true)]
     consumer_batches: Option<u16>,
+    /// Most messages per consumer batch (default: the helpers' default; 1 with
+    /// `--consumer-batches 32` is about the helpers before batching).
+    #[arg(long, global = true)]
+    consumer_batch_messages: Option<u16>,
 }
 
 #[derive(Subcommand, Debug, Clone, Copy, PartialEq, Eq)]
@@ -201,6 +205,7 @@ pub(crate) struct Ctx {
     pub(crate) consumer_messages: usize,
     pub(crate) consumer_secs: u64,
     pub(crate) consumer_batches: Option<u16>,
+    pub(crate) consumer_batch_messages: Option<u16>,
     pub(crate) rss_events: usize,
 }
 
@@ -274,6 +279,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         consumer_messages: args.consumer_messages.max(1),
         consumer_secs: args.consumer_secs.max(1),
         consumer_batches: args.consumer_batches,
+        consumer_batch_messages: args.consumer_batch_messages,
         rss_events: rss_events.max(1),
     };
     let started = Instant::now();
