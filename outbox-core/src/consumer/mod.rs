@@ -3,7 +3,7 @@
 //!
 //! A consumer implements [`Handler`]; the helper reads the event's metadata from the
 //! broker message ([`MessageMeta`]: event id, type, partition key, sequence, trace
-//! context), runs the handler through the [`Inbox`](crate::Inbox) in a database
+//! context), runs the handler through the [`Inbox`] in a database
 //! transaction, and acknowledges the message (RabbitMQ ack, Kafka offset) **only
 //! after** that transaction committed.
 //!
