@@ -168,6 +168,14 @@ pub enum Error {
         message: String,
     },
 
+    /// A consumer helper's handler panicked: the helper stops, and the messages it
+    /// held are delivered again by the broker (and deduplicated by the inbox).
+    #[error("a handler of consumer {consumer:?} panicked; the consumer stopped")]
+    HandlerPanicked {
+        /// The consumer's name.
+        consumer: String,
+    },
+
     /// Running the migrations failed.
     #[error("migrating schema {schema:?} failed: {source}")]
     Migrate {

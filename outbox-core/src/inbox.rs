@@ -42,6 +42,8 @@ impl<T> Processed<T> {
 pub struct Inbox {
     schema: SchemaName,
     record_sql: String,
+    record_many_sql: String,
+    forget_sql: String,
     purge_sql: String,
     count_sql: String,
 }
@@ -56,6 +58,16 @@ impl Inbox {
         Inbox {
             record_sql: format!(
                 "insert into {table} (consumer, message_id) values ($1, $2) on conflict do nothing"
+            ),
+            // Sorted, so concurrent batches of overlapping ids take the rows' locks in
+            // one order and never deadlock on each other.
+            record_many_sql: format!(
+                "insert into {table} (consumer, message_id) \
+                 select $1, id from (select distinct unnest($2::text[]) as id) ids order by id \
+                 on conflict do nothing returning message_id"
+            ),
+            forget_sql: format!(
+                "delete from {table} where consumer = $1 and message_id = any($2::text[])"
             ),
             // One small batch per statement: a purge never holds many row locks or
             // one long transaction, and skips rows a consumer is writing right now.
@@ -133,6 +145,58 @@ impl Inbox {
         self.record_checked(conn, consumer, message_id).await
     }
 
+    /// Record several ids in the caller's transaction with one statement; returns
+    /// those recorded for the first time (each once, however often it was given).
+    ///
+    /// Every id must have passed [`check_message_id`]. An id another transaction has
+    /// recorded but not yet committed makes this wait for that transaction, as
+    /// [`Inbox::record`] does.
+    #[cfg_attr(not(any(feature = "lapin", feature = "rdkafka")), allow(dead_code))]
+    pub(crate) async fn record_many(
+        &self,
+        conn: &mut PgConnection,
+        consumer: &str,
+        message_ids: &[&str],
+    ) -> Result<std::collections::HashSet<String>> {
+        check_key("consumer", consumer)?;
+        let rows: Vec<String> = sqlx::query_scalar(AssertSqlSafe(self.record_many_sql.as_str()))
+            .bind(consumer)
+            .bind(message_ids)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(|source| self.record_error(source))?;
+        Ok(rows.into_iter().collect())
+    }
+
+    /// Remove ids this transaction recorded but did not process, before it commits.
+    #[cfg_attr(not(any(feature = "lapin", feature = "rdkafka")), allow(dead_code))]
+    pub(crate) async fn forget(
+        &self,
+        conn: &mut PgConnection,
+        consumer: &str,
+        message_ids: &[&str],
+    ) -> Result<()> {
+        sqlx::query(AssertSqlSafe(self.forget_sql.as_str()))
+            .bind(consumer)
+            .bind(message_ids)
+            .execute(&mut *conn)
+            .await
+            .map_err(Error::database("removing unprocessed ids from the inbox"))?;
+        Ok(())
+    }
+
+    fn record_error(&self, source: sqlx::Error) -> Error {
+        match source.as_database_error().and_then(|e| e.code()) {
+            Some(code) if code == "42P01" || code == "3F000" => Error::SchemaMissing {
+                schema: self.schema.to_string(),
+            },
+            _ => Error::Database {
+                operation: "recording the message id in the inbox",
+                source,
+            },
+        }
+    }
+
     async fn record_checked(
         &self,
         conn: &mut PgConnection,
@@ -144,17 +208,7 @@ impl Inbox {
             .bind(message_id)
             .execute(&mut *conn)
             .await
-            .map_err(
-                |source| match source.as_database_error().and_then(|e| e.code()) {
-                    Some(code) if code == "42P01" || code == "3F000" => Error::SchemaMissing {
-                        schema: self.schema.to_string(),
-                    },
-                    _ => Error::Database {
-                        operation: "recording the message id in the inbox",
-                        source,
-                    },
-                },
-            )?
+            .map_err(|source| self.record_error(source))?
             .rows_affected();
         Ok(inserted == 1)
     }
@@ -235,6 +289,12 @@ fn check_keys<'a>(consumer: &str, message_id: Option<&'a str>) -> Result<&'a str
     };
     check_key("message_id", message_id)?;
     Ok(message_id)
+}
+
+/// Refuse a message id the inbox cannot record (missing, empty, too long, NUL).
+#[cfg_attr(not(any(feature = "lapin", feature = "rdkafka")), allow(dead_code))]
+pub(crate) fn check_message_id(message_id: &str) -> Result<()> {
+    check_keys("-", Some(message_id)).map(|_| ())
 }
 
 fn check_key(field: &'static str, value: &str) -> Result<()> {

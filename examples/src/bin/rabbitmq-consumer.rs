@@ -61,8 +61,9 @@ struct Args {
     /// Stop after this many seconds (0: no limit); an error when --expect was not reached.
     #[arg(long, default_value_t = 0)]
     timeout_secs: u64,
-    /// Messages handled at once (different order ids); also the prefetch.
-    /// Each holds a database connection while its handler runs.
+    /// Messages held at once (received, not yet acknowledged); also the prefetch.
+    /// They are handled in batches, one transaction each (up to 4 at once, each on
+    /// a database connection of its own).
     #[arg(long, default_value_t = 16)]
     max_in_flight: u16,
     /// (Re)create the exchange, the queue (empty) with its dead-letter queue, and the
@@ -131,8 +132,8 @@ async fn main() -> std::process::ExitCode {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let pool = sqlx::postgres::PgPoolOptions::new()
-        // One connection per message in flight, plus one for the stop condition's count.
-        .max_connections(u32::from(args.max_in_flight.max(1)) + 1)
+        // One connection per batch transaction, plus one for the stop condition's count.
+        .max_connections(u32::from(outbox_core::consumer::DEFAULT_MAX_CONCURRENT_BATCHES) + 1)
         .acquire_timeout(Duration::from_secs(10))
         .connect(&args.database_url)
         .await

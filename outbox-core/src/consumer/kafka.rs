@@ -38,6 +38,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt as _;
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{Header, Headers, Message as _, OwnedHeaders, OwnedMessage};
@@ -45,11 +46,23 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use sqlx::PgPool;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 
 use super::lanes::KeyLanes;
-use super::{ConsumerConfig, ConsumerStats, Handler, MessageMeta, Processor, Verdict, wire};
+use super::{
+    ConsumerConfig, ConsumerStats, Handler, Message, MessageMeta, Pending, Processor, Returned,
+    Settle, Verdict, wire,
+};
 use crate::error::Error;
 use crate::inbox::Inbox;
+
+/// What a finished batch task hands back to the consumer's loop.
+struct BatchDone {
+    returned: Vec<Returned<OwnedMessage>>,
+    /// Messages that left for good; `true` when done (its offset may be committed).
+    settled: Vec<(OwnedMessage, bool)>,
+    stats: ConsumerStats,
+}
 
 /// Longest wait for the dead-letter topic's delivery report.
 const DEAD_LETTER_TIMEOUT: Duration = Duration::from_secs(30);
@@ -156,61 +169,90 @@ impl<H: Handler> KafkaConsumer<H> {
 
     /// Consume until `shutdown` completes; returns what was done.
     ///
-    /// On shutdown it stops reading, lets running handlers finish their current run,
-    /// commits the offsets of finished messages and returns; the rest is read again by
-    /// the next owner of the partition (and deduplicated by the inbox).
+    /// Messages are handled in batches (see [`ConsumerConfig`]); a message's offset
+    /// is stored only after its batch's transaction committed, and committed once
+    /// every earlier message of its partition is done. On shutdown it stops reading,
+    /// lets running batches finish their current run, commits the offsets of
+    /// finished messages and returns; the rest is read again by the next owner of
+    /// the partition (and deduplicated by the inbox).
     pub async fn run(&self, shutdown: impl Future<Output = ()>) -> Result<ConsumerStats, Error> {
-        let max_in_flight = usize::from(self.processor.config.max_in_flight.max(1));
+        let config = &self.processor.config;
+        let max_in_flight = usize::from(config.max_in_flight.max(1));
         let (stop_tx, stop_rx) = watch::channel(false);
-        let mut lanes: KeyLanes<OwnedMessage> = KeyLanes::new();
+        let mut lanes: KeyLanes<Pending<OwnedMessage>> = KeyLanes::new();
         let mut offsets: HashMap<(String, i32), PartitionOffsets> = HashMap::new();
-        let mut tasks: JoinSet<(String, OwnedMessage, Verdict, ConsumerStats)> = JoinSet::new();
+        let mut tasks: JoinSet<BatchDone> = JoinSet::new();
         let mut stats = ConsumerStats::default();
         let mut ended = None;
+        let mut filling_since: Option<Instant> = None;
+        let mut wake_at: Option<Instant> = None;
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
                 biased;
                 _ = &mut shutdown => break,
-                Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
-                    if let Ok((key, message, verdict, run)) = joined {
-                        stats.add(&run);
-                        self.finished(&message, &verdict, &mut offsets);
-                        if let Some(next) = lanes.finish(&key) {
-                            self.spawn(&mut tasks, key, next, stop_rx.clone());
-                        }
-                    }
-                }
-                received = self.consumer.recv(), if lanes.held() < max_in_flight => match received {
-                    Ok(message) => {
-                        let message = message.detach();
-                        offsets
-                            .entry((message.topic().to_owned(), message.partition()))
-                            .or_default()
-                            .received(message.offset());
-                        let key = lane_key(&message);
-                        if let Some(start) = lanes.push(&key, message) {
-                            self.spawn(&mut tasks, key, start, stop_rx.clone());
-                        }
-                    }
+                Some(joined) = tasks.join_next(), if !tasks.is_empty() => match joined {
+                    Ok(done) => self.batch_done(done, &mut lanes, &mut offsets, &mut stats),
                     Err(error) => {
-                        // Transport trouble is retried by librdkafka; a fatal error is not.
-                        if self.consumer.client().fatal_error().is_some() {
-                            ended = Some(Error::Broker { operation: "consuming", message: error.to_string() });
-                            break;
-                        }
-                        tracing::warn!(%error, "Kafka consumer error; consuming goes on");
+                        tracing::error!(consumer = %config.name, %error, "a batch task failed");
+                        ended = Some(Error::HandlerPanicked { consumer: config.name.clone() });
+                        break;
                     }
                 },
+                _ = sleep_until(wake_at), if wake_at.is_some() => {}
+                received = self.consumer.recv(), if lanes.held() < max_in_flight => {
+                    let mut received = received;
+                    loop {
+                        match received {
+                            Ok(message) => {
+                                let message = message.detach();
+                                offsets
+                                    .entry((message.topic().to_owned(), message.partition()))
+                                    .or_default()
+                                    .received(message.offset());
+                                let pending = pending(message);
+                                let key = pending.key.clone();
+                                lanes.push(&key, pending);
+                            }
+                            Err(error) => {
+                                // Transport trouble is retried by librdkafka; a fatal error is not.
+                                if self.consumer.client().fatal_error().is_some() {
+                                    ended = Some(Error::Broker { operation: "consuming", message: error.to_string() });
+                                    break;
+                                }
+                                tracing::warn!(%error, "Kafka consumer error; consuming goes on");
+                            }
+                        }
+                        if lanes.held() >= max_in_flight {
+                            break;
+                        }
+                        // Whatever else is ready now goes into the same batches.
+                        match self.consumer.recv().now_or_never() {
+                            Some(more) => received = more,
+                            None => break,
+                        }
+                    }
+                    if ended.is_some() {
+                        break;
+                    }
+                }
             }
+            let now = Instant::now();
+            let backoff = lanes.wake(now);
+            let fill = self.dispatch(&mut lanes, &mut tasks, &stop_rx, &mut filling_since, now);
+            wake_at = match (backoff, fill) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
         }
         let _ = stop_tx.send(true);
         while let Some(joined) = tasks.join_next().await {
-            if let Ok((_, message, verdict, run)) = joined {
-                stats.add(&run);
-                self.finished(&message, &verdict, &mut offsets);
+            if let Ok(done) = joined {
+                self.batch_done(done, &mut lanes, &mut offsets, &mut stats);
             }
         }
+        // Unread by a batch: the partition's next owner reads them again.
+        drop(lanes.drain());
         if let Err(error) = self.consumer.commit_consumer_state(CommitMode::Sync) {
             tracing::warn!(%error, "committing the final offsets failed; the next owner re-reads them");
         }
@@ -220,51 +262,67 @@ impl<H: Handler> KafkaConsumer<H> {
         }
     }
 
-    fn spawn(
+    /// Start batches while there is room and something is ready; returns when to look
+    /// again if a batch waits to fill up (`max_batch_wait`).
+    fn dispatch(
         &self,
-        tasks: &mut JoinSet<(String, OwnedMessage, Verdict, ConsumerStats)>,
-        key: String,
-        message: OwnedMessage,
-        stopping: watch::Receiver<bool>,
+        lanes: &mut KeyLanes<Pending<OwnedMessage>>,
+        tasks: &mut JoinSet<BatchDone>,
+        stopping: &watch::Receiver<bool>,
+        filling_since: &mut Option<Instant>,
+        now: Instant,
+    ) -> Option<Instant> {
+        let max_batch = self.processor.max_batch();
+        let wait = self.processor.config.max_batch_wait;
+        while tasks.len() < self.processor.max_batches() && lanes.has_ready() {
+            if !wait.is_zero() && lanes.ready_count(max_batch) < max_batch {
+                let since = *filling_since.get_or_insert(now);
+                if now < since + wait {
+                    return Some(since + wait);
+                }
+            }
+            *filling_since = None;
+            let batch: Vec<Pending<OwnedMessage>> = lanes
+                .take_batch(max_batch)
+                .into_iter()
+                .map(|(_, pending)| pending)
+                .collect();
+            let processor = self.processor.clone();
+            let producer = self.producer.clone();
+            let dead_letter_topic = self.dead_letter_topic.clone();
+            let stopping = stopping.clone();
+            tasks.spawn(async move {
+                run_batch(&processor, &producer, &dead_letter_topic, batch, &stopping).await
+            });
+        }
+        None
+    }
+
+    /// A batch is over: its keys' lanes move on, and done messages' offsets are stored.
+    fn batch_done(
+        &self,
+        done: BatchDone,
+        lanes: &mut KeyLanes<Pending<OwnedMessage>>,
+        offsets: &mut HashMap<(String, i32), PartitionOffsets>,
+        stats: &mut ConsumerStats,
     ) {
-        let processor = self.processor.clone();
-        let producer = self.producer.clone();
-        let dead_letter_topic = self.dead_letter_topic.clone();
-        tasks.spawn(async move {
-            let mut stats = ConsumerStats::default();
-            let verdict = match message_meta(&message) {
-                Some(meta) => {
-                    let payload = message.payload().map(<[u8]>::to_vec).unwrap_or_default();
-                    processor
-                        .process(meta, payload, &stopping, &mut stats)
-                        .await
-                }
-                None => Verdict::DeadLettered(
-                    "the message has no outbox-event-id header, so it cannot be deduplicated"
-                        .to_owned(),
-                ),
-            };
-            let verdict = match verdict {
-                Verdict::DeadLettered(reason) => {
-                    dead_letter(&producer, &dead_letter_topic, &message, &reason, &stopping).await
-                }
-                other => other,
-            };
-            stats.count(&verdict);
-            (key, message, verdict, stats)
-        });
+        stats.add(&done.stats);
+        for (message, finished) in &done.settled {
+            if *finished {
+                self.finished(message, offsets);
+            }
+        }
+        for back in done.returned {
+            lanes.finish(&back.key, back.pending, back.not_before, back.settled);
+        }
     }
 
     /// Record a finished message; store the offset its partition may now commit.
     fn finished(
         &self,
         message: &OwnedMessage,
-        verdict: &Verdict,
         offsets: &mut HashMap<(String, i32), PartitionOffsets>,
     ) {
-        if matches!(verdict, Verdict::Abandoned) {
-            return;
-        }
         let topic = message.topic();
         let partition = message.partition();
         let Some(state) = offsets.get_mut(&(topic.to_owned(), partition)) else {
@@ -276,6 +334,79 @@ impl<H: Handler> KafkaConsumer<H> {
             // Typically a partition revoked by a rebalance: its new owner re-reads.
             tracing::debug!(%error, topic, partition, "storing an offset failed");
         }
+    }
+}
+
+/// A message as the batches hold it: its lane, and the message for the handler.
+fn pending(message: OwnedMessage) -> Pending<OwnedMessage> {
+    let key = lane_key(&message);
+    let handled = match message_meta(&message) {
+        Some(meta) => Ok(Message {
+            meta,
+            payload: message.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+            attempt: 0,
+        }),
+        None => Err(
+            "the message has no outbox-event-id header, so it cannot be deduplicated".to_owned(),
+        ),
+    };
+    Pending {
+        item: message,
+        key,
+        message: handled,
+        failures: 0,
+    }
+}
+
+/// Run one batch, then settle it: dead-letter what failed for good; the loop stores
+/// the offsets of what is done.
+async fn run_batch<H: Handler>(
+    processor: &Processor<H>,
+    producer: &FutureProducer,
+    dead_letter_topic: &str,
+    mut batch: Vec<Pending<OwnedMessage>>,
+    stopping: &watch::Receiver<bool>,
+) -> BatchDone {
+    let mut stats = ConsumerStats::default();
+    let outcomes = processor.run_batch(&mut batch, stopping).await;
+    let sorted = processor.sort_out(batch, outcomes, &mut stats);
+    let mut settled = Vec::with_capacity(sorted.settle.len());
+    for (pending, how) in sorted.settle {
+        let finished = match how {
+            Settle::Ack => true,
+            Settle::Abandon => false,
+            Settle::DeadLetter(reason) => {
+                match dead_letter(
+                    producer,
+                    dead_letter_topic,
+                    &pending.item,
+                    &reason,
+                    stopping,
+                )
+                .await
+                {
+                    Verdict::DeadLettered(_) => {
+                        stats.dead_lettered += 1;
+                        true
+                    }
+                    _ => false,
+                }
+            }
+        };
+        settled.push((pending.item, finished));
+    }
+    BatchDone {
+        returned: sorted.returned,
+        settled,
+        stats,
+    }
+}
+
+/// Sleep until `at` (never, without one).
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -3,30 +3,52 @@
 //!
 //! A consumer implements [`Handler`]; the helper reads the event's metadata from the
 //! broker message ([`MessageMeta`]: event id, type, partition key, sequence, trace
-//! context), runs the handler through the [`Inbox`](crate::Inbox) in one transaction,
-//! and acknowledges the message (RabbitMQ ack, Kafka offset) **only after** that
-//! transaction committed. So:
+//! context), runs the handler through the [`Inbox`] in a database
+//! transaction, and acknowledges the message (RabbitMQ ack, Kafka offset) **only
+//! after** that transaction committed.
 //!
-//! * a crash before the commit redelivers the message and the handler runs again
-//!   (nothing of the failed run was committed);
-//! * a crash after the commit but before the ack redelivers it, and the inbox skips it
-//!   ([`Verdict::Duplicate`]): the effects happen once;
-//! * the same message delivered to several consumer instances at once is handled by
-//!   one of them; the others see a duplicate.
+//! # What is guaranteed
 //!
-//! Messages of one partition key are handled one after another, in delivery order;
-//! different keys are handled concurrently, up to the configured in-flight limit.
+//! * **Delivery is at-least-once**, never exactly-once: brokers redeliver after
+//!   crashes, lost connections and rebalances, and the relay may publish an event
+//!   twice. The helpers do not hide this; the inbox absorbs it.
+//! * **Effects are exactly-once** for what the handler writes through its
+//!   connection: the inbox row `(consumer, event id)` and the effects commit
+//!   together, so
+//!   * a crash before the commit redelivers the message and the handler runs again
+//!     (nothing of the failed run was committed);
+//!   * a crash after the commit but before the ack redelivers it, and the inbox skips
+//!     it ([`Verdict::Duplicate`]);
+//!   * copies of a message delivered to several consumer instances at once, or
+//!     inside one batch, are handled once; the others are duplicates.
+//! * **Per-key order**: messages of one partition key are handled one after another,
+//!   in delivery order, and a failing message holds the rest of its key until it is
+//!   handled or dead-lettered. Different keys are handled concurrently.
+//! * Not covered: effects outside the handler's connection (HTTP calls, e-mails) can
+//!   repeat when a run fails after making them; order across keys; order between
+//!   two instances that share a RabbitMQ queue (each takes whatever the queue gives).
 //!
-//! A handler error is retried in place with exponential backoff ([`RetryPolicy`]);
-//! after `max_attempts`, or at once for a [`HandlerError::permanent`] error, the
-//! message is dead-lettered (RabbitMQ: rejected without requeue, so the queue's
-//! dead-letter exchange receives it; Kafka: produced to a dead-letter topic with the
-//! error in headers) and its key moves on. A failure of the inbox's own database is
-//! not the message's fault: it is retried without limit and never dead-letters.
+//! # Batches
 //!
-//! Effects outside the handler's connection (HTTP calls, e-mails) are not covered:
-//! they can repeat when a run fails after making them.
+//! Messages that are ready at once (several keys, and consecutive messages of one
+//! key in order) are handled in **one** transaction: their ids are recorded with one
+//! statement, each first-time message's handler runs in a savepoint of its own, and
+//! one commit covers them all ([`ConsumerConfig::max_batch_messages`],
+//! [`ConsumerConfig::max_batch_wait`], [`ConsumerConfig::max_concurrent_batches`]).
+//! A failing handler rolls back only its savepoint: the others commit and are
+//! acknowledged once; the failed message's id is not recorded, and the message and
+//! the rest of its key go back to wait. A handler error is retried with exponential
+//! backoff ([`RetryPolicy`]); after `max_attempts`, or at once for a
+//! [`HandlerError::permanent`] error, the message is dead-lettered (RabbitMQ:
+//! rejected without requeue, so the queue's dead-letter exchange receives it; Kafka:
+//! produced to a dead-letter topic with the error in headers) and its key moves on.
+//!
+//! A failure of the inbox's own database (connect, the id insert, the commit) is not
+//! the messages' fault: the whole batch is retried every `database_retry`, without
+//! limit, and never dead-letters. A handler that returns `Ok` but leaves the
+//! transaction failed counts as a failed run of that handler.
 
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::time::Duration;
 
@@ -178,6 +200,14 @@ impl RetryPolicy {
 }
 
 /// Settings shared by the RabbitMQ and Kafka helpers.
+///
+/// Throughput comes from batching: the messages that are ready at once (of several
+/// keys, and consecutive messages of one key in order) are handled in **one**
+/// transaction of at most `max_batch_messages`, each message in a savepoint of its
+/// own, so a failing handler rolls back only its message. One commit covers the
+/// batch, and only after it are the deliveries acknowledged (RabbitMQ) or their
+/// offsets stored (Kafka). Up to `max_concurrent_batches` such transactions run at
+/// once, each on its own connection of the pool, and no key is in two of them.
 #[derive(Clone, Debug)]
 pub struct ConsumerConfig {
     /// The inbox's consumer name: instances of one logical consumer share it, so a
@@ -185,20 +215,43 @@ pub struct ConsumerConfig {
     pub name: String,
     /// Retries of handler failures.
     pub retry: RetryPolicy,
-    /// Messages handled at once (different keys); also the RabbitMQ prefetch.
+    /// Messages held at once: received and not yet settled, in batches or waiting
+    /// behind their key. Also the RabbitMQ prefetch.
     pub max_in_flight: u16,
+    /// Most messages in one transaction. Up to 64 stays within PostgreSQL's
+    /// per-transaction cache of subtransaction ids (one savepoint per message);
+    /// beyond it, other sessions' snapshots get slower while the batch runs.
+    pub max_batch_messages: u16,
+    /// How long a batch may wait to fill up before it starts. Zero (the default)
+    /// starts it with whatever is ready now: no latency is added when the consumer
+    /// is idle, and under load batches fill up while earlier ones run.
+    pub max_batch_wait: Duration,
+    /// Batch transactions at once; each holds a connection of the pool while it runs.
+    pub max_concurrent_batches: u16,
     /// Wait between attempts to reach the inbox's database while it does not answer.
     pub database_retry: Duration,
 }
 
+/// Default [`ConsumerConfig::max_in_flight`].
+pub const DEFAULT_MAX_IN_FLIGHT: u16 = 256;
+/// Default [`ConsumerConfig::max_batch_messages`].
+pub const DEFAULT_MAX_BATCH_MESSAGES: u16 = 64;
+/// Default [`ConsumerConfig::max_concurrent_batches`].
+pub const DEFAULT_MAX_CONCURRENT_BATCHES: u16 = 4;
+
 impl ConsumerConfig {
-    /// Defaults for consumer `name`: [`RetryPolicy::default`], 64 in flight, database
-    /// retried every second.
+    /// Defaults for consumer `name`: [`RetryPolicy::default`], 256 messages in flight,
+    /// batches of at most 64 messages started with whatever is ready (no wait), 4
+    /// batches at once, the database retried every second. Give the pool at least
+    /// `max_concurrent_batches` connections.
     pub fn new(name: impl Into<String>) -> Self {
         ConsumerConfig {
             name: name.into(),
             retry: RetryPolicy::default(),
-            max_in_flight: 64,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            max_batch_messages: DEFAULT_MAX_BATCH_MESSAGES,
+            max_batch_wait: Duration::ZERO,
+            max_concurrent_batches: DEFAULT_MAX_CONCURRENT_BATCHES,
             database_retry: Duration::from_secs(1),
         }
     }
@@ -231,15 +284,6 @@ pub struct ConsumerStats {
 }
 
 impl ConsumerStats {
-    pub(crate) fn count(&mut self, verdict: &Verdict) {
-        match verdict {
-            Verdict::Handled => self.handled += 1,
-            Verdict::Duplicate => self.duplicates += 1,
-            Verdict::DeadLettered(_) => self.dead_lettered += 1,
-            Verdict::Abandoned => {}
-        }
-    }
-
     pub(crate) fn add(&mut self, other: &ConsumerStats) {
         self.handled += other.handled;
         self.duplicates += other.duplicates;
@@ -248,7 +292,72 @@ impl ConsumerStats {
     }
 }
 
-/// Runs a handler through the inbox with the retry policy; shared by both brokers.
+/// A received message on its way through the batches, until it is settled.
+pub(crate) struct Pending<T> {
+    /// The broker's handle (a delivery, a message), settled after the commit.
+    pub(crate) item: T,
+    /// The lane: the partition key, else something unique to the message.
+    pub(crate) key: String,
+    /// The message for the handler, or why it cannot be processed (dead-lettered).
+    pub(crate) message: Result<Message, String>,
+    /// Failed handler runs so far.
+    pub(crate) failures: u32,
+}
+
+/// What one batch transaction did with one of its messages.
+pub(crate) enum Outcome {
+    /// The handler's effects committed with the inbox record.
+    Handled,
+    /// Processed before (by another instance, or an earlier copy in this batch).
+    Duplicate,
+    /// The handler failed (its savepoint was rolled back), or the message cannot be
+    /// processed at all.
+    Failed(HandlerError),
+    /// Not run: an earlier message of its key (or copy of it) failed in this batch.
+    NotRun,
+    /// The consumer stopped while the database did not answer.
+    Abandoned,
+}
+
+/// What becomes of a message after its batch.
+pub(crate) enum Settle {
+    /// Acknowledge (RabbitMQ) or mark done (Kafka): the batch committed.
+    Ack,
+    /// Dead-letter with this reason.
+    #[cfg_attr(not(feature = "rdkafka"), allow(dead_code))]
+    DeadLetter(String),
+    /// Leave it to the broker to deliver again (RabbitMQ: reject with requeue).
+    Abandon,
+}
+
+/// A key's messages that go back to its lane after a batch.
+pub(crate) struct Returned<T> {
+    pub(crate) key: String,
+    /// Not settled, in order: the failed message first, then the rest of its key.
+    pub(crate) pending: Vec<Pending<T>>,
+    /// The key waits out the failed message's backoff until then.
+    pub(crate) not_before: Option<tokio::time::Instant>,
+    /// The key's messages of the batch that were settled.
+    pub(crate) settled: usize,
+}
+
+/// A batch sorted out: what to settle now, and what goes back to the lanes.
+pub(crate) struct Sorted<T> {
+    pub(crate) settle: Vec<(Pending<T>, Settle)>,
+    pub(crate) returned: Vec<Returned<T>>,
+}
+
+/// Savepoint of the message being handled inside a batch transaction.
+const SAVEPOINT: &str = "savepoint outbox_consumer_message";
+/// The handler succeeded: keep its effects. Fails if it left the transaction failed.
+const RELEASE_SAVEPOINT: &str = "release savepoint outbox_consumer_message";
+/// The previous handler succeeded and the next one starts, in one round trip.
+const RELEASE_AND_SAVEPOINT: &str =
+    "release savepoint outbox_consumer_message; savepoint outbox_consumer_message";
+/// The handler failed: undo only its effects.
+const ROLLBACK_TO_SAVEPOINT: &str = "rollback to savepoint outbox_consumer_message";
+
+/// Runs batches of messages through the inbox with the retry policy; shared by both brokers.
 pub(crate) struct Processor<H> {
     pub(crate) pool: PgPool,
     pub(crate) inbox: Inbox,
@@ -256,23 +365,249 @@ pub(crate) struct Processor<H> {
     pub(crate) handler: H,
 }
 
-/// A failed run: the handler's fault, or the inbox database's.
-enum RunError {
-    Handler(HandlerError),
-    Database(Error),
+/// Where a message id stands within one batch transaction.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum IdState {
+    Done,
+    Failed,
+}
+
+/// Whether a message of the batch is not run: `NotRun` behind a failed message of its
+/// key (or a failed copy of itself), `Duplicate` when processed before; `None` to run it.
+fn skip<T>(
+    pending: &Pending<T>,
+    blocked: &HashSet<String>,
+    states: &HashMap<String, IdState>,
+    first: &HashSet<String>,
+) -> Option<Outcome> {
+    let Ok(message) = &pending.message else {
+        return Some(Outcome::NotRun);
+    };
+    let id = message.meta.event_id.as_str();
+    let state = states.get(id).copied();
+    if blocked.contains(&pending.key) || state == Some(IdState::Failed) {
+        Some(Outcome::NotRun)
+    } else if state == Some(IdState::Done) || !first.contains(id) {
+        Some(Outcome::Duplicate)
+    } else {
+        None
+    }
+}
+
+async fn savepoint(tx: &mut PgConnection) -> Result<(), Error> {
+    sqlx::raw_sql(SAVEPOINT)
+        .execute(&mut *tx)
+        .await
+        .map_err(Error::database("starting a message's savepoint"))?;
+    Ok(())
 }
 
 impl<H: Handler> Processor<H> {
-    /// Handle `meta` + `payload` until it is handled, a duplicate, dead-lettered, or
-    /// `stopping` says to give up (then [`Verdict::Abandoned`]).
-    pub(crate) async fn process(
+    /// Most messages per batch.
+    pub(crate) fn max_batch(&self) -> usize {
+        usize::from(self.config.max_batch_messages.max(1))
+    }
+
+    /// Most batches at once.
+    pub(crate) fn max_batches(&self) -> usize {
+        usize::from(self.config.max_concurrent_batches.max(1))
+    }
+
+    /// Run `batch` in one transaction until it commits; a failure of the database
+    /// (not of a handler) reruns the whole batch after `database_retry`, without
+    /// limit and without counting attempts, until `stopping` says to give up.
+    pub(crate) async fn run_batch<T>(
         &self,
-        meta: MessageMeta,
-        payload: Vec<u8>,
+        batch: &mut [Pending<T>],
         stopping: &tokio::sync::watch::Receiver<bool>,
-        stats: &mut ConsumerStats,
-    ) -> Verdict {
-        use tracing::Instrument;
+    ) -> Vec<Outcome> {
+        loop {
+            let error = match self.try_batch(batch).await {
+                Ok(outcomes) => return outcomes,
+                Err(error) => error,
+            };
+            tracing::warn!(
+                consumer = %self.config.name,
+                messages = batch.len(),
+                %error,
+                retry_in_ms = self.config.database_retry.as_millis() as u64,
+                "the inbox database failed; retrying the batch"
+            );
+            let mut stopping = stopping.clone();
+            tokio::select! {
+                _ = tokio::time::sleep(self.config.database_retry) => {}
+                _ = stopping.wait_for(|stop| *stop) => {
+                    return batch.iter().map(|_| Outcome::Abandoned).collect();
+                }
+            }
+        }
+    }
+
+    /// One transaction: record the batch's ids, run each first-time message's handler
+    /// in its own savepoint, forget the ids of messages that did not complete, commit.
+    async fn try_batch<T>(&self, batch: &mut [Pending<T>]) -> Result<Vec<Outcome>, Error> {
+        let mut outcomes: Vec<Option<Outcome>> = batch.iter().map(|_| None).collect();
+        let mut ids: Vec<&str> = Vec::with_capacity(batch.len());
+        for (pending, outcome) in batch.iter().zip(outcomes.iter_mut()) {
+            let checked = match &pending.message {
+                Ok(message) => crate::inbox::check_message_id(&message.meta.event_id)
+                    .map(|()| message.meta.event_id.as_str())
+                    .map_err(|error| error.to_string()),
+                Err(reason) => Err(reason.clone()),
+            };
+            match checked {
+                Ok(id) => ids.push(id),
+                // Retrying cannot give a message an id: it is dead-lettered.
+                Err(reason) => *outcome = Some(Outcome::Failed(HandlerError::permanent(reason))),
+            }
+        }
+        if ids.is_empty() {
+            return Ok(outcomes
+                .into_iter()
+                .map(|o| o.unwrap_or(Outcome::NotRun))
+                .collect());
+        }
+        let name = self.config.name.as_str();
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(Error::database("beginning the inbox transaction"))?;
+        let first = self.inbox.record_many(&mut tx, name, &ids).await?;
+        drop(ids);
+        let mut blocked: HashSet<String> = HashSet::new();
+        let mut states: HashMap<String, IdState> = HashMap::new();
+        // The message whose handler succeeded last; its savepoint is still open.
+        let mut open: Option<usize> = None;
+        for index in 0..batch.len() {
+            if outcomes[index].is_some() {
+                // Failed before the transaction: the rest of its key waits for it.
+                blocked.insert(batch[index].key.clone());
+                continue;
+            }
+            if let Some(skip) = skip(&batch[index], &blocked, &states, &first) {
+                outcomes[index] = Some(skip);
+                continue;
+            }
+            match open.take() {
+                // One round trip: keep the previous handler's effects, open this one's savepoint.
+                Some(previous) => {
+                    match sqlx::raw_sql(RELEASE_AND_SAVEPOINT).execute(&mut *tx).await {
+                        Ok(_) => {}
+                        Err(error) if error.as_database_error().is_some() => {
+                            self.failed_release(
+                                &mut tx,
+                                &batch[previous],
+                                &mut outcomes[previous],
+                                error,
+                            )
+                            .await?;
+                            blocked.insert(batch[previous].key.clone());
+                            if let Ok(message) = &batch[previous].message {
+                                states.insert(message.meta.event_id.clone(), IdState::Failed);
+                            }
+                            if let Some(skip) = skip(&batch[index], &blocked, &states, &first) {
+                                outcomes[index] = Some(skip);
+                                continue;
+                            }
+                            savepoint(&mut tx).await?;
+                        }
+                        Err(error) => {
+                            return Err(Error::database("releasing a message's savepoint")(error));
+                        }
+                    }
+                }
+                None => savepoint(&mut tx).await?,
+            }
+            let pending = &mut batch[index];
+            let Ok(message) = &mut pending.message else {
+                continue;
+            };
+            message.attempt = pending.failures + 1;
+            let span = self.span(&message.meta);
+            let result = {
+                use tracing::Instrument;
+                self.handler.handle(message, &mut tx).instrument(span).await
+            };
+            let outcome = match result {
+                Ok(()) => {
+                    open = Some(index);
+                    states.insert(message.meta.event_id.clone(), IdState::Done);
+                    Outcome::Handled
+                }
+                Err(error) => {
+                    sqlx::raw_sql(ROLLBACK_TO_SAVEPOINT)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(Error::database("rolling back a failed handler"))?;
+                    blocked.insert(pending.key.clone());
+                    states.insert(message.meta.event_id.clone(), IdState::Failed);
+                    Outcome::Failed(error)
+                }
+            };
+            outcomes[index] = Some(outcome);
+        }
+        if let Some(previous) = open.take() {
+            match sqlx::raw_sql(RELEASE_SAVEPOINT).execute(&mut *tx).await {
+                Ok(_) => {}
+                Err(error) if error.as_database_error().is_some() => {
+                    self.failed_release(&mut tx, &batch[previous], &mut outcomes[previous], error)
+                        .await?;
+                    if let Ok(message) = &batch[previous].message {
+                        states.insert(message.meta.event_id.clone(), IdState::Failed);
+                    }
+                }
+                Err(error) => {
+                    return Err(Error::database("releasing a message's savepoint")(error));
+                }
+            }
+        }
+        // Ids recorded above whose message did not complete: a later run handles them.
+        let unfinished: Vec<&str> = first
+            .iter()
+            .map(String::as_str)
+            .filter(|id| states.get(*id) != Some(&IdState::Done))
+            .collect();
+        if !unfinished.is_empty() {
+            self.inbox.forget(&mut tx, name, &unfinished).await?;
+        }
+        tx.commit()
+            .await
+            .map_err(Error::database("committing the inbox transaction"))?;
+        Ok(outcomes
+            .into_iter()
+            .map(|o| o.unwrap_or(Outcome::NotRun))
+            .collect())
+    }
+
+    /// The handler of `pending` returned `Ok` but left the transaction failed (it
+    /// swallowed an error), so releasing its savepoint failed with `error`: roll the
+    /// savepoint back and count a failed run. Committing a failed transaction would
+    /// silently roll back the whole batch.
+    async fn failed_release<T>(
+        &self,
+        tx: &mut PgConnection,
+        pending: &Pending<T>,
+        outcome: &mut Option<Outcome>,
+        error: sqlx::Error,
+    ) -> Result<(), Error> {
+        sqlx::raw_sql(ROLLBACK_TO_SAVEPOINT)
+            .execute(&mut *tx)
+            .await
+            .map_err(Error::database("rolling back a failed handler"))?;
+        let event_id = pending
+            .message
+            .as_ref()
+            .map(|m| m.meta.event_id.as_str())
+            .unwrap_or("");
+        *outcome = Some(Outcome::Failed(HandlerError::transient(format!(
+            "the handler of event {event_id} returned Ok but left its transaction failed: {error}"
+        ))));
+        Ok(())
+    }
+
+    /// The handler's span; it continues the writer's trace.
+    fn span(&self, meta: &MessageMeta) -> tracing::Span {
         let span = tracing::info_span!(
             "outbox.consume",
             consumer = %self.config.name,
@@ -280,94 +615,90 @@ impl<H: Handler> Processor<H> {
             event_type = meta.event_type.as_deref().unwrap_or(""),
             traceparent = meta.traceparent.as_deref().unwrap_or(""),
         );
-        // The handler's span continues the writer's trace.
         crate::trace::follow(&span, meta.traceparent.as_deref());
-        self.process_in_span(meta, payload, stopping, stats)
-            .instrument(span)
-            .await
+        span
     }
 
-    async fn process_in_span(
+    /// Sort out a batch by outcome: settle now (ack, dead-letter, abandon), or back
+    /// to the key's lane (a failed run to retry after its backoff, and what did not
+    /// run). Counts handled, duplicates and retries into `stats`.
+    pub(crate) fn sort_out<T>(
         &self,
-        meta: MessageMeta,
-        payload: Vec<u8>,
-        stopping: &tokio::sync::watch::Receiver<bool>,
+        batch: Vec<Pending<T>>,
+        outcomes: Vec<Outcome>,
         stats: &mut ConsumerStats,
-    ) -> Verdict {
-        let mut message = Message {
-            meta,
-            payload,
-            attempt: 0,
-        };
+    ) -> Sorted<T> {
         let max_attempts = self.config.retry.max_attempts.max(1);
-        loop {
-            if *stopping.borrow() {
-                return Verdict::Abandoned;
+        let mut settle = Vec::new();
+        let mut returned: Vec<Returned<T>> = Vec::new();
+        let lane = |returned: &mut Vec<Returned<T>>, key: &str| -> usize {
+            match returned.iter().position(|r| r.key == key) {
+                Some(at) => at,
+                None => {
+                    returned.push(Returned {
+                        key: key.to_owned(),
+                        pending: Vec::new(),
+                        not_before: None,
+                        settled: 0,
+                    });
+                    returned.len() - 1
+                }
             }
-            message.attempt += 1;
-            let wait = match self.run_once(&message).await {
-                Ok(true) => return Verdict::Handled,
-                Ok(false) => return Verdict::Duplicate,
-                Err(RunError::Handler(error)) => {
-                    if error.permanent || message.attempt >= max_attempts {
+        };
+        for (mut pending, outcome) in batch.into_iter().zip(outcomes) {
+            let at = lane(&mut returned, &pending.key);
+            let decision = match outcome {
+                Outcome::Handled => {
+                    stats.handled += 1;
+                    Some(Settle::Ack)
+                }
+                Outcome::Duplicate => {
+                    stats.duplicates += 1;
+                    Some(Settle::Ack)
+                }
+                Outcome::Abandoned => Some(Settle::Abandon),
+                Outcome::NotRun => None,
+                Outcome::Failed(error) => {
+                    pending.failures += 1;
+                    let event_id = match &pending.message {
+                        Ok(message) => message.meta.event_id.as_str(),
+                        Err(_) => "",
+                    };
+                    if error.permanent || pending.failures >= max_attempts {
                         tracing::warn!(
-                            attempt = message.attempt,
+                            consumer = %self.config.name,
+                            event_id,
+                            attempt = pending.failures,
                             permanent = error.permanent,
                             %error,
                             "handler failed for good; dead-lettering the message"
                         );
-                        return Verdict::DeadLettered(error.message);
+                        Some(Settle::DeadLetter(error.message))
+                    } else {
+                        stats.retries += 1;
+                        let wait = self.config.retry.backoff(pending.failures);
+                        tracing::info!(
+                            consumer = %self.config.name,
+                            event_id,
+                            attempt = pending.failures,
+                            retry_in_ms = wait.as_millis() as u64,
+                            %error,
+                            "handler failed; retrying after the backoff, its key waits"
+                        );
+                        returned[at].not_before = Some(tokio::time::Instant::now() + wait);
+                        None
                     }
-                    stats.retries += 1;
-                    let wait = self.config.retry.backoff(message.attempt);
-                    tracing::info!(
-                        attempt = message.attempt,
-                        retry_in_ms = wait.as_millis() as u64,
-                        %error,
-                        "handler failed; retrying"
-                    );
-                    wait
-                }
-                Err(RunError::Database(error)) => {
-                    // Not the message's fault: the attempt does not count.
-                    message.attempt -= 1;
-                    tracing::warn!(
-                        %error,
-                        retry_in_ms = self.config.database_retry.as_millis() as u64,
-                        "the inbox database failed; retrying the message"
-                    );
-                    self.config.database_retry
                 }
             };
-            let mut stopping = stopping.clone();
-            tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
-                _ = stopping.wait_for(|stop| *stop) => return Verdict::Abandoned,
+            match decision {
+                Some(how) => {
+                    returned[at].settled += 1;
+                    settle.push((pending, how));
+                }
+                None => returned[at].pending.push(pending),
             }
         }
-    }
-
-    /// One transaction: record the id, run the handler, commit. True on the first time.
-    async fn run_once(&self, message: &Message) -> Result<bool, RunError> {
-        let mut tx = self.pool.begin().await.map_err(|source| {
-            RunError::Database(Error::database("beginning the inbox transaction")(source))
-        })?;
-        let first = self
-            .inbox
-            .record(&mut tx, &self.config.name, Some(&message.meta.event_id))
-            .await
-            .map_err(RunError::Database)?;
-        if !first {
-            return Ok(false);
-        }
-        self.handler
-            .handle(message, &mut tx)
-            .await
-            .map_err(RunError::Handler)?;
-        tx.commit().await.map_err(|source| {
-            RunError::Database(Error::database("committing the inbox transaction")(source))
-        })?;
-        Ok(true)
+        Sorted { settle, returned }
     }
 }
 

@@ -15,8 +15,6 @@ use crate::stats::Summary;
 use crate::table::{Report, Section, rate, verdict};
 use crate::{Ctx, Sink, limits};
 
-/// Messages handled at once (different keys); also the RabbitMQ prefetch.
-const MAX_IN_FLIGHT: u16 = 32;
 /// How often the effects are counted.
 const SAMPLE_INTERVAL: Duration = Duration::from_millis(50);
 /// Longest wait for the first effect (Kafka: the group join).
@@ -70,10 +68,16 @@ pub(crate) async fn run(ctx: &Ctx, report: &mut Report) -> anyhow::Result<()> {
     }
     section.note(format!(
         "{} messages preloaded (the relay's properties and headers, 1,000 keys), then \
-         `AmqpConsumer` / `KafkaConsumer` with {MAX_IN_FLIGHT} in flight; each message is one \
-         transaction: the inbox row and one effect row. Counted from the first effect row for at \
-         most {} s (the Kafka group join is left out).",
+         `AmqpConsumer` / `KafkaConsumer` with the helpers' settings: {} in flight, batches of \
+         at most {} messages (whatever is ready, no wait), {} batch transactions at once; a batch \
+         is one transaction with a savepoint, the inbox row and one effect row per message. \
+         Counted from the first effect row for at most {} s (the Kafka group join is left out).",
         crate::table::thousands(ctx.consumer_messages as f64),
+        outbox_core::consumer::DEFAULT_MAX_IN_FLIGHT,
+        ctx.consumer_batch_messages
+            .unwrap_or(outbox_core::consumer::DEFAULT_MAX_BATCH_MESSAGES),
+        ctx.consumer_batches
+            .unwrap_or(outbox_core::consumer::DEFAULT_MAX_CONCURRENT_BATCHES),
         ctx.consumer_secs
     ));
     report.add(section)
@@ -110,16 +114,27 @@ async fn measure(ctx: &Ctx, world: &World, sink: Sink, dead_letters: &str) -> an
         Sink::Kafka => limits::produce(ctx, &world.destination, total, far).await?,
     };
     anyhow::ensure!(loaded == total, "preloaded {loaded} of {total} messages");
+    let mut config = ConsumerConfig::new(format!("{}-consumer", world.destination));
+    if let Some(batches) = ctx.consumer_batches {
+        config.max_concurrent_batches = batches.max(1);
+    }
+    if let Some(messages) = ctx.consumer_batch_messages {
+        config.max_batch_messages = messages.max(1);
+        // Enough in flight for every batch to be full.
+        config.max_in_flight = config.max_in_flight.max(
+            config
+                .max_batch_messages
+                .saturating_mul(config.max_concurrent_batches),
+        );
+    }
     let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(u32::from(MAX_IN_FLIGHT) + 1)
+        .max_connections(u32::from(config.max_concurrent_batches) + 1)
         .connect(&ctx.database_url)
         .await
         .context("connecting the consumer's pool")?;
     let handler = OneRow {
         insert: format!("insert into {effects} (event_id, bytes) values ($1, $2)"),
     };
-    let mut config = ConsumerConfig::new(format!("{}-consumer", world.destination));
-    config.max_in_flight = MAX_IN_FLIGHT;
     let inbox = Inbox::new(world.schema.clone());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let shutdown = async move {

@@ -150,6 +150,13 @@ struct Args {
     /// (256 publishes one message per channel at a time, as the relay's pool does).
     #[arg(long, default_value_t = limits::RABBITMQ_CHANNELS, global = true)]
     limit_channels: usize,
+    /// Batch transactions of the consumer at once (default: the helpers' default).
+    #[arg(long, global = true)]
+    consumer_batches: Option<u16>,
+    /// Most messages per consumer batch (default: the helpers' default; 1 with
+    /// `--consumer-batches 32` is about the helpers before batching).
+    #[arg(long, global = true)]
+    consumer_batch_messages: Option<u16>,
 }
 
 fn parse_setting(text: &str) -> Result<(String, String), String> {
@@ -212,6 +219,8 @@ pub(crate) struct Ctx {
     pub(crate) writer_secs: u64,
     pub(crate) consumer_messages: usize,
     pub(crate) consumer_secs: u64,
+    pub(crate) consumer_batches: Option<u16>,
+    pub(crate) consumer_batch_messages: Option<u16>,
     pub(crate) rss_events: usize,
     /// Settings for every daemon, beyond the bench's own (`--relay-setting`).
     pub(crate) relay_settings: Vec<(String, String)>,
@@ -288,6 +297,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         writer_secs: args.writer_secs.max(1),
         consumer_messages: args.consumer_messages.max(1),
         consumer_secs: args.consumer_secs.max(1),
+        consumer_batches: args.consumer_batches,
+        consumer_batch_messages: args.consumer_batch_messages,
         rss_events: rss_events.max(1),
         relay_settings: args.relay_settings,
         limit_channels: args.limit_channels,
