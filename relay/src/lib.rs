@@ -32,6 +32,10 @@
 //! `error.rs`, `resilience.rs` and `ops/` serve both sources; `config/` turns the
 //! file, the environment and flags into a [`RelayConfig`].
 //!
+//! This file (a little over 600 lines) holds the crate's map above and the start-up
+//! wiring of [`run`]: connecting with retries, the schema check, the ops endpoint,
+//! the choice of sink and source; the loop itself is in `pipeline/`.
+//!
 //! ```no_run
 //! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
 //! use outbox_relay::config::RawConfig;

@@ -1,4 +1,8 @@
 //! `outbox-relay`: command-line entry point. Wiring only.
+//!
+//! Over 600 lines on purpose: the clap definitions of every subcommand (each a few
+//! lines with the help text `--help` prints) and their dispatch to `admin`,
+//! `replay`, `pause` and `run`; no logic of its own.
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};

@@ -1,5 +1,9 @@
 //! The console's pages, rendered from plain data. Every value from the database
 //! or the request is escaped here, at the one place it meets the markup.
+//!
+//! Over 600 lines on purpose: one rendering function per page (overview, list,
+//! detail, confirmation, sign-in), mostly markup, kept in one file so that the
+//! escaping rule has one place.
 
 use std::fmt::Write as _;
 
