@@ -66,6 +66,8 @@ struct ScriptedSink {
     delay: HashMap<String, Duration>,
     /// Outcomes to return for a sequence, before it is delivered.
     script: Mutex<Script>,
+    /// Events of one key it publishes at once within a run (1: one at a time).
+    allowance: usize,
 }
 
 fn retry() -> Outcome {
@@ -116,6 +118,32 @@ impl Sink for ScriptedSink {
                 Outcome::Delivered
             }
         }
+    }
+
+    fn max_in_flight_per_key(&self) -> usize {
+        self.allowance
+    }
+
+    /// Windows of `allowance` events published at once; a delivered prefix and the
+    /// first failure (what follows a failure is reported as not delivered).
+    async fn publish_run(&self, run: &[(&OutboxEvent, Route)]) -> Vec<Outcome> {
+        let mut outcomes = Vec::with_capacity(run.len());
+        for window in run.chunks(self.allowance.max(1)) {
+            let verdicts = futures_util::future::join_all(
+                window
+                    .iter()
+                    .map(|(event, route)| self.publish(event, route)),
+            )
+            .await;
+            for verdict in verdicts {
+                let delivered = matches!(verdict, Outcome::Delivered);
+                outcomes.push(verdict);
+                if !delivered {
+                    return outcomes;
+                }
+            }
+        }
+        outcomes
     }
 
     async fn close(&self) {}
@@ -316,6 +344,7 @@ fn parts(
                 .map(|(key, ms)| ((*key).to_owned(), Duration::from_millis(*ms)))
                 .collect(),
             script: Mutex::new(scripted),
+            allowance: 1,
         }),
         router: Router::new(template("events"), template("{partition_key}")),
         config: PipelineConfig {
@@ -452,6 +481,55 @@ async fn a_keys_events_never_overtake_each_other_and_never_exceed_the_sinks_allo
             }
         };
         assert_in_order(&world.lock().unwrap(), parts.sink.max_in_flight_per_key());
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_sink_that_overlaps_a_keys_events_is_never_given_more_than_its_allowance() {
+    for retry_mode in [RetryMode::Release, RetryMode::InPlace] {
+        let world = Shared::default();
+        let mut parts = parts(
+            &world,
+            &[("a", 7), ("b", 2)],
+            vec![(4, retry), (4, retry), (10, rejected)],
+        );
+        parts.sink = Arc::new(ScriptedSink {
+            world: world.clone(),
+            delay: [("a".to_owned(), Duration::from_millis(7))].into(),
+            script: Mutex::new(
+                [
+                    (4, VecDeque::from([retry as fn() -> Outcome, retry])),
+                    (10, VecDeque::from([rejected as fn() -> Outcome])),
+                ]
+                .into(),
+            ),
+            allowance: 3,
+        });
+        let all = units(10, 5, &["a", "b", "c"]);
+        match retry_mode {
+            RetryMode::Release => {
+                run_until(
+                    MemSource::<Released>::new(&world, 20, all),
+                    &parts,
+                    Duration::from_secs(3),
+                )
+                .await
+            }
+            RetryMode::InPlace => {
+                run_until(
+                    MemSource::<InPlace>::new(&world, 20, all),
+                    &parts,
+                    Duration::from_secs(3),
+                )
+                .await
+            }
+        };
+        let world = world.lock().unwrap();
+        assert_in_order(&world, 3);
+        assert!(
+            world.most_outstanding.values().any(|most| *most > 1),
+            "the sink's runs overlapped a key's events"
+        );
     }
 }
 
