@@ -197,8 +197,8 @@ fn limits_section(ctx: &Ctx, limits: &[Limits]) -> Section {
             rate(summary(|l| l.rabbitmq)),
             format!(
                 "lapin, durable queue, persistent `mandatory` messages, the relay's headers and \
-                 {}-byte payloads; {} confirms outstanding over 8 channels (the relay's in-flight limit)",
-                ctx.payload_bytes, ctx.window
+                 {}-byte payloads; {} confirms outstanding over {} channels (the relay's in-flight limit)",
+                ctx.payload_bytes, ctx.window, ctx.limit_channels
             ),
         ]);
     }
