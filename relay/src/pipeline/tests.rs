@@ -392,6 +392,35 @@ async fn run_until<S: Source>(
     end.expect("the loop ends without an error")
 }
 
+/// [`run_until`] with an in-memory source of `retry_mode` (its ledger view and retry).
+async fn run_in_mode(
+    retry_mode: RetryMode,
+    world: &Shared,
+    window: usize,
+    units: Vec<Vec<(i64, &'static str)>>,
+    parts: &Parts<ScriptedSink>,
+    stop_after: Duration,
+) -> SessionEnd {
+    match retry_mode {
+        RetryMode::Release => {
+            run_until(
+                MemSource::<Released>::new(world, window, units),
+                parts,
+                stop_after,
+            )
+            .await
+        }
+        RetryMode::InPlace => {
+            run_until(
+                MemSource::<InPlace>::new(world, window, units),
+                parts,
+                stop_after,
+            )
+            .await
+        }
+    }
+}
+
 fn assert_in_order(world: &World, allowance: usize) {
     for (key, published) in &world.published {
         // Retried in place, an event is published again before the next one: order holds.
@@ -462,24 +491,7 @@ async fn a_keys_events_never_overtake_each_other_and_never_exceed_the_sinks_allo
             vec![(4, retry), (4, retry), (10, rejected)],
         );
         let all = units(10, 5, &["a", "b", "c"]);
-        match retry_mode {
-            RetryMode::Release => {
-                run_until(
-                    MemSource::<Released>::new(&world, 20, all),
-                    &parts,
-                    Duration::from_secs(3),
-                )
-                .await
-            }
-            RetryMode::InPlace => {
-                run_until(
-                    MemSource::<InPlace>::new(&world, 20, all),
-                    &parts,
-                    Duration::from_secs(3),
-                )
-                .await
-            }
-        };
+        run_in_mode(retry_mode, &world, 20, all, &parts, Duration::from_secs(3)).await;
         assert_in_order(&world.lock().unwrap(), parts.sink.max_in_flight_per_key());
     }
 }
@@ -506,24 +518,7 @@ async fn a_sink_that_overlaps_a_keys_events_is_never_given_more_than_its_allowan
             allowance: 3,
         });
         let all = units(10, 5, &["a", "b", "c"]);
-        match retry_mode {
-            RetryMode::Release => {
-                run_until(
-                    MemSource::<Released>::new(&world, 20, all),
-                    &parts,
-                    Duration::from_secs(3),
-                )
-                .await
-            }
-            RetryMode::InPlace => {
-                run_until(
-                    MemSource::<InPlace>::new(&world, 20, all),
-                    &parts,
-                    Duration::from_secs(3),
-                )
-                .await
-            }
-        };
+        run_in_mode(retry_mode, &world, 20, all, &parts, Duration::from_secs(3)).await;
         let world = world.lock().unwrap();
         assert_in_order(&world, 3);
         assert!(
@@ -540,24 +535,15 @@ async fn a_clean_stop_leaves_no_delivered_row_behind() {
         let parts = parts(&world, &[("a", 40), ("b", 25)], vec![]);
         let all = units(30, 4, &["a", "b", "c", "d"]);
         // Stop while lanes are publishing: the grace lets them finish.
-        let end = match retry_mode {
-            RetryMode::Release => {
-                run_until(
-                    MemSource::<Released>::new(&world, 16, all),
-                    &parts,
-                    Duration::from_millis(100),
-                )
-                .await
-            }
-            RetryMode::InPlace => {
-                run_until(
-                    MemSource::<InPlace>::new(&world, 16, all),
-                    &parts,
-                    Duration::from_millis(100),
-                )
-                .await
-            }
-        };
+        let end = run_in_mode(
+            retry_mode,
+            &world,
+            16,
+            all,
+            &parts,
+            Duration::from_millis(100),
+        )
+        .await;
         assert!(matches!(end, SessionEnd::Shutdown));
         let world = world.lock().unwrap();
         assert!(
