@@ -272,21 +272,14 @@ impl<H: Handler> KafkaConsumer<H> {
         filling_since: &mut Option<Instant>,
         now: Instant,
     ) -> Option<Instant> {
-        let max_batch = self.processor.max_batch();
-        let wait = self.processor.config.max_batch_wait;
-        while tasks.len() < self.processor.max_batches() && lanes.has_ready() {
-            if !wait.is_zero() && lanes.ready_count(max_batch) < max_batch {
-                let since = *filling_since.get_or_insert(now);
-                if now < since + wait {
-                    return Some(since + wait);
-                }
-            }
-            *filling_since = None;
-            let batch: Vec<Pending<OwnedMessage>> = lanes
-                .take_batch(max_batch)
-                .into_iter()
-                .map(|(_, pending)| pending)
-                .collect();
+        loop {
+            let batch = match self
+                .processor
+                .next_batch(lanes, tasks.len(), filling_since, now)
+            {
+                Ok(batch) => batch,
+                Err(look_again) => return look_again,
+            };
             let processor = self.processor.clone();
             let producer = self.producer.clone();
             let dead_letter_topic = self.dead_letter_topic.clone();
@@ -295,7 +288,6 @@ impl<H: Handler> KafkaConsumer<H> {
                 run_batch(&processor, &producer, &dead_letter_topic, batch, &stopping).await
             });
         }
-        None
     }
 
     /// A batch is over: its keys' lanes move on, and done messages' offsets are stored.

@@ -413,6 +413,35 @@ impl<H: Handler> Processor<H> {
         usize::from(self.config.max_concurrent_batches.max(1))
     }
 
+    /// The next batch to start when `running` batches run: `Ok(batch)`, or
+    /// `Err(Some(when))` while a batch waits to fill up (`max_batch_wait`), or
+    /// `Err(None)` when there is no room or nothing is ready.
+    pub(crate) fn next_batch<T>(
+        &self,
+        lanes: &mut lanes::KeyLanes<Pending<T>>,
+        running: usize,
+        filling_since: &mut Option<tokio::time::Instant>,
+        now: tokio::time::Instant,
+    ) -> Result<Vec<Pending<T>>, Option<tokio::time::Instant>> {
+        let max_batch = self.max_batch();
+        let wait = self.config.max_batch_wait;
+        if running >= self.max_batches() || !lanes.has_ready() {
+            return Err(None);
+        }
+        if !wait.is_zero() && lanes.ready_count(max_batch) < max_batch {
+            let since = *filling_since.get_or_insert(now);
+            if now < since + wait {
+                return Err(Some(since + wait));
+            }
+        }
+        *filling_since = None;
+        Ok(lanes
+            .take_batch(max_batch)
+            .into_iter()
+            .map(|(_, pending)| pending)
+            .collect())
+    }
+
     /// Run `batch` in one transaction until it commits; a failure of the database
     /// (not of a handler) reruns the whole batch after `database_retry`, without
     /// limit and without counting attempts, until `stopping` says to give up.
