@@ -2,6 +2,7 @@
 //! for them (retrying with backoff, `/healthz` up and `/readyz` 503 meanwhile)
 //! instead of exiting, and delivers once they answer; an ops address that cannot
 //! be bound stops it with the cause; host names work in `ops.listen_addr`.
+//! Relays started together on a new schema all register the same partition count.
 
 #![allow(clippy::unwrap_used)] // a test should fail loudly at the broken step
 
@@ -186,4 +187,48 @@ async fn the_start_up_wait_can_be_limited_and_the_error_names_the_cause() {
         error.contains(&proxy.addr().to_string()),
         "names where it tried: {error}"
     );
+}
+
+/// Several polling relays started at the same moment on a schema no relay has
+/// used yet all register: each reads the partition count the first one recorded
+/// (two daemons started together once failed with "no rows returned" while
+/// checking the partition count).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn relays_starting_together_on_a_new_schema_all_register_the_same_partition_count() {
+    use outbox_relay::source::polling::lease::PartitionLeases;
+    for round in 0..5 {
+        let test = TestSchema::new().await;
+        let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(8));
+        let starts: Vec<_> = (0..8)
+            .map(|i| {
+                let (pool, schema, barrier) =
+                    (test.pool.clone(), test.schema.clone(), barrier.clone());
+                tokio::spawn(async move {
+                    let leases = PartitionLeases::new(
+                        &schema,
+                        format!("relay-{i}"),
+                        16,
+                        Duration::from_secs(10),
+                    );
+                    barrier.wait().await;
+                    leases.register(&pool).await
+                })
+            })
+            .collect();
+        for start in starts {
+            let registered = start.await.unwrap();
+            assert!(
+                registered.is_ok(),
+                "round {round}: a relay failed to register: {registered:?}"
+            );
+        }
+        let partitions: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "select count(*) from {} where name like 'partition:%'",
+            test.schema.qualify("relay_lease")
+        )))
+        .fetch_one(&test.pool)
+        .await
+        .unwrap();
+        assert_eq!(partitions, 16);
+    }
 }

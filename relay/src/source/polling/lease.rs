@@ -68,11 +68,15 @@ impl PartitionLeases {
                     "insert into {t} (name) select 'partition:' || g from generate_series(0, $1 - 1) g \
                      on conflict do nothing"
                 ),
+                // An upsert that rewrites the row with its own value: it waits for a
+                // concurrent first insert to commit and returns the committed count. (An
+                // insert that does nothing on conflict, unioned with a select, returned no
+                // row when two relays started at once: the select's snapshot predates the
+                // other relay's commit.)
                 meta: format!(
-                    "with ins as (insert into {t} (name, fencing_token) values ('meta:partitions', $1) \
-                                  on conflict do nothing returning fencing_token) \
-                     select fencing_token from ins union all \
-                     select fencing_token from {t} where name = 'meta:partitions' limit 1"
+                    "insert into {t} as l (name, fencing_token) values ('meta:partitions', $1) \
+                     on conflict (name) do update set fencing_token = l.fencing_token \
+                     returning fencing_token"
                 ),
                 heartbeat: format!(
                     "insert into {t} (name, owner, expires_at) values ('instance:' || $1, $1, now() + make_interval(secs => $2)) \
