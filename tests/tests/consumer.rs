@@ -486,6 +486,9 @@ async fn batch_effects_table(test: &TestSchema) -> String {
 struct BatchRecorder {
     table: String,
     fail_runs: HashMap<i64, u32>,
+    /// Runs of message `n` (its first `swallow_runs[n]`) that fail a statement, ignore
+    /// the error and return `Ok`, leaving the transaction failed.
+    swallow_runs: HashMap<i64, u32>,
     runs: Arc<Mutex<Vec<(i64, u32)>>>,
     lose_channel_at: Option<(i64, lapin::Channel)>,
 }
@@ -495,6 +498,7 @@ impl BatchRecorder {
         BatchRecorder {
             table: table.to_owned(),
             fail_runs: HashMap::new(),
+            swallow_runs: HashMap::new(),
             runs: Arc::new(Mutex::new(Vec::new())),
             lose_channel_at: None,
         }
@@ -519,6 +523,9 @@ impl Handler for BatchRecorder {
         if message.attempt <= self.fail_runs.get(&n).copied().unwrap_or(0) {
             // Aborts the transaction: only a rollback to the message's savepoint saves the batch.
             sqlx::query("select 1 / 0").execute(&mut *conn).await?;
+        }
+        if message.attempt <= self.swallow_runs.get(&n).copied().unwrap_or(0) {
+            let _ignored = sqlx::query("select 1 / 0").execute(&mut *conn).await;
         }
         if let Some((at, channel)) = &self.lose_channel_at
             && *at == n
@@ -775,6 +782,96 @@ async fn amqp_a_failing_handler_rolls_back_only_its_message_the_rest_of_the_batc
     })
     .await;
     queue.delete().await;
+}
+
+/// 12 messages, each of a key of its own.
+fn batch_of_own_keys() -> Vec<Outgoing> {
+    (1..=12)
+        .map(|n| outgoing(n, &format!("order:{n}")))
+        .collect()
+}
+
+/// Run `handler` over one batch of [`batch_of_own_keys`] until every effect is in
+/// (`handler` writes into a table of `test`); the handler's runs and the stats.
+async fn consume_own_keys(
+    test: &TestSchema,
+    handler: BatchRecorder,
+) -> (Vec<(i64, u32)>, ConsumerStats) {
+    let queue = TestQueue::new().await;
+    queue.publish(&batch_of_own_keys()).await;
+    let runs = handler.runs.clone();
+    let table = handler.table.clone();
+    let (stop, run) = queue.consume(test, batch_config(12), handler, None).await;
+    wait_for_effects(test, &table, 12).await;
+    let _ = stop.send(());
+    let stats = run.await.unwrap().unwrap();
+    outbox_tests::wait_until("the queue is empty", DEADLINE, async || {
+        queue.ready().await == 0
+    })
+    .await;
+    queue.delete().await;
+    let runs = runs.lock().unwrap().clone();
+    (runs, stats)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn amqp_a_handler_failing_mid_batch_runs_once_per_attempt_and_every_effect_commits_once() {
+    let test = TestSchema::new().await;
+    let table = batch_effects_table(&test).await;
+    let mut handler = BatchRecorder::new(&table);
+    handler.fail_runs.insert(6, 1);
+    let (runs, stats) = consume_own_keys(&test, handler).await;
+    let mut all = effect_ns(&test, &table, None).await;
+    all.sort_unstable();
+    assert_eq!(all, (1..=12).collect::<Vec<_>>(), "runs: {runs:?}");
+    let runs_of = |n: i64| -> Vec<u32> {
+        runs.iter()
+            .filter(|(m, _)| *m == n)
+            .map(|(_, a)| *a)
+            .collect()
+    };
+    assert_eq!(
+        runs_of(6),
+        [1, 2],
+        "the failing handler ran once per attempt: {runs:?}"
+    );
+    // The others committed together in one transaction, message 6 in a later one.
+    assert_eq!(transactions_without(&test, &table, "order:6").await, 1);
+    assert_eq!(
+        (
+            stats.handled,
+            stats.duplicates,
+            stats.retries,
+            stats.dead_lettered
+        ),
+        (12, 0, 1, 0),
+        "{stats:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn amqp_a_handler_that_returns_ok_on_a_failed_transaction_is_a_failed_run_and_loses_no_other_effect()
+ {
+    let test = TestSchema::new().await;
+    let table = batch_effects_table(&test).await;
+    let mut handler = BatchRecorder::new(&table);
+    // The last of the batch: no later handler's statement finds the failed
+    // transaction, the check before the commit must.
+    handler.swallow_runs.insert(12, 1);
+    let (runs, stats) = consume_own_keys(&test, handler).await;
+    let mut all = effect_ns(&test, &table, None).await;
+    all.sort_unstable();
+    assert_eq!(all, (1..=12).collect::<Vec<_>>(), "runs: {runs:?}");
+    assert_eq!(
+        (
+            stats.handled,
+            stats.duplicates,
+            stats.retries,
+            stats.dead_lettered
+        ),
+        (12, 0, 1, 0),
+        "{stats:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

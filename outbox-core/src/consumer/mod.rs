@@ -32,12 +32,15 @@
 //!
 //! Messages that are ready at once (several keys, and consecutive messages of one
 //! key in order) are handled in **one** transaction: their ids are recorded with one
-//! statement, each first-time message's handler runs in a savepoint of its own, and
-//! one commit covers them all ([`ConsumerConfig::max_batch_messages`],
-//! [`ConsumerConfig::max_batch_wait`], [`ConsumerConfig::max_concurrent_batches`]).
-//! A failing handler rolls back only its savepoint: the others commit and are
-//! acknowledged once; the failed message's id is not recorded, and the message and
-//! the rest of its key go back to wait. A handler error is retried with exponential
+//! statement, each first-time message's handler runs, and one commit covers them
+//! all ([`ConsumerConfig::max_batch_messages`], [`ConsumerConfig::max_batch_wait`],
+//! [`ConsumerConfig::max_concurrent_batches`]). The handlers first run without
+//! savepoints, one round trip each. When one fails, that transaction is rolled back
+//! and the batch runs again with a savepoint per message, so a failing handler rolls
+//! back only its own message: the others commit and are acknowledged once; the
+//! failed message's id is not recorded, and the message and the rest of its key go
+//! back to wait. The handlers before the failing one therefore run twice (the first
+//! run's effects were rolled back); the failing handler runs once per attempt. A handler error is retried with exponential
 //! backoff ([`RetryPolicy`]); after `max_attempts`, or at once for a
 //! [`HandlerError::permanent`] error, the message is dead-lettered (RabbitMQ:
 //! rejected without requeue, so the queue's dead-letter exchange receives it; Kafka:
@@ -48,17 +51,16 @@
 //! limit, and never dead-letters. A handler that returns `Ok` but leaves the
 //! transaction failed counts as a failed run of that handler.
 
-use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::time::Duration;
 
 use sqlx::{PgConnection, PgPool};
 
-use crate::error::Error;
 use crate::inbox::Inbox;
 
 #[cfg(feature = "lapin")]
 pub mod amqp;
+mod batch;
 #[cfg(feature = "rdkafka")]
 pub mod kafka;
 #[cfg(any(feature = "lapin", feature = "rdkafka"))]
@@ -203,8 +205,9 @@ impl RetryPolicy {
 ///
 /// Throughput comes from batching: the messages that are ready at once (of several
 /// keys, and consecutive messages of one key in order) are handled in **one**
-/// transaction of at most `max_batch_messages`, each message in a savepoint of its
-/// own, so a failing handler rolls back only its message. One commit covers the
+/// transaction of at most `max_batch_messages`; when a handler fails, the batch runs
+/// again with each message in a savepoint of its own, so a failing handler rolls back
+/// only its message (see [the module docs](self#batches)). One commit covers the
 /// batch, and only after it are the deliveries acknowledged (RabbitMQ) or their
 /// offsets stored (Kafka). Up to `max_concurrent_batches` such transactions run at
 /// once, each on its own connection of the pool, and no key is in two of them.
@@ -219,7 +222,8 @@ pub struct ConsumerConfig {
     /// behind their key. Also the RabbitMQ prefetch.
     pub max_in_flight: u16,
     /// Most messages in one transaction. Up to 64 stays within PostgreSQL's
-    /// per-transaction cache of subtransaction ids (one savepoint per message);
+    /// per-transaction cache of subtransaction ids (one savepoint per message when
+    /// a batch runs again after a failure);
     /// beyond it, other sessions' snapshots get slower while the batch runs.
     pub max_batch_messages: u16,
     /// How long a batch may wait to fill up before it starts. Zero (the default)
@@ -310,7 +314,7 @@ pub(crate) enum Outcome {
     Handled,
     /// Processed before (by another instance, or an earlier copy in this batch).
     Duplicate,
-    /// The handler failed (its savepoint was rolled back), or the message cannot be
+    /// The handler failed (its effects were rolled back), or the message cannot be
     /// processed at all.
     Failed(HandlerError),
     /// Not run: an earlier message of its key (or copy of it) failed in this batch.
@@ -347,59 +351,12 @@ pub(crate) struct Sorted<T> {
     pub(crate) returned: Vec<Returned<T>>,
 }
 
-/// Savepoint of the message being handled inside a batch transaction.
-const SAVEPOINT: &str = "savepoint outbox_consumer_message";
-/// The handler succeeded: keep its effects. Fails if it left the transaction failed.
-const RELEASE_SAVEPOINT: &str = "release savepoint outbox_consumer_message";
-/// The previous handler succeeded and the next one starts, in one round trip.
-const RELEASE_AND_SAVEPOINT: &str =
-    "release savepoint outbox_consumer_message; savepoint outbox_consumer_message";
-/// The handler failed: undo only its effects.
-const ROLLBACK_TO_SAVEPOINT: &str = "rollback to savepoint outbox_consumer_message";
-
 /// Runs batches of messages through the inbox with the retry policy; shared by both brokers.
 pub(crate) struct Processor<H> {
     pub(crate) pool: PgPool,
     pub(crate) inbox: Inbox,
     pub(crate) config: ConsumerConfig,
     pub(crate) handler: H,
-}
-
-/// Where a message id stands within one batch transaction.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum IdState {
-    Done,
-    Failed,
-}
-
-/// Whether a message of the batch is not run: `NotRun` behind a failed message of its
-/// key (or a failed copy of itself), `Duplicate` when processed before; `None` to run it.
-fn skip<T>(
-    pending: &Pending<T>,
-    blocked: &HashSet<String>,
-    states: &HashMap<String, IdState>,
-    first: &HashSet<String>,
-) -> Option<Outcome> {
-    let Ok(message) = &pending.message else {
-        return Some(Outcome::NotRun);
-    };
-    let id = message.meta.event_id.as_str();
-    let state = states.get(id).copied();
-    if blocked.contains(&pending.key) || state == Some(IdState::Failed) {
-        Some(Outcome::NotRun)
-    } else if state == Some(IdState::Done) || !first.contains(id) {
-        Some(Outcome::Duplicate)
-    } else {
-        None
-    }
-}
-
-async fn savepoint(tx: &mut PgConnection) -> Result<(), Error> {
-    sqlx::raw_sql(SAVEPOINT)
-        .execute(&mut *tx)
-        .await
-        .map_err(Error::database("starting a message's savepoint"))?;
-    Ok(())
 }
 
 impl<H: Handler> Processor<H> {
@@ -440,199 +397,6 @@ impl<H: Handler> Processor<H> {
             .into_iter()
             .map(|(_, pending)| pending)
             .collect())
-    }
-
-    /// Run `batch` in one transaction until it commits; a failure of the database
-    /// (not of a handler) reruns the whole batch after `database_retry`, without
-    /// limit and without counting attempts, until `stopping` says to give up.
-    pub(crate) async fn run_batch<T>(
-        &self,
-        batch: &mut [Pending<T>],
-        stopping: &tokio::sync::watch::Receiver<bool>,
-    ) -> Vec<Outcome> {
-        loop {
-            let error = match self.try_batch(batch).await {
-                Ok(outcomes) => return outcomes,
-                Err(error) => error,
-            };
-            tracing::warn!(
-                consumer = %self.config.name,
-                messages = batch.len(),
-                %error,
-                retry_in_ms = self.config.database_retry.as_millis() as u64,
-                "the inbox database failed; retrying the batch"
-            );
-            let mut stopping = stopping.clone();
-            tokio::select! {
-                _ = tokio::time::sleep(self.config.database_retry) => {}
-                _ = stopping.wait_for(|stop| *stop) => {
-                    return batch.iter().map(|_| Outcome::Abandoned).collect();
-                }
-            }
-        }
-    }
-
-    /// One transaction: record the batch's ids, run each first-time message's handler
-    /// in its own savepoint, forget the ids of messages that did not complete, commit.
-    async fn try_batch<T>(&self, batch: &mut [Pending<T>]) -> Result<Vec<Outcome>, Error> {
-        let mut outcomes: Vec<Option<Outcome>> = batch.iter().map(|_| None).collect();
-        let mut ids: Vec<&str> = Vec::with_capacity(batch.len());
-        for (pending, outcome) in batch.iter().zip(outcomes.iter_mut()) {
-            let checked = match &pending.message {
-                Ok(message) => crate::inbox::check_message_id(&message.meta.event_id)
-                    .map(|()| message.meta.event_id.as_str())
-                    .map_err(|error| error.to_string()),
-                Err(reason) => Err(reason.clone()),
-            };
-            match checked {
-                Ok(id) => ids.push(id),
-                // Retrying cannot give a message an id: it is dead-lettered.
-                Err(reason) => *outcome = Some(Outcome::Failed(HandlerError::permanent(reason))),
-            }
-        }
-        if ids.is_empty() {
-            return Ok(outcomes
-                .into_iter()
-                .map(|o| o.unwrap_or(Outcome::NotRun))
-                .collect());
-        }
-        let name = self.config.name.as_str();
-        let mut tx = self
-            .pool
-            .begin()
-            .await
-            .map_err(Error::database("beginning the inbox transaction"))?;
-        let first = self.inbox.record_many(&mut tx, name, &ids).await?;
-        drop(ids);
-        let mut blocked: HashSet<String> = HashSet::new();
-        let mut states: HashMap<String, IdState> = HashMap::new();
-        // The message whose handler succeeded last; its savepoint is still open.
-        let mut open: Option<usize> = None;
-        for index in 0..batch.len() {
-            if outcomes[index].is_some() {
-                // Failed before the transaction: the rest of its key waits for it.
-                blocked.insert(batch[index].key.clone());
-                continue;
-            }
-            if let Some(skip) = skip(&batch[index], &blocked, &states, &first) {
-                outcomes[index] = Some(skip);
-                continue;
-            }
-            match open.take() {
-                // One round trip: keep the previous handler's effects, open this one's savepoint.
-                Some(previous) => {
-                    match sqlx::raw_sql(RELEASE_AND_SAVEPOINT).execute(&mut *tx).await {
-                        Ok(_) => {}
-                        Err(error) if error.as_database_error().is_some() => {
-                            self.failed_release(
-                                &mut tx,
-                                &batch[previous],
-                                &mut outcomes[previous],
-                                error,
-                            )
-                            .await?;
-                            blocked.insert(batch[previous].key.clone());
-                            if let Ok(message) = &batch[previous].message {
-                                states.insert(message.meta.event_id.clone(), IdState::Failed);
-                            }
-                            if let Some(skip) = skip(&batch[index], &blocked, &states, &first) {
-                                outcomes[index] = Some(skip);
-                                continue;
-                            }
-                            savepoint(&mut tx).await?;
-                        }
-                        Err(error) => {
-                            return Err(Error::database("releasing a message's savepoint")(error));
-                        }
-                    }
-                }
-                None => savepoint(&mut tx).await?,
-            }
-            let pending = &mut batch[index];
-            let Ok(message) = &mut pending.message else {
-                continue;
-            };
-            message.attempt = pending.failures + 1;
-            let span = self.span(&message.meta);
-            let result = {
-                use tracing::Instrument;
-                self.handler.handle(message, &mut tx).instrument(span).await
-            };
-            let outcome = match result {
-                Ok(()) => {
-                    open = Some(index);
-                    states.insert(message.meta.event_id.clone(), IdState::Done);
-                    Outcome::Handled
-                }
-                Err(error) => {
-                    sqlx::raw_sql(ROLLBACK_TO_SAVEPOINT)
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(Error::database("rolling back a failed handler"))?;
-                    blocked.insert(pending.key.clone());
-                    states.insert(message.meta.event_id.clone(), IdState::Failed);
-                    Outcome::Failed(error)
-                }
-            };
-            outcomes[index] = Some(outcome);
-        }
-        if let Some(previous) = open.take() {
-            match sqlx::raw_sql(RELEASE_SAVEPOINT).execute(&mut *tx).await {
-                Ok(_) => {}
-                Err(error) if error.as_database_error().is_some() => {
-                    self.failed_release(&mut tx, &batch[previous], &mut outcomes[previous], error)
-                        .await?;
-                    if let Ok(message) = &batch[previous].message {
-                        states.insert(message.meta.event_id.clone(), IdState::Failed);
-                    }
-                }
-                Err(error) => {
-                    return Err(Error::database("releasing a message's savepoint")(error));
-                }
-            }
-        }
-        // Ids recorded above whose message did not complete: a later run handles them.
-        let unfinished: Vec<&str> = first
-            .iter()
-            .map(String::as_str)
-            .filter(|id| states.get(*id) != Some(&IdState::Done))
-            .collect();
-        if !unfinished.is_empty() {
-            self.inbox.forget(&mut tx, name, &unfinished).await?;
-        }
-        tx.commit()
-            .await
-            .map_err(Error::database("committing the inbox transaction"))?;
-        Ok(outcomes
-            .into_iter()
-            .map(|o| o.unwrap_or(Outcome::NotRun))
-            .collect())
-    }
-
-    /// The handler of `pending` returned `Ok` but left the transaction failed (it
-    /// swallowed an error), so releasing its savepoint failed with `error`: roll the
-    /// savepoint back and count a failed run. Committing a failed transaction would
-    /// silently roll back the whole batch.
-    async fn failed_release<T>(
-        &self,
-        tx: &mut PgConnection,
-        pending: &Pending<T>,
-        outcome: &mut Option<Outcome>,
-        error: sqlx::Error,
-    ) -> Result<(), Error> {
-        sqlx::raw_sql(ROLLBACK_TO_SAVEPOINT)
-            .execute(&mut *tx)
-            .await
-            .map_err(Error::database("rolling back a failed handler"))?;
-        let event_id = pending
-            .message
-            .as_ref()
-            .map(|m| m.meta.event_id.as_str())
-            .unwrap_or("");
-        *outcome = Some(Outcome::Failed(HandlerError::transient(format!(
-            "the handler of event {event_id} returned Ok but left its transaction failed: {error}"
-        ))));
-        Ok(())
     }
 
     /// The handler's span; it continues the writer's trace.
