@@ -70,7 +70,8 @@ pub(crate) async fn run(ctx: &Ctx, report: &mut Report) -> anyhow::Result<()> {
         "{} messages preloaded (the relay's properties and headers, 1,000 keys), then \
          `AmqpConsumer` / `KafkaConsumer` with the helpers' settings: {} in flight, batches of \
          at most {} messages (whatever is ready, no wait), {} batch transactions at once; a batch \
-         is one transaction with a savepoint, the inbox row and one effect row per message. \
+         is one transaction with the inbox row and one effect row per message (no savepoints \
+         unless a handler fails). \
          Counted from the first effect row for at most {} s (the Kafka group join is left out).",
         crate::table::thousands(ctx.consumer_messages as f64),
         outbox_core::consumer::DEFAULT_MAX_IN_FLIGHT,
