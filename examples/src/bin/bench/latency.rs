@@ -42,8 +42,29 @@ type Key = (Source, Sink, u32);
 /// Run `ctx.runs` latency runs and add the section to `report`.
 pub(crate) async fn run(ctx: &Ctx, report: &mut Report) -> anyhow::Result<()> {
     let mut phases: BTreeMap<Key, Vec<Phase>> = BTreeMap::new();
+    let mut floors: BTreeMap<Sink, Vec<Phase>> = BTreeMap::new();
     for run in 0..ctx.runs {
         println!("bench: latency run {}/{}", run + 1, ctx.runs);
+        for &sink in &ctx.sinks {
+            match broker_alone(ctx, sink).await {
+                Ok(phase) => {
+                    println!(
+                        "bench: latency of {} alone at {}/s: p50 {:.1} p95 {:.1} p99 {:.1} max {:.1} ms ({} missing)",
+                        sink.name(),
+                        RATES[0].0,
+                        phase.latency.p50,
+                        phase.latency.p95,
+                        phase.latency.p99,
+                        phase.latency.max,
+                        phase.missing
+                    );
+                    floors.entry(sink).or_default().push(phase);
+                }
+                Err(error) => {
+                    eprintln!("bench: latency of {} alone failed: {error:#}", sink.name())
+                }
+            }
+        }
         for &source in &ctx.sources {
             for &sink in &ctx.sinks {
                 match once(ctx, source, sink).await {
@@ -75,10 +96,14 @@ pub(crate) async fn run(ctx: &Ctx, report: &mut Report) -> anyhow::Result<()> {
             }
         }
     }
-    report.add(section(ctx, &phases))
+    report.add(section(ctx, &phases, &floors))
 }
 
-fn section(ctx: &Ctx, phases: &BTreeMap<Key, Vec<Phase>>) -> Section {
+fn section(
+    ctx: &Ctx,
+    phases: &BTreeMap<Key, Vec<Phase>>,
+    floors: &BTreeMap<Sink, Vec<Phase>>,
+) -> Section {
     let mut section = Section::new(
         "3. Latency, COMMIT returned → consumer received (ms)",
         &[
@@ -118,6 +143,30 @@ fn section(ctx: &Ctx, phases: &BTreeMap<Key, Vec<Phase>>) -> Section {
             target.map_or_else(String::new, |t| verdict(p99, |v| v <= t)),
         ]);
     }
+    for (&sink, runs) in floors {
+        let pick = |f: fn(&Phase) -> f64| Summary::of(&runs.iter().map(f).collect::<Vec<_>>());
+        section.row(vec![
+            "(broker alone)".into(),
+            sink.name().into(),
+            RATES[0].0.to_string(),
+            rate(pick(|p| p.achieved)),
+            fixed(pick(|p| p.latency.p50), 1),
+            fixed(pick(|p| p.latency.p95), 1),
+            fixed(pick(|p| p.latency.p99), 1),
+            fixed(pick(|p| p.latency.max), 1),
+            runs.iter().map(|p| p.missing).sum::<usize>().to_string(),
+            String::new(),
+            String::new(),
+        ]);
+    }
+    section.note(
+        "(broker alone): the same consumer fed by a publisher in this process at the same \
+         schedule, with no relay and no PostgreSQL: lapin publishing persistent `mandatory` \
+         messages with the relay's properties on a confirm channel (confirms awaited apart), or \
+         an idempotent `acks=all` rdkafka producer with the relay's settings (`linger.ms=1`), \
+         the time taken just before the publish. It is the floor the broker, the client \
+         libraries and this machine's scheduler put under any relay's latency.",
+    );
     section.note(format!(
         "One event per transaction through `Outbox::enqueue`, {KEYS} keys, {}-byte payloads; \
          {} s at 1,000/s (4 writer connections) then {} s at 5,000/s (16) on one daemon with relay \
@@ -212,32 +261,164 @@ async fn measure(
     let written = measured?;
     let arrivals = arrivals?;
     stopped?;
-    let mut phases = Vec::new();
-    for (offered, commits) in written {
-        let mut latencies = Vec::with_capacity(commits.times.len());
-        let mut missing = 0;
-        for &(i, committed) in &commits.times {
-            match arrivals.get(&i) {
-                // Signed: a delivery can beat the writer's clock read after COMMIT returned.
-                Some(&arrived) => latencies.push(match arrived.checked_duration_since(committed) {
-                    Some(d) => d.as_secs_f64() * 1e3,
-                    None => -(committed.duration_since(arrived).as_secs_f64() * 1e3),
-                }),
-                None => missing += 1,
-            }
-        }
-        if let Some(latency) = Percentiles::of(&mut latencies) {
-            phases.push((
-                offered,
-                Phase {
-                    achieved: commits.times.len() as f64 / commits.elapsed.as_secs_f64().max(1e-9),
-                    latency,
-                    missing,
-                },
-            ));
+    Ok(written
+        .into_iter()
+        .filter_map(|(offered, commits)| Some((offered, phase(&commits, &arrivals)?)))
+        .collect())
+}
+
+/// Latencies of `commits` by their arrivals; `None` when nothing was committed.
+fn phase(commits: &Commits, arrivals: &HashMap<u64, Instant>) -> Option<Phase> {
+    let mut latencies = Vec::with_capacity(commits.times.len());
+    let mut missing = 0;
+    for &(i, committed) in &commits.times {
+        match arrivals.get(&i) {
+            // Signed: a delivery can beat the writer's clock read after COMMIT returned.
+            Some(&arrived) => latencies.push(match arrived.checked_duration_since(committed) {
+                Some(d) => d.as_secs_f64() * 1e3,
+                None => -(committed.duration_since(arrived).as_secs_f64() * 1e3),
+            }),
+            None => missing += 1,
         }
     }
-    Ok(phases)
+    Some(Phase {
+        achieved: commits.times.len() as f64 / commits.elapsed.as_secs_f64().max(1e-9),
+        latency: Percentiles::of(&mut latencies)?,
+        missing,
+    })
+}
+
+/// The broker alone at the lowest offered rate: a publisher in this process, no
+/// relay and no PostgreSQL, into the same consumer.
+async fn broker_alone(ctx: &Ctx, sink: Sink) -> anyhow::Result<Phase> {
+    let world = World::create(ctx, Some(sink)).await?;
+    let result = async {
+        let consumer = match sink {
+            Sink::Rabbitmq => rabbitmq_consumer(ctx, &world.destination).await?,
+            Sink::Kafka => kafka_consumer(ctx, &world.destination)?,
+        };
+        tokio::time::sleep(WARMUP).await;
+        let (rate, _) = RATES[0];
+        let published = match sink {
+            Sink::Rabbitmq => publish_on_schedule(ctx, &world.destination, rate).await,
+            Sink::Kafka => produce_on_schedule(ctx, &world.destination, rate).await,
+        };
+        let expected = published.as_ref().map_or(0, |p| p.times.len());
+        let deadline = Instant::now() + STRAGGLER_WAIT;
+        while consumer.distinct.load(Ordering::Relaxed) < expected && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let arrivals = consumer.finish().await;
+        let published = published?;
+        phase(&published, &arrivals?).context("nothing was published")
+    }
+    .await;
+    world.cleanup(ctx).await;
+    result
+}
+
+/// Publish `rate × latency_secs` messages to `exchange` on a fixed schedule, taking
+/// the time just before each publish; confirms are awaited apart.
+async fn publish_on_schedule(ctx: &Ctx, exchange: &str, rate: u32) -> anyhow::Result<Commits> {
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+    let connection =
+        lapin::Connection::connect(&ctx.amqp_url, lapin::ConnectionProperties::default())
+            .await
+            .context("connecting to RabbitMQ (set AMQP_URL)")?;
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let pad = "x".repeat(ctx.payload_bytes);
+    let total = u64::from(rate) * ctx.latency_secs;
+    let (confirms_tx, mut confirms_rx) = tokio::sync::mpsc::unbounded_channel();
+    let confirmer = tokio::spawn(async move {
+        while let Some(confirm) = confirms_rx.recv().await {
+            match confirm.await? {
+                lapin::Confirmation::Ack(None) => {}
+                other => anyhow::bail!("RabbitMQ did not confirm a message: {other:?}"),
+            }
+        }
+        anyhow::Ok(())
+    });
+    let started = Instant::now();
+    let start = tokio::time::Instant::from_std(started);
+    let period = 1.0 / f64::from(rate);
+    let mut times = Vec::with_capacity(total as usize);
+    for i in 0..total {
+        tokio::time::sleep_until(start + Duration::from_secs_f64(i as f64 * period)).await;
+        let (body, properties) = crate::limits::amqp_message(i as usize, &pad);
+        let at = Instant::now();
+        let confirm = channel
+            .basic_publish(
+                exchange.into(),
+                "latency.measured".into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    immediate: false,
+                },
+                &body,
+                properties,
+            )
+            .await?;
+        times.push((i, at));
+        let _ = confirms_tx.send(confirm);
+    }
+    let elapsed = started.elapsed();
+    drop(confirms_tx);
+    confirmer.await.context("the confirm task panicked")??;
+    let _ = connection.close(200, "done".into()).await;
+    Ok(Commits { times, elapsed })
+}
+
+/// Produce `rate × latency_secs` messages to `topic` on a fixed schedule with the
+/// relay's producer settings, taking the time just before each send.
+async fn produce_on_schedule(ctx: &Ctx, topic: &str, rate: u32) -> anyhow::Result<Commits> {
+    use rdkafka::producer::FutureRecord;
+    let producer = crate::limits::producer(&ctx.kafka_brokers)?;
+    let pad = "x".repeat(ctx.payload_bytes);
+    let total = u64::from(rate) * ctx.latency_secs;
+    // Warm up first (metadata, the idempotent producer's id), as the relay is before
+    // its first event: one message of an index the consumer does not count.
+    let warmup = serde_json::json!({ "warmup": true }).to_string();
+    match producer
+        .send(
+            FutureRecord::<[u8], [u8]>::to(topic).payload(warmup.as_bytes()),
+            Duration::from_secs(10),
+        )
+        .await
+    {
+        Ok(_) => {}
+        Err((error, _)) => anyhow::bail!("producing the warm-up message to Kafka: {error}"),
+    }
+    let started = Instant::now();
+    let start = tokio::time::Instant::from_std(started);
+    let period = 1.0 / f64::from(rate);
+    let mut times = Vec::with_capacity(total as usize);
+    let mut reports = Vec::with_capacity(total as usize);
+    for i in 0..total {
+        tokio::time::sleep_until(start + Duration::from_secs_f64(i as f64 * period)).await;
+        let body = serde_json::json!({ "i": i, "pad": &pad }).to_string();
+        let key = (i % KEYS).to_string();
+        let at = Instant::now();
+        let record = FutureRecord::to(topic)
+            .key(key.as_bytes())
+            .payload(body.as_bytes());
+        match producer.send_result(record) {
+            Ok(report) => reports.push(report),
+            Err((error, _)) => anyhow::bail!("producing to Kafka: {error}"),
+        }
+        times.push((i, at));
+    }
+    let elapsed = started.elapsed();
+    for report in reports {
+        match report.await {
+            Ok(Ok(_)) => {}
+            Ok(Err((error, _))) => anyhow::bail!("Kafka did not take a message: {error}"),
+            Err(_) => anyhow::bail!("the Kafka producer dropped a delivery report"),
+        }
+    }
+    Ok(Commits { times, elapsed })
 }
 
 /// What the writers committed: per event index, when COMMIT returned.

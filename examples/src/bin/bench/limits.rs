@@ -222,6 +222,7 @@ pub(crate) fn producer(brokers: &str) -> anyhow::Result<FutureProducer> {
         .set("partitioner", "murmur2_random")
         .set("message.timeout.ms", "10000")
         .set("compression.type", "none")
+        .set("linger.ms", "1")
         .create()
         .context("creating the Kafka producer")
 }
