@@ -110,7 +110,10 @@ impl Daemon {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let _ = std::fs::remove_file(&self.log);
+        // Kept on request, to read what the daemon logged during a measurement.
+        if std::env::var_os("OUTBOX_BENCH_KEEP_LOG").is_none() {
+            let _ = std::fs::remove_file(&self.log);
+        }
         Ok(usage)
     }
 
