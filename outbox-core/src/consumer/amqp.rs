@@ -260,10 +260,7 @@ impl<H: Handler> AmqpConsumer<H> {
             let now = Instant::now();
             let backoff = lanes.wake(now);
             let fill = self.dispatch(&mut lanes, &mut tasks, &stop_rx, &mut filling_since, now);
-            wake_at = match (backoff, fill) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
+            wake_at = super::lanes::earliest(backoff, fill);
         }
         let _ = channel
             .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())

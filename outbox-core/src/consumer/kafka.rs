@@ -240,10 +240,7 @@ impl<H: Handler> KafkaConsumer<H> {
             let now = Instant::now();
             let backoff = lanes.wake(now);
             let fill = self.dispatch(&mut lanes, &mut tasks, &stop_rx, &mut filling_since, now);
-            wake_at = match (backoff, fill) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
+            wake_at = super::lanes::earliest(backoff, fill);
         }
         let _ = stop_tx.send(true);
         while let Some(joined) = tasks.join_next().await {

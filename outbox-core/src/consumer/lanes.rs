@@ -177,6 +177,14 @@ impl<T> KeyLanes<T> {
     }
 }
 
+/// The earlier of two optional wake-up times (`None` when neither is set).
+pub(crate) fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
