@@ -814,6 +814,23 @@ async fn consume_own_keys(
     (runs, stats)
 }
 
+/// Every message of [`batch_of_own_keys`] has exactly one effect row.
+async fn assert_each_effect_once(test: &TestSchema, table: &str, runs: &[(i64, u32)]) {
+    let mut all = effect_ns(test, table, None).await;
+    all.sort_unstable();
+    assert_eq!(all, (1..=12).collect::<Vec<_>>(), "runs: {runs:?}");
+}
+
+/// Handled, duplicates, retries, dead-lettered.
+fn counts(stats: &ConsumerStats) -> (u64, u64, u64, u64) {
+    (
+        stats.handled,
+        stats.duplicates,
+        stats.retries,
+        stats.dead_lettered,
+    )
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn amqp_a_handler_failing_mid_batch_runs_once_per_attempt_and_every_effect_commits_once() {
     let test = TestSchema::new().await;
@@ -821,9 +838,7 @@ async fn amqp_a_handler_failing_mid_batch_runs_once_per_attempt_and_every_effect
     let mut handler = BatchRecorder::new(&table);
     handler.fail_runs.insert(6, 1);
     let (runs, stats) = consume_own_keys(&test, handler).await;
-    let mut all = effect_ns(&test, &table, None).await;
-    all.sort_unstable();
-    assert_eq!(all, (1..=12).collect::<Vec<_>>(), "runs: {runs:?}");
+    assert_each_effect_once(&test, &table, &runs).await;
     let runs_of = |n: i64| -> Vec<u32> {
         runs.iter()
             .filter(|(m, _)| *m == n)
@@ -837,16 +852,7 @@ async fn amqp_a_handler_failing_mid_batch_runs_once_per_attempt_and_every_effect
     );
     // The others committed together in one transaction, message 6 in a later one.
     assert_eq!(transactions_without(&test, &table, "order:6").await, 1);
-    assert_eq!(
-        (
-            stats.handled,
-            stats.duplicates,
-            stats.retries,
-            stats.dead_lettered
-        ),
-        (12, 0, 1, 0),
-        "{stats:?}"
-    );
+    assert_eq!(counts(&stats), (12, 0, 1, 0), "{stats:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -859,19 +865,8 @@ async fn amqp_a_handler_that_returns_ok_on_a_failed_transaction_is_a_failed_run_
     // transaction, the check before the commit must.
     handler.swallow_runs.insert(12, 1);
     let (runs, stats) = consume_own_keys(&test, handler).await;
-    let mut all = effect_ns(&test, &table, None).await;
-    all.sort_unstable();
-    assert_eq!(all, (1..=12).collect::<Vec<_>>(), "runs: {runs:?}");
-    assert_eq!(
-        (
-            stats.handled,
-            stats.duplicates,
-            stats.retries,
-            stats.dead_lettered
-        ),
-        (12, 0, 1, 0),
-        "{stats:?}"
-    );
+    assert_each_effect_once(&test, &table, &runs).await;
+    assert_eq!(counts(&stats), (12, 0, 1, 0), "{stats:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

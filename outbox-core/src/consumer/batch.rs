@@ -111,6 +111,23 @@ impl<T> Run<'_, T> {
         skip(&self.batch[index], &self.blocked, &self.states, &self.first)
     }
 
+    /// Whether the message at `index` has its outcome without running its handler:
+    /// it failed before the transaction (the rest of its key then waits for it), or
+    /// it is skipped (see [`skip`]).
+    fn settled_without_running(&mut self, index: usize) -> bool {
+        if self.outcomes[index].is_some() {
+            self.blocked.insert(self.batch[index].key.clone());
+            return true;
+        }
+        match self.skip(index) {
+            Some(skip) => {
+                self.outcomes[index] = Some(skip);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Ids recorded by this transaction whose message did not complete.
     fn unfinished(&self) -> Vec<&str> {
         self.first
@@ -234,13 +251,7 @@ impl<H: Handler> Processor<H> {
     ) -> Result<Option<Option<(usize, HandlerError)>>, Error> {
         let mut ran = false;
         for index in 0..run.batch.len() {
-            if run.outcomes[index].is_some() {
-                // Failed before the transaction: the rest of its key waits for it.
-                run.blocked.insert(run.batch[index].key.clone());
-                continue;
-            }
-            if let Some(skip) = run.skip(index) {
-                run.outcomes[index] = Some(skip);
+            if run.settled_without_running(index) {
                 continue;
             }
             match self.handle(tx, &mut run.batch[index]).await {
@@ -276,12 +287,7 @@ impl<H: Handler> Processor<H> {
         // The message whose handler succeeded last; its savepoint is still open.
         let mut open: Option<usize> = None;
         for index in 0..run.batch.len() {
-            if run.outcomes[index].is_some() {
-                run.blocked.insert(run.batch[index].key.clone());
-                continue;
-            }
-            if let Some(skip) = run.skip(index) {
-                run.outcomes[index] = Some(skip);
+            if run.settled_without_running(index) {
                 continue;
             }
             // Whether the transaction was sound right before this message.

@@ -320,15 +320,8 @@ async fn broker_alone(ctx: &Ctx, sink: Sink) -> anyhow::Result<Phase> {
 /// Publish `rate × latency_secs` messages to `exchange` on a fixed schedule, taking
 /// the time just before each publish; confirms are awaited apart.
 async fn publish_on_schedule(ctx: &Ctx, exchange: &str, rate: u32) -> anyhow::Result<Commits> {
-    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-    let connection =
-        lapin::Connection::connect(&ctx.amqp_url, lapin::ConnectionProperties::default())
-            .await
-            .context("connecting to RabbitMQ (set AMQP_URL)")?;
-    let channel = connection.create_channel().await?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
+    use lapin::options::BasicPublishOptions;
+    let (connection, channel) = crate::limits::confirm_channel(ctx).await?;
     let pad = "x".repeat(ctx.payload_bytes);
     let total = u64::from(rate) * ctx.latency_secs;
     let (confirms_tx, mut confirms_rx) = tokio::sync::mpsc::unbounded_channel();

@@ -133,6 +133,21 @@ pub(crate) fn amqp_message(i: usize, pad: &str) -> (Vec<u8>, BasicProperties) {
     (body, properties)
 }
 
+/// A connection to RabbitMQ and one channel of it in confirm mode.
+pub(crate) async fn confirm_channel(
+    ctx: &Ctx,
+) -> anyhow::Result<(lapin::Connection, lapin::Channel)> {
+    let connection =
+        lapin::Connection::connect(&ctx.amqp_url, lapin::ConnectionProperties::default())
+            .await
+            .context("connecting to RabbitMQ (set AMQP_URL)")?;
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    Ok((connection, channel))
+}
+
 /// Publish events `first..first + count` to `exchange` with confirms, `--limit-channels`
 /// (default [`RABBITMQ_CHANNELS`]) channels sharing the relay's in-flight window; stop early at `deadline`. Returns the
 /// confirmed count and the time from the first publish to the last confirm.

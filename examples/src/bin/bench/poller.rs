@@ -4,9 +4,8 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
 use lapin::Confirmation;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::options::BasicPublishOptions;
 
 use crate::fixture::World;
 use crate::limits::amqp_message;
@@ -28,14 +27,7 @@ async fn drain(ctx: &Ctx, world: &World) -> anyhow::Result<f64> {
          order by sequence limit $1 for update skip locked"
     );
     let delete = format!("delete from {outbox} where sequence = any($1)");
-    let connection =
-        lapin::Connection::connect(&ctx.amqp_url, lapin::ConnectionProperties::default())
-            .await
-            .context("connecting to RabbitMQ (set AMQP_URL)")?;
-    let channel = connection.create_channel().await?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
+    let (connection, channel) = crate::limits::confirm_channel(ctx).await?;
     let mut conn = ctx.pool.acquire().await?;
     let bound = Duration::from_secs(ctx.drain_secs);
     let started = Instant::now();
