@@ -984,6 +984,24 @@ async fn produce(topic: &str, messages: &[Outgoing]) {
     }
 }
 
+/// Consume `topic` as `group` with `handler` until its table holds `effects` rows,
+/// then stop; the consumer's stats.
+async fn consume_topic_until(
+    test: &TestSchema,
+    topic: &str,
+    group: &str,
+    dead_letter_topic: &str,
+    config: ConsumerConfig,
+    handler: BatchRecorder,
+    effects: usize,
+) -> ConsumerStats {
+    let table = handler.table.clone();
+    let (stop, run) = consume_topic(test, topic, group, dead_letter_topic, config, handler);
+    wait_for_effects(test, &table, effects).await;
+    let _ = stop.send(());
+    run.await.unwrap().unwrap()
+}
+
 /// Run a Kafka consumer of `topic` in `group` until the returned sender fires.
 fn consume_topic(
     test: &TestSchema,
@@ -1045,17 +1063,16 @@ async fn kafka_a_failing_handler_rolls_back_only_its_message_the_rest_of_the_bat
     handler.fail_runs.insert(1, 2);
     let runs = handler.runs.clone();
     let group = format!("test-group-{}", uuid::Uuid::new_v4().simple());
-    let (stop, run) = consume_topic(
+    let stats = consume_topic_until(
         &test,
         &topic,
         &group,
         &dead_letter_topic,
         batch_config(12),
         handler,
-    );
-    wait_for_effects(&test, &table, 12).await;
-    let _ = stop.send(());
-    let stats = run.await.unwrap().unwrap();
+        12,
+    )
+    .await;
     let runs = runs.lock().unwrap().clone();
     assert_flaky_batch(&test, &table, &runs, stats).await;
     // Every offset is committed once it and all before it are done.
@@ -1078,17 +1095,16 @@ async fn kafka_messages_read_again_after_their_offsets_were_lost_are_skipped_by_
 
     let group = format!("test-group-{}", uuid::Uuid::new_v4().simple());
     let handler = BatchRecorder::new(&table);
-    let (stop, run) = consume_topic(
+    let _ = consume_topic_until(
         &test,
         &topic,
         &group,
         &dead_letter_topic,
         batch_config(10),
         handler,
-    );
-    wait_for_effects(&test, &table, 10).await;
-    let _ = stop.send(());
-    run.await.unwrap().unwrap();
+        10,
+    )
+    .await;
 
     // A consumer whose group has no committed offset (as after a crash between the
     // inbox commit and the offset commit) reads the ten again, then a new message.
@@ -1096,17 +1112,16 @@ async fn kafka_messages_read_again_after_their_offsets_were_lost_are_skipped_by_
     let handler = BatchRecorder::new(&table);
     let runs = handler.runs.clone();
     let lost = format!("test-group-{}", uuid::Uuid::new_v4().simple());
-    let (stop, run) = consume_topic(
+    let stats = consume_topic_until(
         &test,
         &topic,
         &lost,
         &dead_letter_topic,
         batch_config(11),
         handler,
-    );
-    wait_for_effects(&test, &table, 11).await;
-    let _ = stop.send(());
-    let stats = run.await.unwrap().unwrap();
+        11,
+    )
+    .await;
     assert_eq!(
         effect_ns(&test, &table, None).await.len(),
         11,

@@ -294,18 +294,11 @@ impl<H: Handler> AmqpConsumer<H> {
         filling_since: &mut Option<Instant>,
         now: Instant,
     ) -> Option<Instant> {
-        loop {
-            let batch = match self
-                .processor
-                .next_batch(lanes, tasks.len(), filling_since, now)
-            {
-                Ok(batch) => batch,
-                Err(look_again) => return look_again,
-            };
-            let processor = self.processor.clone();
-            let stopping = stopping.clone();
-            tasks.spawn(async move { run_batch(&processor, batch, &stopping).await });
-        }
+        self.processor
+            .start_batches(lanes, tasks, filling_since, now, |batch| {
+                let (processor, stopping) = (self.processor.clone(), stopping.clone());
+                async move { run_batch(&processor, batch, &stopping).await }
+            })
     }
 }
 

@@ -269,22 +269,16 @@ impl<H: Handler> KafkaConsumer<H> {
         filling_since: &mut Option<Instant>,
         now: Instant,
     ) -> Option<Instant> {
-        loop {
-            let batch = match self
-                .processor
-                .next_batch(lanes, tasks.len(), filling_since, now)
-            {
-                Ok(batch) => batch,
-                Err(look_again) => return look_again,
-            };
-            let processor = self.processor.clone();
-            let producer = self.producer.clone();
-            let dead_letter_topic = self.dead_letter_topic.clone();
-            let stopping = stopping.clone();
-            tasks.spawn(async move {
-                run_batch(&processor, &producer, &dead_letter_topic, batch, &stopping).await
-            });
-        }
+        self.processor
+            .start_batches(lanes, tasks, filling_since, now, |batch| {
+                let processor = self.processor.clone();
+                let producer = self.producer.clone();
+                let dead_letter_topic = self.dead_letter_topic.clone();
+                let stopping = stopping.clone();
+                async move {
+                    run_batch(&processor, &producer, &dead_letter_topic, batch, &stopping).await
+                }
+            })
     }
 
     /// A batch is over: its keys' lanes move on, and done messages' offsets are stored.

@@ -373,7 +373,7 @@ impl<H: Handler> Processor<H> {
     /// The next batch to start when `running` batches run: `Ok(batch)`, or
     /// `Err(Some(when))` while a batch waits to fill up (`max_batch_wait`), or
     /// `Err(None)` when there is no room or nothing is ready.
-    pub(crate) fn next_batch<T>(
+    fn next_batch<T>(
         &self,
         lanes: &mut lanes::KeyLanes<Pending<T>>,
         running: usize,
@@ -397,6 +397,31 @@ impl<H: Handler> Processor<H> {
             .into_iter()
             .map(|(_, pending)| pending)
             .collect())
+    }
+
+    /// Start batches while there is room and something is ready, each as the task
+    /// `start` makes of it; returns when to look again if a batch waits to fill up
+    /// (`max_batch_wait`).
+    pub(crate) fn start_batches<T, D, F>(
+        &self,
+        lanes: &mut lanes::KeyLanes<Pending<T>>,
+        tasks: &mut tokio::task::JoinSet<D>,
+        filling_since: &mut Option<tokio::time::Instant>,
+        now: tokio::time::Instant,
+        mut start: impl FnMut(Vec<Pending<T>>) -> F,
+    ) -> Option<tokio::time::Instant>
+    where
+        D: Send + 'static,
+        F: Future<Output = D> + Send + 'static,
+    {
+        loop {
+            match self.next_batch(lanes, tasks.len(), filling_since, now) {
+                Ok(batch) => {
+                    tasks.spawn(start(batch));
+                }
+                Err(look_again) => return look_again,
+            }
+        }
     }
 
     /// The handler's span; it continues the writer's trace.
